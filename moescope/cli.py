@@ -1,0 +1,79 @@
+"""The `moescope` command line: thin wiring of the library's layers.
+
+Each command group lives in ``moescope/commands/<name>.py`` and exposes ``register(app)``.
+Errors the user can fix (``MoescopeError``) print one line and exit non-zero.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+from rich.console import Console
+
+from moescope.errors import MoescopeError
+
+app = typer.Typer(
+    name="moescope",
+    help="Record how MoE language models route tokens to experts, and analyse it against chance.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+analyze_app = typer.Typer(help="Analyses over traces (each writes results.json and figures).", no_args_is_help=True)
+experiment_app = typer.Typer(help="Experiments that train models and compare them.", no_args_is_help=True)
+app.add_typer(analyze_app, name="analyze")
+app.add_typer(experiment_app, name="experiment")
+
+_COMMAND_MODULES = (
+    "capture",
+    "models",
+    "inspect",
+    "data",
+    "train",
+    "analyze",
+    "report",
+    "demo",
+)
+
+err_console = Console(stderr=True)
+
+
+def _register_commands() -> None:
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"moescope.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"moescope.commands.{name}":
+                continue  # command group not built yet
+            raise
+        module.register(app, analyze_app=analyze_app, experiment_app=experiment_app)
+
+
+def main() -> None:
+    """Entry point of the console script."""
+    _register_commands()
+    try:
+        app(standalone_mode=False)
+    except MoescopeError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; what was captured so far is kept and the same command resumes it")
+        sys.exit(130)
+    except (typer.Exit, SystemExit) as exc:
+        code = getattr(exc, "exit_code", None) or getattr(exc, "code", 0) or 0
+        sys.exit(code)
+    except Exception as exc:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

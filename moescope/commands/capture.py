@@ -1,0 +1,94 @@
+"""`moescope capture`: run a text dataset through an MoE model into a trace directory."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+
+
+def progress_bar() -> Progress:
+    """A rich progress bar over sequences that also shows tokens/s."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} tok/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def register(app: typer.Typer, **_: object) -> None:
+    @app.command("capture")
+    def capture(
+        data: Path = typer.Option(..., "--data", help="Texts: .txt (one per line), .jsonl (`text` + metadata) or .parquet."),
+        out: Path = typer.Option(..., "--out", help="Trace directory to write (resumed if it holds this same capture)."),
+        model: Optional[str] = typer.Option(None, "--model", help="Local model directory or hub id (default: the built-in model)."),
+        generate: int = typer.Option(0, "--generate", help="Generate N new tokens per text and record them too (0: forward only)."),
+        batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward / generate call."),
+        max_length: Optional[int] = typer.Option(None, "--max-length", help="Longest prompt in tokens (default: the model's context)."),
+        on_long: str = typer.Option("truncate", "--on-long", help="Texts over --max-length: 'truncate' (warn) or 'refuse'."),
+        device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, mps, or auto (spread over devices)."),
+        dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+        sample: bool = typer.Option(False, "--sample", help="Sample when generating (default: greedy)."),
+        temperature: float = typer.Option(1.0, "--temperature"),
+        top_p: float = typer.Option(1.0, "--top-p"),
+        router_scores: Optional[str] = typer.Option(None, "--router-scores", help="Also store all E router 'logits' or 'probs'."),
+        hidden_rate: float = typer.Option(0.0, "--hidden-rate", help="Fraction of tokens whose router input vector is stored."),
+        text_field: str = typer.Option("text", "--text-field", help="Field holding the text in .jsonl / .parquet."),
+        skip_empty: bool = typer.Option(False, "--skip-empty", help="Drop empty texts instead of refusing the file."),
+        seed: int = typer.Option(0, "--seed", help="Seed for sampling and hidden-state selection."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different trace already at --out."),
+        revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision of the model."),
+        trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model repository's own code."),
+        allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickle checkpoints (they can run code)."),
+    ) -> None:
+        """Record which experts every token is routed to, at every MoE layer."""
+        from moescope.capture.data import TextDataset
+        from moescope.capture.dataset import RunOptions, capture_dataset
+        from moescope.capture.loading import LoadOptions, load_model
+        from moescope.capture.recorder import CaptureOptions
+
+        dataset = TextDataset(data, text_field=text_field, skip_empty=skip_empty)
+        run = RunOptions(batch_size=batch_size, max_length=max_length, on_long=on_long, generate=generate,
+                         do_sample=sample, temperature=temperature, top_p=top_p, seed=seed)
+        options = CaptureOptions(router_scores=router_scores, hidden_rate=hidden_rate, seed=seed)
+        console.print(f"loading {model or 'the built-in default model'} ...")
+        loaded, tokenizer = load_model(model, LoadOptions(device=device, dtype=dtype, revision=revision,
+                                                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle))
+        manifest = run_with_progress(loaded, tokenizer, dataset, out, options, run, model, overwrite)
+        print_summary(out, manifest)
+
+
+def run_with_progress(model, tokenizer, dataset, out, options, run, name, overwrite=False):  # noqa: ANN001
+    """capture_dataset with a progress bar; returns the manifest."""
+    import time
+
+    from moescope.capture.dataset import capture_dataset
+
+    started = time.perf_counter()
+    with progress_bar() as bar:
+        task = bar.add_task("capturing", total=len(dataset), rate="-")
+
+        def progress(done: int, total: int, tokens: int) -> None:
+            rate = tokens / max(time.perf_counter() - started, 1e-9)
+            bar.update(task, completed=done, rate=f"{rate:,.0f}")
+
+        return capture_dataset(model, tokenizer, dataset, out, options=options, run=run,
+                               model_name=name, overwrite=overwrite, progress=progress)
+
+
+def print_summary(out: Path, manifest: dict) -> None:
+    totals = manifest.get("totals", {})
+    rows = totals.get("rows", {})
+    console.print(
+        f"[green]trace complete[/]: {out}  ({totals.get('n_sequences', 0):,} sequences, "
+        f"{rows.get('tokens', 0):,} tokens, {rows.get('routes', 0):,} token-layer routes)"
+    )

@@ -1,0 +1,141 @@
+"""Reading a trace directory: Arrow datasets and DuckDB views over its shards.
+
+    trace = moescope.open_trace("runs/olmoe")
+    trace.sql("SELECT layer, count(*) FROM routes GROUP BY layer").df()
+    routes = trace.table("routes", columns=["seq_id", "pos", "layer", "experts"])
+
+Nothing is loaded until asked for: views and datasets stream from the Parquet files.
+"""
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterator
+
+import duckdb
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from moescope.errors import TraceError
+from moescope.schema import TABLES, required_columns
+from moescope.store.manifest import read_manifest
+
+
+class Trace:
+    """A trace directory opened for reading.
+
+    Attributes:
+        path: the directory.
+        manifest: the parsed manifest.json.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, allow_incomplete: bool = False) -> None:
+        self.path = Path(path)
+        self.manifest: dict[str, Any] = read_manifest(self.path)
+        if not self.manifest.get("complete") and not allow_incomplete:
+            raise TraceError(
+                f"{self.path} is an unfinished capture; rerun the same `moescope capture` command to complete it"
+            )
+        if not self.files("routes"):
+            raise TraceError(f"{self.path} has no routes shards; the trace is empty")
+
+    # -- what the trace describes ------------------------------------------------------
+    @property
+    def model(self) -> dict[str, Any]:
+        return self.manifest.get("model", {})
+
+    @property
+    def n_experts(self) -> int:
+        """Routed experts per MoE layer (E)."""
+        return int(self.model["n_experts"])
+
+    @property
+    def top_k(self) -> int:
+        """Experts chosen per token per layer (k)."""
+        return int(self.model["top_k"])
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """MoE layer indices in model order."""
+        return [int(x) for x in self.model["moe_layers"]]
+
+    @property
+    def has_weights(self) -> bool:
+        """False for traces whose source recorded expert ids only (e.g. serving-engine imports)."""
+        return bool(self.manifest.get("capture", {}).get("has_weights", True))
+
+    def has(self, table: str) -> bool:
+        """Whether the trace has any shard of `table`."""
+        return bool(self.files(table))
+
+    # -- files ---------------------------------------------------------------------------
+    def files(self, table: str) -> list[str]:
+        """Absolute paths of the table's shards, in shard order."""
+        if table not in TABLES:
+            raise TraceError(f"unknown table {table!r}; tables are {', '.join(TABLES)}")
+        shards = self.manifest.get("shards")
+        if shards is None:
+            # Traces written by other programs may omit the shard list: take the directory.
+            d = self.path / table
+            return sorted(str(p) for p in d.glob("*.parquet")) if d.is_dir() else []
+        return [str(self.path / s["files"][table]["path"]) for s in shards if table in s["files"]]
+
+    def dataset(self, table: str) -> ds.Dataset:
+        """A pyarrow dataset over the table's shards (streams; nothing loaded yet)."""
+        files = self.files(table)
+        if not files:
+            raise TraceError(f"{self.path} has no {table} table (capture with the option that records it)")
+        return ds.dataset(files, format="parquet")
+
+    def table(self, table: str, columns: list[str] | None = None, filter: Any = None) -> pa.Table:
+        """Load (columns of) a table into memory as one Arrow table."""
+        return self.dataset(table).to_table(columns=columns, filter=filter)
+
+    def batches(self, table: str, columns: list[str] | None = None, batch_size: int = 1 << 18) -> Iterator[pa.RecordBatch]:
+        """Stream a table in record batches of at most `batch_size` rows (bounded memory)."""
+        yield from self.dataset(table).to_batches(columns=columns, batch_size=batch_size)
+
+    # -- SQL -----------------------------------------------------------------------------
+    @cached_property
+    def con(self) -> duckdb.DuckDBPyConnection:
+        """A DuckDB connection with one view per table present (routes, tokens, sequences, hidden)."""
+        con = duckdb.connect()
+        for table in TABLES:
+            files = self.files(table)
+            if files:
+                listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+                con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{listing}], union_by_name=true)")
+        return con
+
+    def sql(self, query: str) -> duckdb.DuckDBPyRelation:
+        """A lazy DuckDB relation over the trace's views; `.arrow()`, `.df()` or `.fetchall()` it."""
+        return self.con.sql(query)
+
+    def rows(self, query: str, params: list | None = None) -> list[tuple]:
+        """Run SQL over the trace's views and return every result row."""
+        return self.con.execute(query, params or []).fetchall()
+
+    def scalar(self, query: str, params: list | None = None) -> Any:
+        """Run SQL over the trace's views and return the first column of the first row."""
+        row = self.con.execute(query, params or []).fetchone()
+        return None if row is None else row[0]
+
+    def columns(self, table: str) -> list[str]:
+        """Column names of a table as stored."""
+        return list(self.dataset(table).schema.names)
+
+    def check_columns(self, table: str, needed: list[str] | None = None) -> None:
+        """TraceError naming any required (or `needed`) column the table lacks."""
+        have = set(self.columns(table))
+        missing = [c for c in (needed or required_columns(table)) if c not in have]
+        if missing:
+            raise TraceError(f"{self.path}: table {table} lacks column(s) {', '.join(missing)}")
+
+    def __repr__(self) -> str:
+        return f"Trace({str(self.path)!r}, model={self.model.get('name_or_path')!r})"
+
+
+def open_trace(path: str | os.PathLike, *, allow_incomplete: bool = False) -> Trace:
+    """Open a trace directory for reading (DuckDB via `.sql()`, Arrow via `.table()`)."""
+    return Trace(path, allow_incomplete=allow_incomplete)
