@@ -46,6 +46,7 @@ def register(app: typer.Typer, **_: object) -> None:
         skip_empty: bool = typer.Option(False, "--skip-empty", help="Drop empty texts instead of refusing the file."),
         seed: int = typer.Option(0, "--seed", help="Seed for sampling and hidden-state selection."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different trace already at --out."),
+        shard_rows: int = typer.Option(1 << 21, "--shard-rows", help="Token-layer rows per shard (bounds memory)."),
         revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision of the model."),
         trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model repository's own code."),
         allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickle checkpoints (they can run code)."),
@@ -58,7 +59,8 @@ def register(app: typer.Typer, **_: object) -> None:
 
         dataset = TextDataset(data, text_field=text_field, skip_empty=skip_empty)
         run = RunOptions(batch_size=batch_size, max_length=max_length, on_long=on_long, generate=generate,
-                         do_sample=sample, temperature=temperature, top_p=top_p, seed=seed)
+                         do_sample=sample, temperature=temperature, top_p=top_p, seed=seed,
+                         shard_rows=shard_rows)
         options = CaptureOptions(router_scores=router_scores, hidden_rate=hidden_rate, seed=seed)
         console.print(f"loading {model or 'the built-in default model'} ...")
         loaded, tokenizer = load_model(model, LoadOptions(device=device, dtype=dtype, revision=revision,

@@ -30,21 +30,23 @@ def register(app: typer.Typer, **_: object) -> None:
         cap = m.get("capture", {})
         info.add_row("capture", f"{cap.get('mode')}" + (f", {cap.get('generate')} new tokens" if cap.get("generate") else ""))
         info.add_row("status", "complete" if m.get("complete") else "[yellow]unfinished (rerun the capture to resume)[/]")
-        has_tokens = trace.has("tokens")
-        counts = trace.rows("SELECT count(DISTINCT seq_id), count(*) FROM tokens")[0] if has_tokens else (0, 0)
-        phases = dict(trace.rows("SELECT phase, count(*) FROM tokens GROUP BY phase ORDER BY phase")) if has_tokens else {}
-        n_routes = trace.scalar("SELECT count(*) FROM routes")
-        size = trace_dir_size(trace.path)
-        info.add_row("sequences", f"{counts[0]:,}")
-        info.add_row("tokens", f"{counts[1]:,} " + ", ".join(f"{k}: {v:,}" for k, v in phases.items()))
-        info.add_row("routes", f"{n_routes:,} token-layer rows")
-        info.add_row("tables", ", ".join(t for t in ("sequences", "tokens", "routes", "hidden") if trace.has(t)))
-        info.add_row("on disk", f"{size / 1e6:,.1f} MB in {len(m.get('shards', []))} shard group(s); "
-                                f"{size / max(n_routes, 1):.1f} bytes per token-layer")
         console.print(info)
         result = validate(trace, checksums=not no_checksums)
         if not result.ok:
             for problem in result.problems:
                 console.print(f"[red]invalid:[/] {problem}")
             raise TraceError(f"{trace_dir} failed validation ({len(result.problems)} problem(s)); capture it again")
+        has_tokens = trace.has("tokens")
+        counts = trace.rows("SELECT count(DISTINCT seq_id), count(*) FROM tokens")[0] if has_tokens else (0, 0)
+        phases = dict(trace.rows("SELECT phase, count(*) FROM tokens GROUP BY phase ORDER BY phase")) if has_tokens else {}
+        n_routes = trace.scalar("SELECT count(*) FROM routes")
+        size = trace_dir_size(trace.path)
+        data = Table(show_header=False, box=None)
+        data.add_row("sequences", f"{counts[0]:,}")
+        data.add_row("tokens", f"{counts[1]:,} (" + ", ".join(f"{k}: {v:,}" for k, v in phases.items()) + ")")
+        data.add_row("routes", f"{n_routes:,} token-layer rows")
+        data.add_row("tables", ", ".join(t for t in ("sequences", "tokens", "routes", "hidden") if trace.has(t)))
+        data.add_row("on disk", f"{size / 1e6:,.2f} MB in {len(m.get('shards', []))} shard group(s); "
+                                f"{size / max(n_routes, 1):.1f} bytes per token-layer")
+        console.print(data)
         console.print(f"[green]valid[/]: {result.checked_files} shard files checked")

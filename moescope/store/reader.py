@@ -105,7 +105,13 @@ class Trace:
             files = self.files(table)
             if files:
                 listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-                con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{listing}], union_by_name=true)")
+                try:
+                    con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{listing}], union_by_name=true)")
+                except duckdb.Error as exc:
+                    raise TraceError(
+                        f"{self.path}: the {table} shards are unreadable ({str(exc).splitlines()[0]}); "
+                        "run `moescope inspect` on it, and capture again if it is damaged"
+                    ) from exc
         return con
 
     def sql(self, query: str) -> duckdb.DuckDBPyRelation:
