@@ -1,11 +1,13 @@
 """The `moescope` command line: thin wiring of the library's layers.
 
-Each command group lives in ``moescope/commands/<name>.py`` and exposes ``register(app)``.
+Each command group lives in ``moescope/commands/<name>.py`` and exposes
+``register(app, analyze_app=..., experiment_app=...)``; modules are discovered automatically.
 Errors the user can fix (``MoescopeError``) print one line and exit non-zero.
 """
 from __future__ import annotations
 
 import importlib
+import pkgutil
 import sys
 
 import typer
@@ -25,28 +27,15 @@ experiment_app = typer.Typer(help="Experiments that train models and compare the
 app.add_typer(analyze_app, name="analyze")
 app.add_typer(experiment_app, name="experiment")
 
-_COMMAND_MODULES = (
-    "capture",
-    "models",
-    "inspect",
-    "data",
-    "train",
-    "analyze",
-    "report",
-    "demo",
-)
-
 err_console = Console(stderr=True)
 
 
 def _register_commands() -> None:
-    for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"moescope.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"moescope.commands.{name}":
-                continue  # command group not built yet
-            raise
+    import moescope.commands as commands
+
+    # Every module in moescope/commands/ adds its commands; heavy imports stay inside them.
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
+        module = importlib.import_module(f"moescope.commands.{info.name}")
         module.register(app, analyze_app=analyze_app, experiment_app=experiment_app)
 
 
