@@ -36,6 +36,9 @@ def register(app: typer.Typer, **_: object) -> None:
 
             def on_step(step: int, total: int, stats: dict) -> None:
                 bar.update(task, completed=step, loss=f"{stats['loss']:.3f}", rate=f"{stats['tok_s']:,.0f}")
+                if not console.is_terminal and (step % 50 == 0 or step == total):
+                    # Logs and nohup runs get a plain line instead of a redrawn bar.
+                    console.print(f"step {step}/{total} loss {stats['loss']:.3f} {stats['tok_s']:,.0f} tok/s")
 
             result = train(cfg, out, on_step=on_step, resume=not fresh)
         ev = result.final_eval

@@ -124,8 +124,9 @@ class Trace:
 
     def scalar(self, query: str, params: list | None = None) -> Any:
         """Run SQL over the trace's views and return the first column of the first row."""
-        row = self.con.execute(query, params or []).fetchone()
-        return None if row is None else row[0]
+        # fetchall, not fetchone: DuckDB 2 keeps a half-read result open and blocks the connection.
+        rows = self.con.execute(query, params or []).fetchall()
+        return rows[0][0] if rows else None
 
     def columns(self, table: str) -> list[str]:
         """Column names of a table as stored."""
