@@ -53,15 +53,26 @@ def main() -> None:
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", None) or getattr(exc, "code", 0) or 0
         sys.exit(code)
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+    except Exception as exc:
+        # Usage errors arrive here in non-standalone mode; typer bundles its own click.
+        if _is_usage_error(exc):
             exc.show()
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
         raise
+
+
+def _is_usage_error(exc: Exception) -> bool:
+    """Whether `exc` is a click usage error (typer's bundled click or the standalone one)."""
+    import typer._click.exceptions as bundled
+
+    kinds = [bundled.ClickException]
+    try:
+        import click
+
+        kinds.append(click.exceptions.ClickException)
+    except ImportError:
+        pass
+    return isinstance(exc, tuple(kinds))
 
 
 if __name__ == "__main__":
