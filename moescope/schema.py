@@ -54,6 +54,7 @@ TOKENS = (
     Column("char_start", pa.int32(), False, "Start offset of the token in `text` (prompt tokens; -1 when unknown)."),
     Column("char_end", pa.int32(), False, "End offset (exclusive) of the token in `text` (-1 when unknown)."),
     Column("upos", pa.string(), False, "Universal POS tag of the word the token belongs to (when tagged)."),
+    Column("word", pa.int32(), False, "Index of that word in its sentence (when tagged; -1 for none)."),
 )
 
 ROUTES = (

@@ -1,17 +1,17 @@
 """WordNet 3.0 synsets as short definition sentences (the corpus's ``definitions`` domain).
 
-Reads the ``data.<pos>`` files of the Princeton database directly (format: wndb(5WN)), so
-no NLTK or network download is involved.
+Reads the ``data.<pos>`` files of the Princeton database directly (format: wndb(5WN)) with
+the shared reader in ``moescope.wordnet``, so no NLTK or network download is involved.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
+
+from moescope.wordnet import POS_FILES, gloss_definition, iter_synsets
 
 __all__ = ["SYNSETS_PER_DOC", "read_wordnet", "synset_sentence"]
 
 SYNSETS_PER_DOC = 20
-_POS_FILES = (("n", "noun"), ("v", "verb"), ("a", "adj"), ("r", "adv"))
 _DETERMINERS = frozenset("a an the any one some an all each every".split())
 
 
@@ -20,14 +20,15 @@ def _article(word: str) -> str:
 
 
 def synset_sentence(pos: str, lemmas: list[str], gloss: str) -> str:
-    """Render one synset: "A dog is a member of the genus Canis ...; Synonyms: ... Example: ...".
+    """Render one synset: "A dog is a member of the genus Canis ... Synonyms: ...".
 
     ``pos`` is WordNet's part-of-speech letter (n, v, a, s, r), ``lemmas`` the synset's words
-    with spaces (not underscores) and ``gloss`` the raw gloss with its quoted examples.
+    with spaces (not underscores) and ``gloss`` the raw gloss. The gloss's quoted example
+    sentences are left out on purpose: they are the semantic-routing probes
+    (moescope.semantic.probes), which the built-in model must not have seen in training.
     Returns one line of text.
     """
-    examples = re.findall(r'"([^"]+)"', gloss)
-    definition = re.split(r';?\s*"', gloss, maxsplit=1)[0].strip().rstrip(";:, ")
+    definition = gloss_definition(gloss)
     word = lemmas[0]
     if pos == "n":
         first = definition.split(" ", 1)[0].lower()
@@ -41,22 +42,7 @@ def synset_sentence(pos: str, lemmas: list[str], gloss: str) -> str:
         sentence = f"{word[0].upper()}{word[1:]} means {definition}."
     if len(lemmas) > 1:
         sentence += " Synonyms: " + ", ".join(lemmas[1:]) + "."
-    if examples:
-        sentence += " Example: " + "; ".join(f'"{e.strip()}"' for e in examples) + "."
     return sentence
-
-
-def _parse_line(line: str) -> tuple[str, str, list[str], str] | None:
-    """(offset, pos, lemmas, gloss) of one data-file line, None for the licence header."""
-    if line.startswith("  ") or "|" not in line:
-        return None
-    fields, gloss = line.split("|", 1)
-    parts = fields.split()
-    offset, pos, count = parts[0], parts[2], int(parts[3], 16)
-    words = parts[4 : 4 + 2 * count : 2]
-    # adjectives may carry a syntactic marker such as "galore(ip)"
-    lemmas = [re.sub(r"\([a-z]+\)$", "", w).replace("_", " ") for w in words]
-    return offset, pos, lemmas, gloss.strip()
 
 
 def read_wordnet(root: Path) -> list[tuple[str, str, str]]:
@@ -66,17 +52,11 @@ def read_wordnet(root: Path) -> list[tuple[str, str, str]]:
     document is one synset's sentence.
     """
     docs: list[tuple[str, str, str]] = []
-    for _, name in _POS_FILES:
-        path = root / f"data.{name}"
-        entries = []
-        with path.open(encoding="utf-8", errors="replace") as f:
-            for line in f:
-                parsed = _parse_line(line)
-                if parsed is not None:
-                    entries.append(parsed)
+    for _, name in POS_FILES:
+        entries = list(iter_synsets(root, name))
         for start in range(0, len(entries), SYNSETS_PER_DOC):
             chunk = entries[start : start + SYNSETS_PER_DOC]
-            text = "\n".join(synset_sentence(pos, lemmas, gloss) for _, pos, lemmas, gloss in chunk)
-            doc_id = f"definitions:{name}.{chunk[0][0]}"
+            text = "\n".join(synset_sentence(s.pos, list(s.lemmas), s.gloss) for s in chunk)
+            doc_id = f"definitions:{name}.{chunk[0].offset}"
             docs.append((doc_id, f"wordnet-3.0:data.{name}", text))
     return docs

@@ -1,0 +1,349 @@
+"""Part-of-speech sensitivity of routers (Antoine, Béchet & Langlais, COLING 2025), against chance.
+
+Input: a tokens table with a ``upos`` column (a tag per token; null = untagged, left out) and
+the routes table. A token's *routing path* is its k experts at every MoE layer; as features,
+one multi-hot block of E per layer, concatenated (L·E features, k·L ones per token).
+
+What is measured (all pure numpy / scikit-learn, seeded):
+
+- **Probe**: an MLP (scikit-learn) predicts the tag from the routing path, stratified K-fold
+  cross-validation: accuracy (mean, SD over folds), macro-F1, per-tag F1 and the confusion
+  matrix over the pooled out-of-fold predictions. Tags with fewer tokens than folds are
+  dropped (listed in ``dropped_tags``).
+- **Baselines, same folds**: majority tag (of the training folds); word form: each token id's
+  most frequent tag in the training folds (unseen ids: the majority tag) — the paper's key
+  comparison (routing 0.75–0.89 vs word form 0.91); the probe retrained on shuffled tags.
+- **Spec(POS, expert)** per layer = share of the POS's tokens routed to the expert / (k/E),
+  the share under uniform routing: 1 = uniform, >1 over-used. Each POS's top-3 experts' mean
+  gain over uniform (Spec − 1; the paper's "25–36% above uniform"), with its chance level
+  from shuffled tags (same tag counts), since small classes and unequal expert loads inflate
+  the top experts' gain by themselves.
+- **KL(POS's expert distribution || uniform)** per layer, in nats: the distribution is the
+  POS's assignment shares normalised to sum 1 (Spec·/E); its chance level: the same with the
+  tags shuffled (mean over `n_shuffles` shuffles).
+- **t-SNE** of the routing paths of a bounded sample, coloured by POS.
+- **Ablation**: probe accuracy with the first n or the last n MoE layers dropped from the path.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from scipy import sparse
+
+from moescope.analysis.result import AnalysisResult
+from moescope.errors import DataError
+
+
+@dataclass(frozen=True)
+class PosParams:
+    """Parameters of the POS analysis.
+
+    Attributes:
+        folds: stratified cross-validation folds.
+        seed: seeds the subsample, folds, MLP, shuffles and t-SNE.
+        max_tokens: tokens used by the probe (a seeded random subsample above that); the
+            Spec / KL statistics use every tagged token.
+        hidden: MLP hidden units (one hidden layer).
+        max_iter: MLP epochs at most (early stopping on 10% of the training folds).
+        n_shuffles: tag shuffles for the KL / Spec chance levels.
+        tsne_points: tokens in the t-SNE (0: no t-SNE).
+        ablation: numbers of layers to drop (None: about 1, L/4, L/2, 3L/4 and L−1).
+        top_n: experts per POS whose gain over uniform is reported.
+    """
+
+    folds: int = 5
+    seed: int = 0
+    max_tokens: int = 20_000
+    hidden: int = 64
+    max_iter: int = 200
+    n_shuffles: int = 20
+    tsne_points: int = 1500
+    ablation: tuple[int, ...] | None = None
+    top_n: int = 3
+
+
+# -- routing paths ----------------------------------------------------------------------------
+def routing_paths(tokens: pa.Table, routes: pa.Table, moe_layers: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(paths, rows): paths (n, L, k) int16 expert ids of the token rows `rows` of `tokens` that
+    have a route at every MoE layer (in moe_layers order); other tokens are left out."""
+    layers = np.asarray(sorted(int(x) for x in moe_layers), dtype=np.int64)
+    experts = routes.column("experts").combine_chunks()
+    lengths = pc.list_value_length(experts).to_numpy(zero_copy_only=False)
+    if not len(lengths):
+        raise DataError("the routes table is empty: nothing to analyse")
+    k = int(lengths[0])
+    if np.any(lengths != k):
+        raise DataError("routes hold varying numbers of experts per token; the POS probe needs a fixed top-k")
+    flat = pc.list_flatten(experts).to_numpy(zero_copy_only=False).astype(np.int16).reshape(-1, k)
+    r_layer = routes.column("layer").to_numpy().astype(np.int64)
+    lidx = np.searchsorted(layers, r_layer)
+    on_moe = (lidx < len(layers)) & (layers[np.minimum(lidx, len(layers) - 1)] == r_layer)
+    r_key = _key(routes)[on_moe] * len(layers) + lidx[on_moe]
+    order = np.argsort(r_key, kind="stable")
+    r_key, flat = r_key[order], flat[on_moe][order]
+    if not len(r_key):
+        raise DataError(f"no routes at the MoE layers {list(layers)}: the trace and its manifest disagree")
+    tok_key, L = _key(tokens), len(layers)
+    # The L routes of a token sit at r_key = key*L + 0..L-1: find the first, check the last.
+    first = np.searchsorted(r_key, tok_key * L)
+    last = np.minimum(first + L - 1, len(r_key) - 1)
+    complete = (first + L - 1 < len(r_key)) & (r_key[last] == tok_key * L + L - 1)
+    complete &= r_key[np.minimum(first, len(r_key) - 1)] == tok_key * L
+    rows = np.nonzero(complete)[0]
+    paths = flat[first[rows, None] + np.arange(L)[None, :]]
+    return paths, rows
+
+
+def _key(table: pa.Table) -> np.ndarray:
+    return (table.column("seq_id").to_numpy().astype(np.int64) << 32) | table.column("pos").to_numpy().astype(np.int64)
+
+
+def path_features(paths: np.ndarray, n_experts: int) -> sparse.csr_matrix:
+    """(n, L·E) sparse multi-hot features: column l·E + e is 1 when expert e was chosen at layer l."""
+    n, L, k = paths.shape
+    cols = (np.arange(L)[None, :, None] * n_experts + paths.astype(np.int64)).reshape(n, L * k)
+    indptr = np.arange(0, n * L * k + 1, L * k)
+    return sparse.csr_matrix((np.ones(n * L * k, np.float32), cols.ravel(), indptr), shape=(n, L * n_experts))
+
+
+# -- probe and baselines -------------------------------------------------------------------
+def _folds(y: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    from sklearn.model_selection import StratifiedKFold
+
+    return list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+
+
+def probe_cv(X: sparse.csr_matrix, y: np.ndarray, splits: list, params: PosParams) -> tuple[np.ndarray, np.ndarray]:
+    """(accuracy per fold, out-of-fold predictions) of the MLP probe."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.neural_network import MLPClassifier
+
+    accs, pred = [], np.zeros(len(y), dtype=y.dtype)
+    for train, test in splits:
+        # Early stopping holds out 10% of the training folds, stratified: it needs >= 1 per class.
+        present = np.unique(y[train], return_counts=True)[1]
+        stop = int(0.1 * len(train)) >= len(present) and present.min() >= 2
+        mlp = MLPClassifier(hidden_layer_sizes=(params.hidden,), early_stopping=stop, max_iter=params.max_iter,
+                            random_state=params.seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            mlp.fit(X[train], y[train])
+        pred[test] = mlp.predict(X[test])
+        accs.append(float(np.mean(pred[test] == y[test])))
+    return np.asarray(accs), pred
+
+
+def baselines_cv(y: np.ndarray, token_ids: np.ndarray, splits: list, n_tags: int) -> dict[str, np.ndarray]:
+    """Per fold accuracies and out-of-fold predictions of the majority-tag and word-form baselines.
+
+    Word form: each token id's most frequent tag in the training folds (ties: the tag more
+    frequent overall, as tags are indexed by descending frequency); unseen ids get the majority tag.
+    """
+    maj_acc, wf_acc, wf_pred = [], [], np.zeros(len(y), dtype=y.dtype)
+    for train, test in splits:
+        majority = int(np.argmax(np.bincount(y[train], minlength=n_tags)))
+        maj_acc.append(float(np.mean(y[test] == majority)))
+        ids, inv = np.unique(token_ids[train], return_inverse=True)
+        counts = np.bincount(inv * n_tags + y[train], minlength=len(ids) * n_tags).reshape(len(ids), n_tags)
+        best = counts.argmax(axis=1)
+        at = np.minimum(np.searchsorted(ids, token_ids[test]), len(ids) - 1)
+        seen = ids[at] == token_ids[test]
+        wf_pred[test] = np.where(seen, best[at], majority)
+        wf_acc.append(float(np.mean(wf_pred[test] == y[test])))
+    return {"majority": np.asarray(maj_acc), "word_form": np.asarray(wf_acc), "word_form_pred": wf_pred}
+
+
+def default_ablation(n_layers: int) -> list[int]:
+    """Layers to drop: about 1, L/4, L/2, 3L/4 and L−1 (each in 1..L−1)."""
+    wanted = {1, n_layers // 4, n_layers // 2, (3 * n_layers) // 4, n_layers - 1}
+    return sorted(n for n in wanted if 1 <= n <= n_layers - 1)
+
+
+# -- Spec and KL -----------------------------------------------------------------------------
+def expert_counts(paths: np.ndarray, y: np.ndarray, n_tags: int, n_experts: int) -> np.ndarray:
+    """(P, L, E) how many times tokens of each tag were sent to each expert at each layer."""
+    n, L, k = paths.shape
+    out = np.empty((n_tags, L, n_experts), dtype=np.int64)
+    for layer in range(L):  # per layer: bounded memory (n·k indices at a time)
+        idx = (y[:, None] * n_experts + paths[:, layer, :]).ravel()
+        out[:, layer, :] = np.bincount(idx, minlength=n_tags * n_experts).reshape(n_tags, n_experts)
+    return out
+
+
+def spec_kl(counts: np.ndarray, tag_counts: np.ndarray, top_k: int, top_n: int = 3) -> dict[str, np.ndarray]:
+    """Spec (P, L, E), KL from uniform in nats (P, L), and the top-n experts' mean gain Spec − 1 (P, L)."""
+    n_experts = counts.shape[2]
+    share = counts / np.maximum(tag_counts, 1)[:, None, None]  # sums to k over experts
+    spec = share / (top_k / n_experts)
+    q = share / top_k
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl = np.where(q > 0, q * np.log(q * n_experts), 0.0).sum(axis=2)
+    top = -np.sort(-spec, axis=2)[:, :, :top_n]
+    return {"spec": spec, "kl": kl, "top_gain": top.mean(axis=2) - 1.0}
+
+
+def shuffled_spec_kl(paths: np.ndarray, y: np.ndarray, n_tags: int, n_experts: int, top_k: int,
+                     n_shuffles: int, seed: int, top_n: int) -> dict[str, np.ndarray]:
+    """Mean and 95th percentile over tag shuffles (same tag counts) of KL and top-n gain, each (P, L)."""
+    rng = np.random.default_rng(seed + 1)
+    tag_counts = np.bincount(y, minlength=n_tags)
+    kls, gains = [], []
+    for _ in range(max(n_shuffles, 1)):
+        s = spec_kl(expert_counts(paths, rng.permutation(y), n_tags, n_experts), tag_counts, top_k, top_n)
+        kls.append(s["kl"])
+        gains.append(s["top_gain"])
+    kls, gains = np.stack(kls), np.stack(gains)
+    return {"kl": kls.mean(0), "kl_p95": np.quantile(kls, 0.95, axis=0), "top_gain": gains.mean(0)}
+
+
+# -- the analysis -------------------------------------------------------------------------
+def _per_tag(tags: list[str], values: np.ndarray, digits: int = 5) -> dict[str, Any]:
+    return {t: np.round(v, digits).tolist() for t, v in zip(tags, values)}
+
+
+def _sd(a: np.ndarray) -> float:
+    return float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def labelled_paths(tokens: pa.Table, routes: pa.Table, moe_layers: Sequence[int], min_count: int) -> dict[str, Any]:
+    """Routing paths of the tagged tokens and their tag indices (tags by descending frequency).
+
+    Returns paths (n, L, k), y (n,), token_ids (n,), tags, tag_counts, and dropped_tags
+    ({tag: count} of tags with fewer than `min_count` tokens, left out).
+    """
+    if "upos" not in tokens.column_names:
+        raise DataError("the tokens table has no upos column: tag the trace first (see `moescope analyze pos --help`)")
+    tokens = tokens.filter(pc.is_valid(tokens.column("upos")))
+    paths, rows = routing_paths(tokens, routes, moe_layers)
+    upos = np.asarray(tokens.column("upos").to_numpy(zero_copy_only=False), dtype=object)[rows].astype(str)
+    token_ids = tokens.column("token_id").to_numpy().astype(np.int64)[rows]
+    names, inverse, counts = np.unique(upos, return_inverse=True, return_counts=True)
+    keep = counts >= min_count
+    order = np.lexsort((names[keep], -counts[keep]))  # by frequency, then name
+    tags = [str(t) for t in names[keep][order]]
+    if len(tags) < 2:
+        raise DataError(f"only {len(tags)} tag(s) with at least {min_count} tokens: a POS probe needs two or more")
+    new_index = np.full(len(names), -1)
+    new_index[np.nonzero(keep)[0][order]] = np.arange(len(tags))
+    y = new_index[inverse]
+    known = y >= 0
+    return {"paths": paths[known], "y": y[known], "token_ids": token_ids[known], "tags": tags,
+            "tag_counts": counts[keep][order],
+            "dropped_tags": {str(t): int(c) for t, c in zip(names, counts) if c < min_count}}
+
+
+def probe_values(paths: np.ndarray, y: np.ndarray, token_ids: np.ndarray, tags: list[str], n_experts: int,
+                 params: PosParams) -> dict[str, Any]:
+    """The probe, its three baselines on the same folds, and the layer ablation (result values)."""
+    from sklearn.metrics import confusion_matrix, f1_score
+
+    P, L = len(tags), paths.shape[1]
+    splits = _folds(y, params.folds, params.seed)
+    acc, pred = probe_cv(path_features(paths, n_experts), y, splits, params)
+    base = baselines_cv(y, token_ids, splits, P)
+    y_shuffled = np.random.default_rng(params.seed + 3).permutation(y)
+    acc_shuffled, _ = probe_cv(path_features(paths, n_experts), y_shuffled,
+                               _folds(y_shuffled, params.folds, params.seed), params)
+    ablation: dict[str, dict[str, list[float]]] = {"drop_first": {}, "drop_last": {}}
+    steps = default_ablation(L) if params.ablation is None else [a for a in params.ablation if 1 <= a <= L - 1]
+    for a in steps:
+        for side, kept in (("drop_first", paths[:, a:]), ("drop_last", paths[:, : L - a])):
+            a_acc, _ = probe_cv(path_features(np.ascontiguousarray(kept), n_experts), y, splits, params)
+            ablation[side][str(a)] = [float(a_acc.mean()), _sd(a_acc)]
+    labels = np.arange(P)
+    f1 = (lambda p, avg: f1_score(y, p, labels=labels, average=avg, zero_division=0))
+    return {
+        "probe_accuracy_mean": float(acc.mean()), "probe_accuracy_sd": _sd(acc), "probe_accuracy_folds": acc,
+        "macro_f1": float(f1(pred, "macro")), "per_tag_f1": dict(zip(tags, np.round(f1(pred, None), 5).tolist())),
+        "confusion_matrix": {"labels": tags, "counts": confusion_matrix(y, pred, labels=labels)},
+        "majority_tag": tags[int(np.argmax(np.bincount(y, minlength=P)))],
+        "majority_accuracy": float(base["majority"].mean()),
+        "word_form_accuracy_mean": float(base["word_form"].mean()), "word_form_accuracy_sd": _sd(base["word_form"]),
+        "word_form_macro_f1": float(f1(base["word_form_pred"], "macro")),
+        "word_form_per_tag_f1": dict(zip(tags, np.round(f1(base["word_form_pred"], None), 5).tolist())),
+        "shuffled_probe_accuracy_mean": float(acc_shuffled.mean()), "shuffled_probe_accuracy_sd": _sd(acc_shuffled),
+        "ablation": {"n_layers": L, "full": [float(acc.mean()), _sd(acc)],
+                     "drop_first": {a: v[0] for a, v in ablation["drop_first"].items()},
+                     "drop_last": {a: v[0] for a, v in ablation["drop_last"].items()},
+                     "sd": {side: {a: v[1] for a, v in d.items()} for side, d in ablation.items()}},
+    }
+
+
+def routing_values(paths: np.ndarray, y: np.ndarray, tags: list[str], tag_counts: np.ndarray, n_experts: int,
+                   top_k: int, params: PosParams) -> dict[str, Any]:
+    """Spec, top experts' gain and KL from uniform per POS and layer, with shuffled-tag chance (result values)."""
+    P = len(tags)
+    stats = spec_kl(expert_counts(paths, y, P, n_experts), tag_counts, top_k, params.top_n)
+    chance = shuffled_spec_kl(paths, y, P, n_experts, top_k, params.n_shuffles, params.seed, params.top_n)
+    weights = tag_counts / tag_counts.sum()  # per-layer summaries weight POS by token count
+    top_experts = np.argsort(-stats["spec"], axis=2, kind="stable")[:, :, : params.top_n]
+    return {
+        "kl_units": "nats",
+        "kl_from_uniform": _per_tag(tags, stats["kl"]),
+        "kl_from_uniform_shuffled": _per_tag(tags, chance["kl"]),
+        "kl_from_uniform_shuffled_p95": _per_tag(tags, chance["kl_p95"]),
+        "kl_layer_mean": np.round(weights @ stats["kl"], 5),
+        "kl_layer_mean_shuffled": np.round(weights @ chance["kl"], 5),
+        "spec": _per_tag(tags, stats["spec"], 4),
+        "top_experts": dict(zip(tags, top_experts.tolist())),
+        "top_gain": _per_tag(tags, stats["top_gain"]), "top_gain_shuffled": _per_tag(tags, chance["top_gain"]),
+        "top_gain_layer_mean": np.round(weights @ stats["top_gain"], 5),
+        "top_gain_layer_mean_shuffled": np.round(weights @ chance["top_gain"], 5),
+    }
+
+
+def pos_analysis(tokens: pa.Table, routes: pa.Table, *, n_experts: int, top_k: int, moe_layers: Sequence[int],
+                 params: PosParams | None = None, tag_source: str | None = None, trace: str | None = None,
+                 figures: bool = True) -> AnalysisResult:
+    """Run every measure of the module doc; returns AnalysisResult(analysis="pos").
+
+    `tokens` needs seq_id, pos, token_id, upos (null: untagged); `routes` seq_id, pos, layer,
+    experts. Accuracies are fractions of tokens (0..1); KL in nats; Spec a ratio to uniform.
+    """
+    from threadpoolctl import threadpool_limits
+
+    params = params or PosParams()
+    d = labelled_paths(tokens, routes, moe_layers, params.folds)
+    paths, y, tags = d["paths"], d["y"], d["tags"]
+    n = len(y)
+    # Probe sample: a seeded random subsample bounds the cost; tags too rare in it are left out.
+    rng = np.random.default_rng(params.seed)
+    sample = np.sort(rng.choice(n, params.max_tokens, replace=False)) if n > params.max_tokens else np.arange(n)
+    sample = sample[np.bincount(y[sample], minlength=len(tags))[y[sample]] >= params.folds]
+    with threadpool_limits(1):  # 2-core machines: BLAS threads only contend with each other
+        probe = probe_values(paths[sample], y[sample], d["token_ids"][sample], tags, n_experts, params)
+        routing = routing_values(paths, y, tags, d["tag_counts"], n_experts, top_k, params)
+        embedding, emb_tags = _tsne(paths, y, n_experts, params) if params.tsne_points and figures else (None, None)
+    values: dict[str, Any] = {
+        "tag_source": tag_source, "n_tokens": n, "n_tokens_probe": int(len(sample)), "n_experts": n_experts,
+        "top_k": top_k, "moe_layers": sorted(int(x) for x in moe_layers), "tags": tags,
+        "tag_counts": dict(zip(tags, d["tag_counts"].tolist())), "dropped_tags": d["dropped_tags"],
+        **probe, **routing,
+    }
+    result = AnalysisResult(analysis="pos", values=values, params=asdict(params), trace=trace)
+    if figures:
+        from moescope.analysis.pos_figures import pos_figures
+
+        result.figures = pos_figures(values, embedding=embedding, embedding_tags=emb_tags)
+    return result
+
+
+def _tsne(paths: np.ndarray, y: np.ndarray, n_experts: int, params: PosParams) -> tuple[Any, Any]:
+    """(points (m, 2), tag index per point) of a seeded t-SNE of at most `tsne_points` routing paths."""
+    from sklearn.manifold import TSNE
+
+    rng = np.random.default_rng(params.seed + 2)
+    m = min(params.tsne_points, len(y))
+    if m < 10:  # t-SNE needs more points than its perplexity: too few to draw
+        return None, None
+    pick = np.sort(rng.choice(len(y), m, replace=False))
+    X = path_features(paths[pick], n_experts).toarray()
+    perplexity = float(min(30.0, max(2.0, (m - 1) / 3)))
+    points = TSNE(n_components=2, perplexity=perplexity, init="pca", max_iter=500, random_state=params.seed,
+                  n_jobs=1).fit_transform(X)
+    return points, y[pick]

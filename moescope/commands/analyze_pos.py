@@ -1,0 +1,111 @@
+"""`moescope analyze pos`: is part of speech written in the routing path? (against word-form and chance baselines)."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+
+
+def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: Any) -> None:
+    """Add `moescope analyze pos`."""
+
+    @analyze_app.command("pos")
+    def pos(
+        out: Path = typer.Option(..., "--out", help="Directory for results.json, figures/ and (when capturing) trace/."),
+        model: Optional[str] = typer.Option(None, "--model", help="Local model directory or hub id (default: the built-in model)."),
+        conllu: Optional[Path] = typer.Option(None, "--conllu", help="Gold-tagged sentences (CoNLL-U) to capture and analyse."),
+        data: Optional[Path] = typer.Option(None, "--data", help="Texts (.txt / .jsonl / .parquet) to tag with spaCy, capture and analyse."),
+        trace: Optional[Path] = typer.Option(None, "--trace", help="Analyse an existing trace whose tokens table has a upos column."),
+        first_subword_only: bool = typer.Option(False, "--first-subword-only", help="Keep only each word's first subword token."),
+        folds: int = typer.Option(5, "--folds", help="Stratified cross-validation folds."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the subsample, folds, probe, shuffles and t-SNE."),
+        max_tokens: int = typer.Option(20_000, "--max-tokens", help="Tokens the probe trains on at most (seeded subsample)."),
+        hidden: int = typer.Option(64, "--hidden", help="Hidden units of the MLP probe."),
+        shuffles: int = typer.Option(20, "--shuffles", help="Tag shuffles for the KL / Spec chance levels."),
+        tsne_points: int = typer.Option(1500, "--tsne-points", help="Routing paths in the t-SNE figure (0: none)."),
+        ablation: Optional[str] = typer.Option(None, "--ablation", help="Comma-separated numbers of layers to drop (default: ~1, L/4, L/2, 3L/4, L-1)."),
+        batch_size: int = typer.Option(16, "--batch-size", help="Sentences per forward pass when capturing."),
+        max_length: Optional[int] = typer.Option(None, "--max-length", help="Longest sentence in tokens (longer ones are truncated)."),
+        device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, mps or auto."),
+        dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+        spacy_model: Optional[str] = typer.Option(None, "--spacy-model", help="spaCy pipeline for --data (default: en_core_web_sm)."),
+        mwt: str = typer.Option("first", "--mwt", help="CoNLL-U multiword tokens: tag of the 'first' word, or 'join' all tags."),
+        text_field: str = typer.Option("text", "--text-field", help="Field holding the text in --data .jsonl / .parquet."),
+        revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision of the model."),
+        trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model repository's own code."),
+        allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickle checkpoints (they can run code)."),
+    ) -> None:
+        """Predict Universal POS tags from routing paths (MLP probe) vs word-form, majority and shuffled-tag baselines;
+        expert specialisation and KL from uniform per POS and layer; t-SNE; layer ablation."""
+        from moescope.analysis.pos import PosParams, pos_analysis
+        from moescope.capture.loading import LoadOptions
+        from moescope.errors import MoescopeError
+        from moescope.pos.pipeline import load_tagged
+
+        if trace is not None and (conllu is not None or data is not None):
+            raise MoescopeError("--trace analyses an already tagged trace: drop --conllu / --data, or drop --trace")
+        try:
+            steps = tuple(int(x) for x in ablation.split(",")) if ablation else None
+        except ValueError:
+            raise MoescopeError(f"--ablation takes comma-separated integers such as 1,2,4, not {ablation!r}") from None
+        if folds < 2:
+            raise MoescopeError(f"--folds must be 2 or more, not {folds}")
+        params = PosParams(folds=folds, seed=seed, max_tokens=max_tokens, hidden=hidden, n_shuffles=shuffles,
+                           tsne_points=tsne_points, ablation=steps)
+        coverage = None
+        if trace is None:
+            load = LoadOptions(device=device, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
+                               allow_pickle=allow_pickle)
+            trace, tag_source, coverage = _capture(out, model, load, conllu, data, spacy_model, mwt, text_field,
+                                                   batch_size, max_length, seed)
+        tokens, routes, opened = load_tagged(trace, first_subword_only=first_subword_only)
+        if coverage is None:
+            tag_source = opened.manifest.get("capture", {}).get("tags") or f"upos column of {trace}"
+        n_tagged = tokens.num_rows - tokens.column("upos").null_count
+        console.print(f"analysing {n_tagged:,} tagged tokens ({folds}-fold probe, {len(opened.moe_layers)} MoE layers) ...")
+        result = pos_analysis(tokens, routes, n_experts=opened.n_experts, top_k=opened.top_k, moe_layers=opened.moe_layers,
+                              params=params, tag_source=tag_source,
+                              trace=os.path.relpath(Path(trace).resolve(), out.resolve()))  # the report resolves it from OUT
+        result.values["first_subword_only"] = first_subword_only
+        result.values["model"] = opened.model.get("name_or_path")
+        if coverage is not None:
+            result.values["alignment"] = coverage
+        path = result.save(out)
+        v = result.values
+        console.print(
+            f"[green]POS probe[/] accuracy {v['probe_accuracy_mean']:.3f} ± {v['probe_accuracy_sd']:.3f} "
+            f"(macro-F1 {v['macro_f1']:.3f}); word form {v['word_form_accuracy_mean']:.3f}, majority "
+            f"{v['majority_accuracy']:.3f}, shuffled tags {v['shuffled_probe_accuracy_mean']:.3f}  ->  {path}"
+        )
+
+
+def _capture(out: Path, model: str | None, load: Any, conllu: Path | None, data: Path | None, spacy_model: str | None,
+             mwt: str, text_field: str, batch_size: int, max_length: int | None, seed: int) -> tuple[Path, str, dict]:
+    """Tag the input, capture it into OUT/trace with tagged tokens; (trace dir, tag source, coverage)."""
+    from moescope.capture.dataset import RunOptions
+    from moescope.capture.loading import load_model
+    from moescope.commands.capture import progress_bar
+    from moescope.pos.pipeline import capture_tagged, tagged_input
+
+    tagged, tag_source = tagged_input(conllu=conllu, data=data, spacy_model=spacy_model, mwt=mwt, text_field=text_field)
+    console.print(f"{len(tagged):,} sentences, {sum(len(t.upos) for t in tagged):,} words; tags: {tag_source}")
+    console.print(f"loading {model or 'the built-in default model'} ...")
+    loaded, tokenizer = load_model(model, load)
+    run = RunOptions(batch_size=batch_size, max_length=max_length, seed=seed)
+    started = time.perf_counter()
+    with progress_bar() as bar:
+        task = bar.add_task("capturing", total=len(tagged), rate="-")
+
+        def progress(done: int, total: int, tokens: int) -> None:
+            bar.update(task, completed=done, rate=f"{tokens / max(time.perf_counter() - started, 1e-9):,.0f}")
+
+        trace, coverage = capture_tagged(loaded, tokenizer, tagged, out, run=run, tag_source=tag_source,
+                                         model_name=model, progress=progress)
+    console.print(f"tagged trace: {trace} ({coverage['tagged_tokens']:,} of {coverage['tokens']:,} tokens tagged)")
+    return trace, tag_source, coverage

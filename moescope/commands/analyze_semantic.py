@@ -1,0 +1,133 @@
+"""`moescope analyze semantic`: do routers send a word to the same experts when it means the same thing?"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=True)
+
+
+def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None:
+    @analyze_app.command("semantic")
+    def semantic(
+        out: Path = typer.Option(..., "--out", help="Output directory: probes.jsonl, trace/, results.json, figures/."),
+        model: Optional[str] = typer.Option(None, "--model", help="Local model directory or hub id (default: the built-in model)."),
+        trace: Optional[Path] = typer.Option(None, "--trace", help="Analyse this existing trace instead of capturing one."),
+        probes: Optional[Path] = typer.Option(None, "--probes", help="Probe file (probes.jsonl) to capture, or that --trace was captured from."),
+        wic: Optional[Path] = typer.Option(None, "--wic", help="Sense pairs from a WiC split folder (e.g. WiC_dataset/dev) instead of WordNet."),
+        swords: Optional[Path] = typer.Option(None, "--swords", help="Substitution items from a SWORDS .json(.gz) instead of WordNet."),
+        pairs: int = typer.Option(2000, "--pairs", help="Sense pairs (half same-sense, half different-sense)."),
+        items: int = typer.Option(500, "--items", help="Substitution items (0: none)."),
+        seed: int = typer.Option(0, "--seed", help="Seed of probe sampling and of the bootstrap."),
+        subword: str = typer.Option("first", "--subword", help="Target tokens of multi-token words: first, last or mean."),
+        n_boot: int = typer.Option(2000, "--n-boot", help="Bootstrap resamples for confidence intervals."),
+        batch_size: int = typer.Option(16, "--batch-size", help="Sentences per forward pass."),
+        max_length: Optional[int] = typer.Option(None, "--max-length", help="Longest sentence in tokens (default: the model's context)."),
+        device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, mps, or auto."),
+        dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+        wordnet: Optional[Path] = typer.Option(None, "--wordnet", help="WordNet 3.0 dict folder (default /usr/share/wordnet)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different trace already at OUT/trace."),
+        revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision of the model."),
+        trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model repository's own code."),
+        allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickle checkpoints (they can run code)."),
+    ) -> None:
+        """Expert overlap of a word across contexts: same vs different sense, good substitute vs control, per layer."""
+        from moescope.analysis.semantic import SemanticParams
+        from moescope.errors import MoescopeError
+        from moescope.semantic.align import SUBWORD_MODES
+        from moescope.semantic.pipeline import analyse_trace, build_probes, read_probes, write_probes
+
+        if subword not in SUBWORD_MODES:
+            raise MoescopeError(f"--subword must be one of {', '.join(SUBWORD_MODES)}, not {subword!r}")
+        if n_boot < 100:
+            raise MoescopeError(f"--n-boot {n_boot} is too few for a confidence interval; use 1000 or more")
+        if trace is not None and (model or wic or swords):
+            raise MoescopeError("--trace analyses an existing capture; --model, --wic and --swords only apply when capturing")
+        if probes is not None and (wic or swords):
+            raise MoescopeError("--probes already holds the probe sentences; drop --wic / --swords, or drop --probes")
+        if trace is None and probes is None and (pairs < 0 or items < 0 or (pairs < 4 and items < 2)):
+            raise MoescopeError("--pairs and --items must be 0 or more, and give something to test (e.g. --pairs 200)")
+        params = SemanticParams(subword=subword, n_boot=n_boot, seed=seed)
+        out.mkdir(parents=True, exist_ok=True)
+        if trace is None:
+            if probes is None:
+                records = build_probes(n_pairs=pairs, n_items=items, seed=seed, wic=wic, swords=swords, wordnet=wordnet)
+                probes = write_probes(out / "probes.jsonl", records)
+                console.print(f"probes: {len(records):,} sentences -> {probes}")
+            else:
+                read_probes(probes)  # fail on a malformed file before loading a model
+            trace = out / "trace"
+            _capture(model, probes, trace, batch_size=batch_size, max_length=max_length, device=device, dtype=dtype,
+                     seed=seed, overwrite=overwrite, revision=revision, trust_remote_code=trust_remote_code,
+                     allow_pickle=allow_pickle)
+        result = analyse_trace(trace, probes, params=params)
+        if trace.resolve().parent == out.resolve():
+            result.trace = trace.name  # relative to the results: the output directory stays movable
+        path = result.save(out)
+        print_table(result.values)
+        console.print(f"[green]results[/]: {path}")
+
+
+def _capture(model: str | None, probes: Path, trace: Path, *, batch_size: int, max_length: int | None, device: str,
+             dtype: str, seed: int, overwrite: bool, **load: Any) -> None:
+    from moescope.capture.data import TextDataset
+    from moescope.capture.dataset import RunOptions
+    from moescope.capture.loading import LoadOptions, load_model
+    from moescope.capture.recorder import CaptureOptions
+    from moescope.commands.capture import print_summary, run_with_progress
+
+    console.print(f"loading {model or 'the built-in default model'} ...")
+    loaded, tokenizer = load_model(model, LoadOptions(device=device, dtype=dtype, **load))
+    run = RunOptions(batch_size=batch_size, max_length=max_length, seed=seed)
+    manifest = run_with_progress(loaded, tokenizer, TextDataset(probes), trace, CaptureOptions(seed=seed), run,
+                                 model, overwrite)
+    print_summary(trace, manifest)
+
+
+def _fmt(x: Any, spec: str = "+.3f") -> str:
+    return "-" if x is None or x != x else format(x, spec)
+
+
+def _table(v: dict[str, Any], title: str, columns: list[tuple[str, str, str]]) -> Table:
+    """One row per layer; columns are (header, result key, format); key "<stem>:ci" prints a CI."""
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for header, _, _ in [("layer", "", ""), *columns]:
+        table.add_column(header, justify="right", no_wrap=True)
+    for i, layer in enumerate(v["layers"]):
+        cells = []
+        for _, key, spec in columns:
+            if key.endswith(":ci"):
+                stem = key[:-3]
+                cells.append(f"[{_fmt(v[stem + '_ci_low'][i], spec)}, {_fmt(v[stem + '_ci_high'][i], spec)}]")
+            else:
+                cells.append(_fmt(v[key][i], spec))
+        table.add_row(str(layer), *cells)
+    return table
+
+
+def print_table(v: dict[str, Any]) -> None:
+    """Per-layer tables: sense pairs (same, different, gap [CI], p, effect, gap within identical
+    target tokens) and substitution (substitute, control, gap [CI], p); kappa 0 = chance."""
+    if "same_sense_kappa" in v:
+        console.print(_table(v, f"sense pairs: kappa at the target ({v.get('subword')} subword; 0 = chance)", [
+            ("same", "same_sense_kappa", "+.3f"), ("diff", "different_sense_kappa", "+.3f"),
+            ("gap", "difference", "+.3f"), ("95% CI", "difference:ci", "+.2f"), ("p", "p_value", ".1e"),
+            ("r", "effect_size", "+.2f"), ("gap|id", "identical_tokens_difference", "+.3f")]))
+        console.print(
+            f"{v['n_pairs_same']} same- / {v['n_pairs_different']} different-sense pairs; p: Mann-Whitney U, "
+            f"two-sided; r: rank-biserial; gap|id: the gap within the {v['identical_tokens_n_pairs_same']} / "
+            f"{v['identical_tokens_n_pairs_different']} pairs whose target token ids are identical"
+        )
+    if "substitute_kappa" in v:
+        console.print(_table(v, "substitution: kappa with the original word", [
+            ("substitute", "substitute_kappa", "+.3f"), ("control", "control_kappa", "+.3f"),
+            ("gap", "substitution_difference", "+.3f"), ("95% CI", "substitution_difference:ci", "+.2f"),
+            ("p", "substitution_p_value", ".1e"), ("r", "substitution_effect_size", "+.2f")]))
+        console.print(f"{v['n_items']} items; p: Wilcoxon signed-rank, two-sided; r: matched rank-biserial")
+    if v.get("n_unaligned_contexts"):
+        console.print(f"[yellow]{v['n_unaligned_contexts']} context(s) had no target token (truncated?) and were left out[/]")

@@ -1,0 +1,149 @@
+"""Known answers of the POS analysis on synthetic traces: planted POS routing, a null trace, word-form routing."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from moescope.analysis.pos import PosParams, pos_analysis, routing_paths
+from moescope.errors import DataError
+from pos_synthetic import synthetic
+
+FAST = PosParams(folds=3, seed=0, hidden=32, n_shuffles=10, tsne_points=0, ablation=(1, 3))
+PLANTED = (1, 2)  # indices into moe_layers (1, 3, 5, 7): layers 3 and 5 carry POS
+
+
+def _run(kind: str, **kw):
+    d = synthetic(kind, n_tokens=2000, **kw)
+    return pos_analysis(d["tokens"], d["routes"], **d["model"], params=FAST, figures=False).values
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return _run("planted", planted=PLANTED)
+
+
+@pytest.fixture(scope="module")
+def null():
+    return _run("null")
+
+
+def test_planted_routing_is_recovered(planted):
+    v = planted
+    assert v["probe_accuracy_mean"] > v["majority_accuracy"] + 0.4  # majority ~0.35, probe ~0.9
+    assert v["probe_accuracy_mean"] > v["word_form_accuracy_mean"] + 0.4  # token ids carry no tag here
+    assert abs(v["shuffled_probe_accuracy_mean"] - v["majority_accuracy"]) < 0.06
+    assert v["macro_f1"] > 0.8 and min(v["per_tag_f1"].values()) > 0.7
+    counts = np.asarray(v["confusion_matrix"]["counts"])
+    assert counts.sum() == v["n_tokens_probe"] and np.trace(counts) / counts.sum() > 0.85
+
+
+def test_planted_kl_exceeds_chance_in_exactly_the_planted_layers(planted):
+    excess = np.subtract(planted["kl_layer_mean"], planted["kl_layer_mean_shuffled"])
+    assert [i for i in range(4) if excess[i] > 0.05] == list(PLANTED), excess
+    assert all(abs(excess[i]) < 0.01 for i in range(4) if i not in PLANTED)
+    for tag in planted["tags"]:
+        kl = np.asarray(planted["kl_from_uniform"][tag])
+        p95 = np.asarray(planted["kl_from_uniform_shuffled_p95"][tag])
+        chance = np.asarray(planted["kl_from_uniform_shuffled"][tag])
+        assert all(kl[i] > p95[i] + 0.1 for i in PLANTED), (tag, kl, p95)
+        assert all(abs(kl[i] - chance[i]) < 0.02 for i in range(4) if i not in PLANTED), (tag, kl, chance)
+        gain, gain_chance = planted["top_gain"][tag], planted["top_gain_shuffled"][tag]
+        assert all(gain[i] > gain_chance[i] + 0.3 for i in PLANTED)
+
+
+def test_planted_spec_has_the_known_value(planted):
+    # A planted tag reaches each of its 2 experts with p = 0.8 + 0.2 * 7/28 = 0.85; uniform share k/E = 1/4.
+    for tag in ("NOUN", "VERB"):
+        for layer in PLANTED:
+            spec = np.asarray(planted["spec"][tag][layer])
+            assert np.sort(spec)[-2:] == pytest.approx([3.4, 3.4], abs=0.25)
+            assert sorted(planted["top_experts"][tag][layer][:2]) == sorted(np.argsort(-spec)[:2].tolist())
+            assert spec.sum() == pytest.approx(8.0, abs=0.01)  # shares sum to k, so Spec sums to k / (k/E) = E
+
+
+def test_ablation_drops_with_the_planted_layers(planted):
+    ab, full, maj = planted["ablation"], planted["probe_accuracy_mean"], planted["majority_accuracy"]
+    assert ab["n_layers"] == 4 and ab["full"][0] == pytest.approx(full)
+    assert ab["drop_first"]["1"] > full - 0.05 and ab["drop_last"]["1"] > full - 0.05  # unplanted end layers
+    assert ab["drop_first"]["3"] < maj + 0.06 and ab["drop_last"]["3"] < maj + 0.06  # only an unplanted layer left
+
+
+def test_null_trace_gives_chance(null):
+    v = null
+    # An MLP fitting noise predicts minority tags now and then: chance is at or a little under the majority rate.
+    assert -0.08 < v["probe_accuracy_mean"] - v["majority_accuracy"] < 0.03
+    assert abs(v["probe_accuracy_mean"] - v["shuffled_probe_accuracy_mean"]) < 0.05
+    excess = np.subtract(v["kl_layer_mean"], v["kl_layer_mean_shuffled"])
+    assert np.all(np.abs(excess) < 0.01), excess  # chance KL is ~0.003 nats with these counts
+    above = sum(k > p for t in v["tags"] for k, p in zip(v["kl_from_uniform"][t], v["kl_from_uniform_shuffled_p95"][t]))
+    assert above <= 3  # of 5 tags x 4 layers, ~1 expected above a 95th percentile by chance
+    gains = np.subtract(v["top_gain_layer_mean"], v["top_gain_layer_mean_shuffled"])
+    assert np.all(np.abs(gains) < 0.05)
+    assert all(-0.08 < a - v["majority_accuracy"] < 0.03 for side in ("drop_first", "drop_last")
+               for a in v["ablation"][side].values())
+
+
+def test_word_form_routing_matches_the_word_form_baseline():
+    v = _run("word_form", vocab=60)
+    assert v["word_form_accuracy_mean"] > 0.97
+    assert abs(v["probe_accuracy_mean"] - v["word_form_accuracy_mean"]) < 0.05
+    assert v["probe_accuracy_mean"] > v["majority_accuracy"] + 0.5
+
+
+def test_results_save_figures_and_report_section(tmp_path):
+    import jinja2
+
+    from moescope.report.sections.pos import render
+
+    d = synthetic("planted", n_tokens=900)
+    params = PosParams(folds=3, hidden=16, n_shuffles=3, tsne_points=200, ablation=(2,))
+    result = pos_analysis(d["tokens"], d["routes"], **d["model"], params=params, tag_source="test <b>tags</b>")
+    path = result.save(tmp_path)
+    body = json.loads(path.read_text())
+    for key in ("probe_accuracy_mean", "probe_accuracy_sd", "macro_f1", "majority_accuracy", "word_form_accuracy_mean",
+                "shuffled_probe_accuracy_mean", "kl_from_uniform", "ablation", "per_tag_f1", "confusion_matrix"):
+        assert key in body, key
+    assert all(len(body["kl_from_uniform"][t]) == 4 for t in body["tags"])
+    assert body["ablation"]["drop_first"].keys() == {"2"} and body["params"]["ablation"] == [2]
+    names = ("accuracy", "per_tag_f1", "confusion", "kl_by_layer", "spec", "ablation", "tsne")
+    assert {f"figures/{n}.png" for n in names} == set(body["figures"])
+    section = render(body, tmp_path, jinja2.Environment(autoescape=True))
+    assert section.key == "pos" and "word form" in section.summary
+    assert "test &lt;b&gt;tags&lt;/b&gt;" in section.html and "<b>tags" not in section.html
+    assert section.html.count("data:image/png;base64,") == 7
+
+
+def test_routing_paths_keep_layer_order_and_drop_incomplete_tokens():
+    d = synthetic("null", n_tokens=60)
+    routes = d["routes"]
+    rng = np.random.default_rng(1)
+    shuffled = routes.take(pa.array(rng.permutation(routes.num_rows)))
+    paths, rows = routing_paths(d["tokens"], shuffled, d["model"]["moe_layers"])
+    expected = np.asarray(routes.column("experts").to_pylist()).reshape(60, 4, 2)
+    assert rows.tolist() == list(range(60)) and np.array_equal(paths, expected)
+    missing = routes.filter(pa.array(np.arange(routes.num_rows) != 4 * 7 + 2))  # token 7 loses one layer
+    paths, rows = routing_paths(d["tokens"], missing, d["model"]["moe_layers"])
+    assert 7 not in rows.tolist() and len(rows) == 59
+
+
+def test_rare_tags_are_dropped_and_named():
+    d = synthetic("planted", n_tokens=600)
+    upos = d["tokens"].column("upos").to_pylist()
+    upos[0], upos[1] = "INTJ", "INTJ"  # 2 tokens < 3 folds
+    upos[2] = None  # untagged: left out
+    tokens = d["tokens"].set_column(4, "upos", pa.array(upos, pa.string()))
+    capped = dataclasses.replace(FAST, max_tokens=300, ablation=())
+    v = pos_analysis(tokens, d["routes"], **d["model"], params=capped, figures=False).values
+    assert v["dropped_tags"] == {"INTJ": 2} and "INTJ" not in v["tags"] and v["n_tokens"] == 597
+    assert v["n_tokens_probe"] == 300 and sum(v["tag_counts"].values()) == 597  # the probe's cap; stats use all
+    assert np.asarray(v["confusion_matrix"]["counts"]).sum() == 300 and v["ablation"]["drop_first"] == {}
+
+
+def test_untagged_tokens_table_is_refused():
+    d = synthetic("null", n_tokens=60)
+    with pytest.raises(DataError, match="no upos column"):
+        pos_analysis(d["tokens"].drop_columns(["upos"]), d["routes"], **d["model"], params=FAST)
