@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Any
 
 from moescope.adapters.base import Family
@@ -55,12 +56,27 @@ def family_for(model_type: str) -> Family:
 _MOE_HINTS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts", "num_experts_per_tok")
 
 
+def _candidates(config: Any) -> list[str]:
+    """Registry keys to try: the config's model_type and its text config's, normalised
+    (configs say ``nllb-moe``, ``qwen3_vl_moe_text``, ``qwen3_omni_moe_thinker``...)."""
+    from moescope.adapters.base import text_config
+
+    keys = []
+    for cfg in (config, text_config(config)):
+        raw = getattr(cfg, "model_type", "") or ""
+        for key in (raw, re.sub(r"_(text|thinker)$", "", raw.replace("-", "_"))):
+            if key and key not in keys:
+                keys.append(key)
+    return keys
+
+
 def family_for_config(config: Any) -> Family:
     """The family for a transformers config; says so plainly when the model is dense."""
     model_type = getattr(config, "model_type", "") or ""
     _load_builtin()
-    if model_type in _BY_MODEL_TYPE:
-        return _BY_MODEL_TYPE[model_type]
+    for key in _candidates(config):
+        if key in _BY_MODEL_TYPE:
+            return _BY_MODEL_TYPE[key]
     from moescope.adapters.base import text_config
 
     cfg = text_config(config)

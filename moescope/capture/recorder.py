@@ -152,7 +152,7 @@ class Recorder:
             )
         self._by_path = {layer.path: layer for layer in self.layers}
         self._stacks = sorted({layer.stack for layer in self.layers})
-        self._encoder_stack = next((s for s in self._stacks if s.split(".")[-1] == "encoder"), None)
+        self._encoder_stack = next((s for s in self._stacks if "encoder" in s.split(".")), None)
         self._stack_sigs = {s: inspect.signature(self._module(s).forward) for s in self._stacks}
         self._handles: list[Any] = []
         self._current: dict[str, Step] = {}
@@ -166,6 +166,7 @@ class Recorder:
         self._original_generate: Callable | None = None
         self._warned: set[str] = set()
         self._devices: set[torch.device] = set()  # accelerators with copies in flight for the open group
+        self._top_input_ids: torch.Tensor | None = None  # token ids of the model call in progress
 
     # -- lifecycle -----------------------------------------------------------------------
     def _host(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -200,6 +201,9 @@ class Recorder:
             self._handles.append(
                 self._module(stack).register_forward_pre_hook(self._make_stack_hook(stack), with_kwargs=True)
             )
+        if "" not in self._stacks:
+            # Multimodal models feed their language model embeddings: keep the call's token ids.
+            self._handles.append(self.model.register_forward_pre_hook(self._remember_ids, with_kwargs=True))
         for layer in self.layers:
             want_hidden = opts.wants_hidden and (opts.hidden_layers is None or layer.layer in opts.hidden_layers)
             self._handles += self.family.attach(
@@ -274,6 +278,10 @@ class Recorder:
         self._current = {}
 
     # -- the stack hook: one per step ------------------------------------------------------
+    def _remember_ids(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+        self._top_input_ids = ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
+
     def _make_stack_hook(self, stack: str) -> Callable:
         sig = self._stack_sigs[stack]
 
@@ -286,6 +294,10 @@ class Recorder:
             if ref is None:
                 return
             batch, width = int(ref.shape[0]), int(ref.shape[1])
+            if input_ids is None:
+                top = self._top_input_ids
+                if top is not None and tuple(top.shape) == (batch, width):
+                    input_ids = top
             self._begin_step(stack, batch, width, input_ids, get("attention_mask"), get("past_key_values"))
 
         return hook
@@ -307,10 +319,13 @@ class Recorder:
         if self._in_generate and stack != self._encoder_stack:
             self._generate_steps += 1
 
-        # Columns already recorded for this stack in this group: a cached step adds all its
-        # columns; an uncached continuation (generate(use_cache=False)) re-runs them all.
+        # Columns already recorded for this stack in this group. A continuation normally feeds
+        # only new columns; generate(use_cache=False) re-feeds them all (wider than what is
+        # known). Cache length alone cannot tell: some caches (linear attention) report 0.
         known = self._known_width.get(stack, 0) if continues else 0
-        first_new, self._known_width[stack] = (0, known + width) if past > 0 else (known, width)
+        rerun = continues and past == 0 and known > 0 and width > known
+        first_new = known if rerun else 0
+        self._known_width[stack] = width if (rerun or not continues) else known + width
         mask = _new_token_mask(attention_mask, batch, width, ref_device=_device_of(input_ids, attention_mask))
         step = Step(
             stack=stack,
@@ -364,6 +379,11 @@ class Recorder:
 
     def routes(self, layer: MoELayer, ids: torch.Tensor, weights: torch.Tensor | None,
                dropped: torch.Tensor | None = None) -> None:
+        if ids.shape[-1] != layer.top_k:
+            raise MoescopeError(
+                f"layer {layer.layer} routed to {ids.shape[-1]} experts per token, but the {self.family.name} "
+                f"adapter expected top-{layer.top_k}; the adapter does not match this model: please report it"
+            )
         ids = ids.reshape(-1, ids.shape[-1])
         step = self._step_for(layer, ids.shape[0])
         if step is None:
