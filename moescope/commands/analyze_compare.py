@@ -1,0 +1,93 @@
+"""`moescope analyze compare A B` (routing overlap of two traces of the same text) and
+`moescope analyze chat-template` (the same prompts captured with and without a chat template)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+
+
+def _print(values: dict[str, Any], path: Path) -> None:
+    align = values["alignment"]
+    console.print(f"aligned {align['n_prompt_aligned']:,} prompt and {align['n_generated_aligned']:,} generated tokens "
+                  f"({align['mode']} mode; {align['share_prompt_matched_a']:.1%} of A's prompt tokens)")
+    fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+    for i, layer in enumerate(values["layers"]):
+        console.print(f"layer {layer}: overlap {fmt(values['per_layer_overlap'][i])}, matched "
+                      f"{fmt(values['per_layer_overlap_matched'][i])} (cross-fitted "
+                      f"{fmt(values['per_layer_overlap_matched_crossfit'][i])}); chance "
+                      f"{values['expected_overlap_chance']:.3f}")
+    for note in align.get("notes") or []:
+        console.print(f"[yellow]note:[/] {note}")
+    console.print(f"[green]wrote[/] {path}")
+
+
+def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None:
+    @analyze_app.command("compare")
+    def compare(
+        trace_a: Path = typer.Argument(..., help="First trace."),
+        trace_b: Path = typer.Argument(..., help="Second trace, of the same texts (another model, checkpoint or template)."),
+        out: Path = typer.Option(..., "--out", help="Directory for results.json and figures/."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the cross-fitting halves and shuffles."),
+    ) -> None:
+        """Per-layer routing overlap of two traces on aligned tokens, next to its chance levels,
+        with the best one-to-one matching of experts (Hungarian algorithm)."""
+        from moescope.analysis.routing_inputs import compare_traces
+        from moescope.store.reader import open_trace
+
+        result = compare_traces(open_trace(trace_a), open_trace(trace_b), seed=seed)
+        _print(result.values, result.save(out))
+
+    @analyze_app.command("chat-template")
+    def chat_template(
+        data: Path = typer.Option(..., "--data", help="Prompts: .txt, .jsonl or .parquet (as for capture)."),
+        out: Path = typer.Option(..., "--out", help="Directory: traces/plain, traces/chat, results.json, figures/."),
+        model: Optional[str] = typer.Option(None, "--model", help="Local model directory or hub id (default: built-in)."),
+        template: Optional[str] = typer.Option(None, "--template", help="Template with a {text} placeholder, e.g. "
+                                               "'User: {text}\\nAssistant:' (default: the tokenizer's chat template, "
+                                               "else that one)."),
+        generate: int = typer.Option(16, "--generate", help="New tokens generated (greedy) after each prompt."),
+        batch_size: int = typer.Option(8, "--batch-size"),
+        max_length: Optional[int] = typer.Option(None, "--max-length", help="Longest prompt in tokens."),
+        text_field: str = typer.Option("text", "--text-field"),
+        device: str = typer.Option("cpu", "--device"),
+        seed: int = typer.Option(0, "--seed"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace traces from a different earlier run."),
+    ) -> None:
+        """Capture the same prompts with and without a chat template and compare routing of the
+        user text's tokens and of the generated tokens, layer by layer (deep-layer consistency)."""
+        import json
+
+        from moescope.analysis.chat_template import render_chat, template_source, unescape_template
+        from moescope.analysis.routing_inputs import compare_traces
+        from moescope.capture.data import TextDataset
+        from moescope.capture.dataset import RunOptions
+        from moescope.capture.loading import LoadOptions, load_model
+        from moescope.commands.capture import run_with_progress
+        from moescope.capture.recorder import CaptureOptions
+        from moescope.store.reader import open_trace
+
+        template = unescape_template(template)
+        plain = TextDataset(data, text_field=text_field)
+        loaded, tokenizer = load_model(model, LoadOptions(device=device))
+        source = template_source(tokenizer, template)
+        chat_file = out / "data" / "chat.jsonl"
+        chat_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(chat_file, "w", encoding="utf-8") as f:
+            for record in plain:
+                f.write(json.dumps({"text": render_chat(record.text, tokenizer, template)}, ensure_ascii=False) + "\n")
+        run = RunOptions(batch_size=batch_size, max_length=max_length, generate=generate, seed=seed)
+        traces = {}
+        for name, dataset in (("plain", plain), ("chat", TextDataset(chat_file))):
+            console.print(f"capturing the prompts {'with' if name == 'chat' else 'without'} the chat template ...")
+            traces[name] = out / "traces" / name
+            run_with_progress(loaded, tokenizer, dataset, traces[name], CaptureOptions(seed=seed), run, model, overwrite)
+        params = {"kind": "chat-template", "template_source": source, "generate": generate, "data": str(data),
+                  "template": template if template is not None else (None if source == "tokenizer" else
+                                                                      render_chat("{text}", None, None))}
+        result = compare_traces(open_trace(traces["plain"]), open_trace(traces["chat"]), seed=seed, params=params)
+        _print(result.values, result.save(out))
