@@ -154,8 +154,21 @@ class RoutingTelemetryCallback(TrainerCallback):
     the Trainer's logs, and appends the full per-layer summary (loads included) to
     `output_file` (JSON lines) when given.
 
-        trainer = Trainer(model=model, ..., callbacks=[RoutingTelemetryCallback("routing.jsonl")])
+        trainer = Trainer(model=model, ...)
+        RoutingTelemetryCallback.install(trainer, "routing.jsonl")
+
+    `install` puts the callback first, so that reporting integrations (wandb, tensorboard), which
+    the Trainer registers before user callbacks, receive the routing scalars too. Passed through
+    ``Trainer(callbacks=[...])`` instead, the scalars still reach ``trainer.state.log_history``
+    and the JSON-lines file.
     """
+
+    @classmethod
+    def install(cls, trainer: Any, output_file: str | Path | None = None) -> "RoutingTelemetryCallback":
+        """Create the callback and register it ahead of the Trainer's other callbacks."""
+        callback = cls(output_file)
+        trainer.callback_handler.callbacks.insert(0, callback)
+        return callback
 
     def __init__(self, output_file: str | Path | None = None) -> None:
         self.output_file = Path(output_file) if output_file else None
@@ -171,8 +184,11 @@ class RoutingTelemetryCallback(TrainerCallback):
         summary = self.meter.summary()
         if not summary:
             return
+        flat = flatten_telemetry(summary)
         if logs is not None:
-            logs.update(flatten_telemetry(summary))
+            logs.update(flat)  # seen by the callbacks after this one
+        if state.log_history:
+            state.log_history[-1].update(flat)  # the Trainer copied `logs` there before callbacks ran
         if self.output_file is not None:
             with open(self.output_file, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": state.global_step, "layers": summary}) + "\n")

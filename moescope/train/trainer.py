@@ -189,12 +189,13 @@ def train(
         state["step"] = step + 1
         state["tokens"] += batch.shape[0] * (batch.shape[1] - 1)
         window_tokens += batch.shape[0] * (batch.shape[1] - 1)
-        loss_sum += ce.item()
+        ce_value = ce.item()
+        loss_sum += ce_value
         aux_sum += aux.item() if aux is not None else 0.0
         n_sum += 1
         now = time.perf_counter()
         if on_step:
-            on_step(state["step"], total, {"loss": float(ce), "tok_s": window_tokens / max(now - window_start, 1e-9)})
+            on_step(state["step"], total, {"loss": ce_value, "tok_s": window_tokens / max(now - window_start, 1e-9)})
 
         done = state["step"] == total
         if state["step"] % cfg.eval_every == 0 or done:
