@@ -1,0 +1,497 @@
+"""Routing statistics of any trace, each next to its chance level.
+
+Every measure is a small pure function over counts (numpy) that the counting functions of
+:mod:`moescope.analysis.routing_counts` produce with bounded memory; :func:`routing_statistics`
+runs them all and returns an :class:`AnalysisResult` (analysis="stats"). Units: entropies,
+KL divergences and mutual informations in BITS; shares as fractions of a layer's expert
+assignments (k per token). docs/analyses/stats.md defines every number.
+
+    from moescope import open_trace
+    from moescope.analysis.stats import routing_statistics, coactivation, load_summary
+    result = routing_statistics(open_trace("runs/x"), label="label")
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from moescope.analysis.result import AnalysisResult
+from moescope.analysis.routing_counts import RouteScan, count_routes, expert_load, scan_routes, trace_phases
+from moescope.errors import MoescopeError
+from moescope.store.reader import Trace
+
+LN2 = np.log(2.0)
+RARE_FRACTION = 0.1  # an expert is rare below 10% of its fair share (1/E of the assignments)
+
+
+# -- load ------------------------------------------------------------------------------------------
+def load_summary(load: np.ndarray, n_tokens: np.ndarray, top_k: int, *, rare_fraction: float = RARE_FRACTION) -> dict[str, Any]:
+    """Per layer (rows of `load`, (L, E) assignment counts; `n_tokens` (L,) tokens):
+
+    entropy_bits of the expert shares p_e = load_e / sum(load) (max log2 E), normalised_entropy
+    (H / log2 E), kl_uniform_bits = KL(p || uniform) = log2 E - H, and its chance level
+    kl_uniform_chance_bits ~ (E - k) / (2 k N ln 2): the expected plug-in KL of N tokens routed
+    to uniform random k-subsets. max/min_share_over_fair: largest/smallest p_e * E.
+    dead_experts: no assignment; rare_experts: p_e < rare_fraction / E (dead ones excluded).
+    """
+    load = np.asarray(load, np.float64)
+    L, E = load.shape
+    total = load.sum(axis=1, keepdims=True)
+    share = np.divide(load, total, out=np.zeros_like(load), where=total > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.where(share > 0, share * np.log2(share), 0.0).sum(axis=1)
+    n = np.maximum(np.asarray(n_tokens, np.float64), 1)
+    dead = [np.flatnonzero(row == 0).tolist() for row in load]
+    rare = [np.flatnonzero((s > 0) & (s < rare_fraction / E)).tolist() for s in share]
+    return {
+        "share": share,
+        "entropy_bits": entropy,
+        "entropy_max_bits": float(np.log2(E)),
+        "normalised_entropy": entropy / np.log2(E),
+        "kl_uniform_bits": np.log2(E) - entropy,
+        "kl_uniform_chance_bits": (E - top_k) / (2 * top_k * n * LN2),
+        "max_share_over_fair": share.max(axis=1) * E,
+        "min_share_over_fair": share.min(axis=1) * E,
+        "dead_experts": dead,
+        "rare_experts": rare,
+        "n_dead": [len(d) for d in dead],
+        "n_rare": [len(r) for r in rare],
+        "rare_fraction": rare_fraction,
+    }
+
+
+# -- co-activation ---------------------------------------------------------------------------------
+def pair_null(rates: np.ndarray, top_k: int, *, iterations: int = 500) -> np.ndarray:
+    """Expected share of tokens choosing both a and b (a != b) when pairs form at random but
+    each expert keeps its number of pairs: P_ab = x_a x_b with x_a * sum_{b != a} x_b =
+    r_a (k - 1), r_a the share of tokens choosing a. Exact for uniform routing
+    (k (k-1) / (E (E-1))); a degree-preserving ("configuration model") null otherwise."""
+    r = np.asarray(rates, np.float64)
+    target = r * (top_k - 1)
+    x = np.sqrt(np.maximum(target, 0) / max(len(r) - 1, 1))
+    for _ in range(iterations):
+        rest = x.sum() - x
+        new = np.divide(target, rest, out=np.zeros_like(x), where=rest > 0)
+        if np.allclose(new, x, rtol=1e-10, atol=1e-15):
+            x = new
+            break
+        x = 0.5 * (x + new)  # damped: plain iteration can oscillate
+    expected = np.outer(x, x)
+    np.fill_diagonal(expected, 0.0)
+    return expected
+
+
+@dataclass
+class Coactivation:
+    """Pair co-activation of one layer: counts (E, E) tokens choosing both (diagonal: load),
+    expected (E, E) under :func:`pair_null`, ratio = counts / expected (NaN where expected is 0),
+    dispersion_chance: the dispersion (see :func:`dispersion`) of a simulated router that picks
+    k experts at random with this layer's loads (Gumbel top-k on log shares), pairs left to chance."""
+
+    counts: np.ndarray
+    expected: np.ndarray
+    ratio: np.ndarray
+    dispersion_chance: float | None = None
+
+
+def dispersion(counts: np.ndarray, expected: np.ndarray, *, min_expected: float = 5.0) -> float | None:
+    """Mean over expert pairs (expected >= min_expected) of (count - expected)^2 / expected: a
+    chi-square per pair. It does not grow with the number of tokens when pairs form by chance
+    (about 0.4-0.9, depending on E and k: compare with the simulated chance level), and it
+    grows with the tokens when experts team up."""
+    iu = np.triu_indices(len(counts), 1)
+    c, e = counts[iu].astype(np.float64), expected[iu]
+    keep = e >= min_expected
+    return float(np.mean((c[keep] - e[keep]) ** 2 / e[keep])) if keep.any() else None
+
+
+def _simulated_dispersion(load: np.ndarray, top_k: int, n_tokens: int, rng: np.random.Generator) -> float | None:
+    share = load / max(load.sum(), 1)
+    with np.errstate(divide="ignore"):
+        logits = np.log(share)
+    scores = logits + rng.gumbel(size=(n_tokens, len(load)))
+    chosen = np.argpartition(-scores, top_k - 1, axis=1)[:, :top_k]
+    onehot = np.zeros(scores.shape)
+    np.put_along_axis(onehot, chosen, 1.0, axis=1)
+    counts = onehot.T @ onehot
+    expected = pair_null(np.diag(counts) / n_tokens, top_k) * n_tokens
+    return dispersion(counts, expected)
+
+
+def coactivation(source: Trace | RouteScan, layer_index: int | None = None, *, seed: int = 0,
+                 chance_tokens: int = 20_000) -> list[Coactivation] | Coactivation:
+    """Every pair within each token's top-k, counted and divided by the degree-preserving null.
+    `source` a Trace (scanned now) or a RouteScan; one layer (position in moe_layers) or all.
+    The chance dispersion is simulated with min(tokens, chance_tokens) tokens (it does not
+    depend on the number of tokens)."""
+    scan = source if isinstance(source, RouteScan) else scan_routes(source, transitions=False)
+    rng = np.random.default_rng(seed)
+    out = []
+    for li in range(len(scan.moe_layers)) if layer_index is None else [layer_index]:
+        n = max(int(scan.n_rows[li]), 1)
+        counts = scan.pairs[li]
+        expected = pair_null(scan.load[li] / n, scan.top_k) * n
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(expected > 0, counts / expected, np.nan)
+        np.fill_diagonal(ratio, np.nan)
+        chance = _simulated_dispersion(scan.load[li], scan.top_k, min(n, chance_tokens), rng) if scan.top_k > 1 else None
+        out.append(Coactivation(counts, expected, ratio, chance))
+    return out if layer_index is None else out[0]
+
+
+def coactivation_summary(co: Coactivation, *, top: int = 10, min_expected: float = 5.0) -> dict[str, Any]:
+    """max_ratio and top pairs (a, b, count, expected, ratio) among pairs expected >= min_expected
+    times; dispersion (see :func:`dispersion`) and its simulated chance level."""
+    E = len(co.counts)
+    iu = np.triu_indices(E, 1)
+    c, e = co.counts[iu].astype(np.float64), co.expected[iu]
+    keep = e >= min_expected
+    ratio = np.where(keep, c / np.where(e > 0, e, 1), np.nan)
+    order = np.argsort(-np.nan_to_num(ratio, nan=-np.inf))[:top]
+    pairs = [[int(iu[0][i]), int(iu[1][i]), int(c[i]), float(e[i]), float(ratio[i])] for i in order if keep[i]]
+    return {"max_ratio": float(np.nanmax(ratio)) if keep.any() else None,
+            "dispersion": dispersion(co.counts, co.expected, min_expected=min_expected),
+            "dispersion_chance": co.dispersion_chance, "top_pairs": pairs}
+
+
+# -- transitions -----------------------------------------------------------------------------------
+@dataclass
+class Transition:
+    """Experts at one MoE layer against the next, over the tokens seen at both.
+
+    counts (E, E): tokens with a at the first layer and b at the second; conditional:
+    P(b chosen at the second | a chosen at the first); lift: counts / expected under
+    independence (row share x column share); mi_bits: mutual information of the (a, b)
+    pairs (k^2 per token), chance ~ (E-k)^2 / (2 k^2 N ln 2) for N tokens (the plug-in
+    bias when the two layers choose independently)."""
+
+    from_layer: int
+    to_layer: int
+    counts: np.ndarray
+    conditional: np.ndarray
+    lift: np.ndarray
+    mi_bits: float
+    mi_chance_bits: float
+    n_tokens: int
+
+
+def transitions(source: Trace | RouteScan) -> list[Transition]:
+    """Transition matrices between each MoE layer and the next (layers in moe_layers order)."""
+    scan = source if isinstance(source, RouteScan) else scan_routes(source)
+    out = []
+    for i, (n_tok, counts) in enumerate(zip(scan.transition_tokens, scan.transitions)):
+        c = counts.astype(np.float64)
+        k, E, N = scan.top_k, scan.n_experts, max(int(n_tok), 1)
+        total = max(c.sum(), 1.0)
+        row, col = c.sum(axis=1), c.sum(axis=0)
+        expected = np.outer(row, col) / total
+        n_from = row / k  # tokens choosing a at the first layer
+        with np.errstate(divide="ignore", invalid="ignore"):
+            conditional = np.where(n_from[:, None] > 0, c / n_from[:, None], np.nan)
+            lift = np.where(expected > 0, c / expected, np.nan)
+            mi = float(np.where(c > 0, (c / total) * np.log2(c / expected), 0.0).sum())
+        out.append(Transition(scan.moe_layers[i], scan.moe_layers[i + 1], counts, conditional, lift, mi,
+                              (E - k) ** 2 / (2 * k * k * N * LN2), int(n_tok)))
+    return out
+
+
+def transition_summary(t: Transition, *, top: int = 10, min_expected: float = 5.0) -> dict[str, Any]:
+    """mi_bits vs mi_chance_bits, max_lift and the top transitions (a, b, count, P(b|a), lift)."""
+    E = len(t.counts)
+    total = max(t.counts.sum(), 1)
+    expected = np.outer(t.counts.sum(1), t.counts.sum(0)) / total
+    lift = np.where(expected >= min_expected, np.nan_to_num(t.lift, nan=-np.inf), -np.inf).ravel()
+    order = np.argsort(-lift)[:top]
+    top_list = [[int(i // E), int(i % E), int(t.counts.flat[i]), float(t.conditional.flat[i]), float(lift[i])]
+                for i in order if np.isfinite(lift[i])]
+    return {"from_layer": t.from_layer, "to_layer": t.to_layer, "n_tokens": t.n_tokens, "mi_bits": t.mi_bits,
+            "mi_chance_bits": t.mi_chance_bits, "max_lift": top_list[0][4] if top_list else None,
+            "top_transitions": top_list}
+
+
+# -- token specialisation --------------------------------------------------------------------------
+def token_specialisation(counts: dict[str, np.ndarray], top_k: int, n_layers: int, *, top_tokens: int = 10,
+                         min_count: int = 20, token_text: dict[int, str] | None = None, seed: int = 0) -> dict[str, Any]:
+    """For each layer and expert, the tokens it receives most relative to their frequency.
+
+    `counts` is :func:`token_expert_counts` output. lift(e, t) = n(e, t) / (n_t * r_e): the
+    share of token t's occurrences sent to e over e's share of all tokens (1 = chance);
+    only tokens seen at least `min_count` times; p_value: binomial tail P(X >= n(e, t)) with
+    X ~ Bin(n_t, r_e). Also per layer token_purity: the share of expert assignments that
+    go to each token's own k most frequent experts (1 when routing is a function of the
+    token id), with token_purity_chance from one simulated routing that ignores token ids.
+    """
+    from scipy.stats import binom
+
+    li, tok, ex, n = counts["layer_index"], counts["token_id"], counts["expert"], counts["n"].astype(np.float64)
+    # per (layer, token): occurrences = assignments / k (every occurrence has k experts)
+    key = li * (int(tok.max()) + 1 if len(tok) else 1) + tok
+    ukey, inv = np.unique(key, return_inverse=True)
+    assigned = np.bincount(inv, weights=n)
+    n_tok = assigned / top_k
+    layer_total = np.bincount(li, weights=n, minlength=n_layers)
+    E = int(ex.max()) + 1 if len(ex) else 0
+    rate = np.zeros((n_layers, max(E, 1)))
+    np.add.at(rate, (li, ex), n)
+    rate = rate / np.maximum(layer_total[:, None] / top_k, 1)  # share of tokens choosing e
+    lift = n / np.maximum(n_tok[inv] * rate[li, ex], 1e-12)
+    # purity: counts are sorted by (layer, token, n desc), so the first k rows of each group are its top-k
+    first = np.r_[0, np.flatnonzero(np.diff(key)) + 1]
+    rank = np.arange(len(key)) - np.repeat(first, np.diff(np.r_[first, len(key)]))
+    purity = np.bincount(li[rank < top_k], weights=n[rank < top_k], minlength=n_layers) / np.maximum(layer_total, 1)
+    chance = _purity_chance(n_tok, ukey, int(tok.max()) + 1 if len(tok) else 1, rate, top_k, n_layers, seed)
+    per_layer = []
+    keep = n_tok[inv] >= min_count
+    for layer in range(n_layers):
+        sel = np.flatnonzero((li == layer) & keep)
+        experts = {}
+        if len(sel):
+            order = sel[np.lexsort((-n[sel], -lift[sel], ex[sel]))]
+            e_sorted = ex[order]
+            starts = np.r_[0, np.flatnonzero(np.diff(e_sorted)) + 1]
+            for s, e_next in zip(starts, np.r_[starts[1:], len(order)]):
+                rows = order[s:min(e_next, s + top_tokens)]
+                p = binom.sf(n[rows] - 1, np.rint(n_tok[inv[rows]]).astype(np.int64), rate[layer, ex[rows]])
+                experts[int(ex[rows[0]])] = [
+                    {"token_id": int(tok[r]), "token": (token_text or {}).get(int(tok[r])), "count": int(n[r]),
+                     "token_count": int(round(n_tok[inv[r]])), "lift": float(lift[r]), "p_value": float(pv)}
+                    for r, pv in zip(rows, p)]
+        per_layer.append(experts)
+    return {"min_count": min_count, "top_tokens": top_tokens, "token_purity": purity, "token_purity_chance": chance,
+            "experts": per_layer}
+
+
+def _purity_chance(n_tok: np.ndarray, ukey: np.ndarray, stride: int, rate: np.ndarray, top_k: int, n_layers: int,
+                   seed: int) -> np.ndarray:
+    """Token purity of one simulated trace with the same token counts and expert shares but
+    routing independent of the token id (each occurrence's k experts drawn with replacement)."""
+    rng = np.random.default_rng(seed)
+    layer = ukey // stride
+    out = np.zeros(n_layers)
+    for li in range(n_layers):
+        sel = layer == li
+        if not sel.any():
+            continue
+        p = rate[li] / max(rate[li].sum(), 1e-12)
+        draws = rng.multinomial(np.rint(n_tok[sel] * top_k).astype(np.int64), p)
+        kk = min(top_k, draws.shape[1])
+        top = -np.partition(-draws, kk - 1, axis=1)[:, :kk]
+        out[li] = top.sum() / max(draws.sum(), 1)
+    return out
+
+
+# -- label specialisation --------------------------------------------------------------------------
+def label_specialisation(counts: np.ndarray, labels: np.ndarray, *, permutations: int = 100, seed: int = 0,
+                         top: int = 5) -> dict[str, Any]:
+    """How much the expert choice of each layer depends on the sequence's label.
+
+    `counts` (S, L, E) assignments per sequence; `labels` (S,). mi_bits[l] = I(label; expert)
+    at layer l over all assignments = sum_c w_c KL(P(e | c) || P(e)); baseline: the same with
+    labels shuffled across sequences `permutations` times (mean, 95th percentile, p-value
+    (1 + #perm >= real) / (1 + permutations)). top_experts[l][c]: experts with the largest
+    lift P(e | c) / P(e).
+    """
+    S, L, E = counts.shape
+    classes, y = np.unique(labels, return_inverse=True)
+    X = counts.reshape(S, L * E).astype(np.float64)
+
+    def mi(assign: np.ndarray) -> np.ndarray:
+        per_class = (np.eye(len(classes))[assign].T @ X).reshape(len(classes), L, E)
+        total = per_class.sum(axis=(0, 2))  # (L,)
+        joint = per_class / np.maximum(total, 1)[None, :, None]
+        pc, pe = joint.sum(axis=2, keepdims=True), joint.sum(axis=0, keepdims=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            terms = np.where(joint > 0, joint * np.log2(joint / (pc * pe)), 0.0)
+        return terms.sum(axis=(0, 2)), per_class
+
+    real, per_class = mi(y)
+    rng = np.random.default_rng(seed)
+    perm = np.array([mi(rng.permutation(y))[0] for _ in range(permutations)]) if permutations else np.zeros((0, L))
+    p_e = per_class.sum(axis=0) / np.maximum(per_class.sum(axis=(0, 2)), 1)[:, None]  # (L, E)
+    p_ec = per_class / np.maximum(per_class.sum(axis=2, keepdims=True), 1)  # (C, L, E)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lift = np.where(p_e[None] > 0, p_ec / p_e[None], np.nan)
+    top_experts = [{str(c): [[int(e), float(lift[ci, li, e])] for e in np.argsort(-np.nan_to_num(lift[ci, li], nan=-1))[:top]]
+                    for ci, c in enumerate(classes)} for li in range(L)]
+    return {"labels": [str(c) for c in classes], "mi_bits": real,
+            "mi_permutation_mean_bits": perm.mean(axis=0) if permutations else None,
+            "mi_permutation_p95_bits": np.percentile(perm, 95, axis=0) if permutations else None,
+            "mi_p_value": (1 + (perm >= real[None]).sum(axis=0)) / (1 + permutations) if permutations else None,
+            "permutations": permutations, "top_experts": top_experts}
+
+
+# -- weights and phases ----------------------------------------------------------------------------
+def weight_summary(scan: RouteScan) -> dict[str, Any] | None:
+    """Per layer and rank: mean weight and histogram on [0, 1] (bins of 1/weight_bins); mean of
+    the per-token weight sum. Baseline: equal weights 1/k. None when the trace has no weights."""
+    if scan.weight_hist is None:
+        return None
+    sums = scan.weight_sum_hist
+    return {"bins": scan.weight_bins, "mean_by_rank": scan.weight_mean, "uniform_weight": 1.0 / scan.top_k,
+            "hist_by_rank": scan.weight_hist,
+            "sum_mean": (scan.weight_mean * scan.weight_hist.sum(axis=2)).sum(axis=1) / np.maximum(sums.sum(axis=1), 1),
+            "sum_hist": sums}
+
+
+def phase_comparison(phase_loads: dict[str, tuple[np.ndarray, np.ndarray]] | None, top_k: int, *,
+                     rare_fraction: float = RARE_FRACTION) -> dict[str, Any] | None:
+    """Prompt vs generated tokens side by side, from {phase: (load (L, E), tokens (L,))}: the load
+    summary per phase and, per layer, the Jensen-Shannon divergence (bits) between the two
+    phases' expert shares, with its chance level ~ (E-k)/k * (1/N_prompt + 1/N_generated) / (8 ln 2)
+    (the same router in both phases). None unless both phases are given."""
+    if not phase_loads or set(phase_loads) != {"prompt", "generated"}:
+        return None
+    out: dict[str, Any] = {}
+    shares, tokens = {}, {}
+    for phase, (load, n) in phase_loads.items():
+        summary = load_summary(load, n, top_k, rare_fraction=rare_fraction)
+        shares[phase], tokens[phase] = summary.pop("share"), n
+        out[phase] = {**summary, "n_tokens": n}
+    E = shares["prompt"].shape[1]
+    p, q = shares["prompt"], shares["generated"]
+    m = (p + q) / 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl = lambda a: np.where(a > 0, a * np.log2(a / m), 0.0).sum(axis=1)  # noqa: E731
+    out["js_bits"] = (kl(p) + kl(q)) / 2
+    out["js_chance_bits"] = ((E - top_k) / top_k * (1 / np.maximum(tokens["prompt"], 1) + 1 / np.maximum(tokens["generated"], 1))
+                             / (8 * LN2))
+    return out
+
+
+# -- everything ------------------------------------------------------------------------------------
+@dataclass
+class StatsInputs:
+    """Everything the statistics read from a trace (the rest is pure computation): the route
+    scan, per-(layer, token id, expert) counts and token texts (None without tokens), expert
+    counts (S, L, E) of the labelled sequences and their labels (None without --label), and
+    {phase: (load, tokens)} when the trace has prompt and generated tokens."""
+
+    scan: RouteScan
+    token_counts: dict[str, np.ndarray] | None = None
+    token_text: dict[int, str] | None = None
+    seq_counts: np.ndarray | None = None
+    seq_labels: np.ndarray | None = None
+    phase_loads: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+
+
+def gather_statistics_inputs(trace: Trace, *, label: str | None = None, phase: str = "all") -> StatsInputs:
+    """Read every count the statistics need, with bounded memory (one numpy pass over the routes
+    and DuckDB aggregations)."""
+    from moescope.analysis.signatures import read_labels
+
+    seq_labels = read_labels(trace, label) if label is not None else None  # fail early on a bad label
+    counts = count_routes(trace, phase=phase, sequences=label is not None, token_experts=trace.has("tokens"))
+    inputs = StatsInputs(counts.scan, counts.token_experts)
+    if trace.has("tokens"):
+        inputs.token_text = _token_text(trace)
+    if seq_labels is not None:
+        seqc = counts.sequences
+        keep = np.isin(seqc.seq_ids, list(seq_labels))
+        inputs.seq_counts = seqc.total()[0][keep]
+        inputs.seq_labels = np.array([seq_labels[int(s)] for s in seqc.seq_ids[keep]], dtype=object).astype(str)
+    if trace_phases(trace) == {"prompt", "generated"}:
+        inputs.phase_loads = {p: expert_load(trace, phase=p) for p in ("prompt", "generated")}
+    return inputs
+
+
+def routing_statistics(
+    trace: Trace,
+    *,
+    label: str | None = None,
+    top_tokens: int = 10,
+    min_token_count: int = 20,
+    phase: str = "all",
+    focus_layer: int | None = None,
+    rare_fraction: float = RARE_FRACTION,
+    permutations: int = 100,
+    seed: int = 0,
+    figures: bool = True,
+) -> AnalysisResult:
+    """All routing statistics of a trace (analysis="stats").
+
+    Args:
+        label: a metadata column of the sequences table; adds label specialisation.
+        top_tokens / min_token_count: token specialisation lists per expert.
+        phase: 'all' (default), 'prompt' or 'generated' tokens for every measure but the
+            phase comparison (made whenever the trace has both phases).
+        focus_layer: the model layer shown in the co-activation, transition and weight
+            figures (default: the middle MoE layer).
+        permutations: label shuffles for the label-specialisation baseline.
+    """
+    _focus(trace.moe_layers, focus_layer)  # fail before the expensive part
+    inputs = gather_statistics_inputs(trace, label=label, phase=phase)
+    values, figs = summarise_statistics(inputs, label=label, top_tokens=top_tokens, min_token_count=min_token_count,
+                                        phase=phase, focus_layer=focus_layer, rare_fraction=rare_fraction,
+                                        permutations=permutations, seed=seed, figures=figures)
+    params = {"label": label, "top_tokens": top_tokens, "min_token_count": min_token_count, "phase": phase,
+              "focus_layer": values["focus_layer"], "rare_fraction": rare_fraction, "permutations": permutations,
+              "seed": seed}
+    return AnalysisResult("stats", values, params=params, figures=figs, trace=str(trace.path))
+
+
+def _focus(layers: list[int], focus_layer: int | None) -> int:
+    focus = focus_layer if focus_layer is not None else layers[len(layers) // 2]
+    if focus not in layers:
+        raise MoescopeError(f"--focus-layer {focus} is not an MoE layer of this trace; choose one of {layers}")
+    return focus
+
+
+def summarise_statistics(inputs: StatsInputs, *, label: str | None = None, top_tokens: int = 10,
+                         min_token_count: int = 20, phase: str = "all", focus_layer: int | None = None,
+                         rare_fraction: float = RARE_FRACTION, permutations: int = 100, seed: int = 0,
+                         figures: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The pure half of :func:`routing_statistics`: (values, figures) from the gathered counts."""
+    notes: list[str] = []
+    scan = inputs.scan
+    layers = scan.moe_layers
+    focus = _focus(layers, focus_layer)
+    fi = layers.index(focus)
+    load = load_summary(scan.load, scan.n_rows, scan.top_k, rare_fraction=rare_fraction)
+    load.pop("share")
+    values: dict[str, Any] = {"n_experts": scan.n_experts, "top_k": scan.top_k, "moe_layers": layers, "phase": phase,
+                              "n_tokens": scan.n_rows, "focus_layer": focus, "load": {**load, "counts": scan.load}}
+    co_all = coactivation(scan, seed=seed) if scan.top_k > 1 else []
+    values["coactivation"] = None if not co_all else {
+        "null": "degree-preserving random pairing (see pair_null)",
+        "per_layer": [coactivation_summary(c) for c in co_all],
+        "focus_ratio": co_all[fi].ratio}
+    if scan.top_k == 1:
+        notes.append("top-1 routing: no pairs within a token, co-activation skipped")
+    trans = transitions(scan)
+    tf = trans[min(fi, len(trans) - 1)] if trans else None
+    values["transitions"] = None if not trans else {
+        "per_pair": [transition_summary(t) for t in trans],
+        "focus": {"from_layer": tf.from_layer, "to_layer": tf.to_layer, "lift": tf.lift, "conditional": tf.conditional}}
+    if not trans:
+        notes.append("one MoE layer: no layer-to-layer transitions")
+    values["token_specialisation"] = None
+    if inputs.token_counts is not None:
+        values["token_specialisation"] = token_specialisation(
+            inputs.token_counts, scan.top_k, len(layers), top_tokens=top_tokens, min_count=min_token_count,
+            token_text=inputs.token_text, seed=seed)
+    else:
+        notes.append("no tokens table: token specialisation skipped")
+    values["label_specialisation"] = None
+    if inputs.seq_counts is not None:
+        values["label_specialisation"] = {"label": label, **label_specialisation(
+            inputs.seq_counts, inputs.seq_labels, permutations=permutations, seed=seed)}
+    values["weights"] = weight_summary(scan)
+    if values["weights"] is None:
+        notes.append("the trace records no routing weights: weight distributions skipped")
+    values["phases"] = phase_comparison(inputs.phase_loads, scan.top_k, rare_fraction=rare_fraction)
+    values["notes"] = notes
+    figs = {}
+    if figures:
+        from moescope.analysis import stats_plots
+
+        figs = stats_plots.stats_figures(values, co_all[fi] if co_all else None, tf, scan, fi)
+    return values, figs
+
+
+def _token_text(trace: Trace) -> dict[int, str] | None:
+    if "token" not in trace.columns("tokens"):
+        return None
+    rows = trace.rows("SELECT token_id, any_value(token) FROM tokens GROUP BY token_id")
+    return {int(t): s for t, s in rows}

@@ -1,0 +1,163 @@
+"""Known-answer tests of task routing signatures (moescope/analysis/signatures.py)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import moescope
+from moescope.analysis.signatures import cosine_stats, load_balanced_counts, routing_signatures
+from moescope.errors import DataError
+from moescope.store.tables import write_trace
+from moescope.testing.synthetic import labelled_trace, null_trace, token_routed_trace
+
+FAST = dict(permutations=20, control_draws=2, figures=False)
+REQUIRED = ("within_cosine_mean", "within_cosine_sd", "across_cosine_mean", "across_cosine_sd", "cohens_d",
+            "cv_accuracy_mean", "cv_accuracy_sd", "macro_f1", "permutation_accuracy_mean", "permutation_p_value",
+            "load_balanced_accuracy_mean", "bag_of_tokens_accuracy_mean", "token_id_control_accuracy_mean",
+            "per_layer_accuracy")
+
+
+def _run(path, **kw):
+    return routing_signatures(moescope.open_trace(path), label="label", **{**FAST, **kw}).values
+
+
+def test_planted_layers_are_found_and_only_those(tmp_path):
+    v = _run(labelled_trace(tmp_path / "t", layers=5, biased_layers=(1, 3), strength=1.0))
+    assert all(v[key] is not None for key in REQUIRED)
+    acc = v["per_layer_accuracy"]
+    assert len(acc) == 5
+    assert acc[1] >= 0.85 and acc[3] >= 0.85
+    assert max(acc[0], acc[2], acc[4]) <= 0.5  # chance is 0.25
+    assert v["cv_accuracy_mean"] >= 0.9 and v["macro_f1"] >= 0.9
+    assert v["permutation_accuracy_mean"] < 0.4 and v["permutation_p_value"] == pytest.approx(1 / 21)
+    assert v["load_balanced_accuracy_mean"] < 0.45 and abs(v["load_balanced_cohens_d"]) < 0.3
+    assert v["cohens_d"] > 1.0 and v["within_cosine_mean"] > v["across_cosine_mean"]
+    assert v["best_layer"] in (1, 3)
+    # more tokens seen, more separable
+    assert v["first_n_accuracy"][0] < v["first_n_accuracy"][-1]
+    assert np.asarray(v["confusion_matrix"]).sum() == v["n_sequences"] == 80
+
+
+def test_null_trace_is_at_chance(tmp_path):
+    v = _run(null_trace(tmp_path / "t", layers=3))
+    assert v["cv_accuracy_mean"] <= 0.45
+    assert v["permutation_p_value"] >= 0.1
+    assert max(v["per_layer_accuracy"]) <= 0.5
+    assert abs(v["cohens_d"]) < 0.3
+    assert v["bag_of_tokens_accuracy_mean"] <= 0.45 and v["token_id_control_accuracy_mean"] <= 0.45
+
+
+def test_token_id_control_explains_pure_token_routing(tmp_path):
+    # routing is a function of the token id; labels differ only in their vocabulary
+    v = _run(token_routed_trace(tmp_path / "t", layers=3))
+    assert v["cv_accuracy_mean"] >= 0.7
+    assert abs(v["adds_over_token_id_control"]) <= 0.1
+    assert v["bag_of_tokens_accuracy_mean"] >= 0.9
+
+
+def test_token_id_control_falls_short_of_label_routing(tmp_path):
+    # routing depends on the token id AND, beyond it, on the label (same vocabulary for all labels)
+    v = _run(labelled_trace(tmp_path / "t", layers=3, token_strength=1.0, biased_layers=(1, 2)))
+    assert v["cv_accuracy_mean"] >= 0.9
+    assert v["adds_over_token_id_control"] >= 0.3
+    assert v["adds_over_bag_of_tokens"] >= 0.5
+
+
+def test_cosine_stats_match_brute_force():
+    rng = np.random.default_rng(0)
+    X, y = rng.random((30, 12)), np.repeat(["a", "b", "c"], 10)
+    U = X / np.linalg.norm(X, axis=1, keepdims=True)
+    cos = U @ U.T
+    iu = np.triu_indices(30, 1)
+    same = (y[:, None] == y[None, :])[iu]
+    within, across = cos[iu][same], cos[iu][~same]
+    s = cosine_stats(X, y)
+    assert s["within_cosine_mean"] == pytest.approx(within.mean()) and s["within_cosine_sd"] == pytest.approx(within.std(ddof=1))
+    assert s["across_cosine_mean"] == pytest.approx(across.mean()) and s["across_cosine_sd"] == pytest.approx(across.std(ddof=1))
+    pooled = np.sqrt(((len(within) - 1) * within.var(ddof=1) + (len(across) - 1) * across.var(ddof=1))
+                     / (len(within) + len(across) - 2))
+    assert s["cohens_d"] == pytest.approx((within.mean() - across.mean()) / pooled)
+
+
+def test_load_balanced_control_keeps_both_margins():
+    rng = np.random.default_rng(1)
+    counts = rng.integers(0, 20, size=(12, 3, 8))
+    drawn = load_balanced_counts(counts, np.random.default_rng(2))
+    assert np.array_equal(drawn.sum(axis=0), counts.sum(axis=0))  # each expert's total per layer
+    assert np.array_equal(drawn.sum(axis=2), counts.sum(axis=2))  # each sequence's assignments per layer
+    assert not np.array_equal(drawn, counts)
+
+
+def _routes_only(path, labels, *, with_tokens=False):
+    """A trace as another program might write it: no weights, optionally no tokens table."""
+    rng = np.random.default_rng(0)
+    n_seq, n_tok = len(labels), 6
+    seq = np.repeat(np.arange(n_seq), n_tok * 2)
+    pos = np.tile(np.repeat(np.arange(n_tok), 2), n_seq)
+    layer = np.tile([0, 1], n_seq * n_tok)
+    experts = [sorted(rng.choice(8, 2, replace=False).tolist()) for _ in seq]
+    tokens = None
+    if with_tokens:
+        tokens = {"seq_id": np.repeat(np.arange(n_seq), n_tok).astype(np.uint32),
+                  "pos": np.tile(np.arange(n_tok), n_seq).astype(np.uint32),
+                  "token_id": rng.integers(0, 20, n_seq * n_tok).astype(np.uint32), "phase": ["prompt"] * (n_seq * n_tok)}
+    write_trace(path, model={"n_experts": 8, "top_k": 2, "moe_layers": [0, 1]}, tokens=tokens,
+                routes={"seq_id": seq.astype(np.uint32), "pos": pos.astype(np.uint32), "layer": layer.astype(np.uint16),
+                        "experts": pa.array(experts, pa.list_(pa.uint8()))},
+                sequences={"seq_id": np.arange(n_seq, dtype=np.uint32), "text": ["x <b>"] * n_seq, "topic": labels})
+    return moescope.open_trace(path)
+
+
+def test_foreign_trace_without_tokens_or_weights(tmp_path):
+    trace = _routes_only(tmp_path / "t", ["<i>a</i>", "b", "c"] * 4)
+    v = routing_signatures(trace, label="topic", **FAST).values
+    assert v["n_sequences"] == 12 and v["folds"] == 4 and len(v["per_layer_accuracy"]) == 2
+    assert v["token_id_control_accuracy_mean"] is None and v["bag_of_tokens_accuracy_mean"] is None
+    assert any("tokens" in n for n in v["notes"]) and any("folds reduced" in n for n in v["notes"])
+    with pytest.raises(DataError, match="no tokens table"):
+        routing_signatures(trace, label="topic", phase="generated", **FAST)
+
+
+def test_label_errors(tmp_path):
+    trace = _routes_only(tmp_path / "t", ["a", "b", "b", "a", "c"])
+    with pytest.raises(DataError, match=r"no field 'label'; available: topic"):
+        routing_signatures(trace, label="label", **FAST)
+    with pytest.raises(DataError, match=r"'c' .* single sequence"):
+        routing_signatures(trace, label="topic", **FAST)
+    one = _routes_only(tmp_path / "one", ["a"] * 4)
+    with pytest.raises(DataError, match="at least 2 labels"):
+        routing_signatures(one, label="topic", **FAST)
+
+
+def test_saved_result_figures_and_report_section(tmp_path):
+    trace = moescope.open_trace(labelled_trace(tmp_path / "t", layers=2, n_seq=40, biased_layers=(1,), generated=4))
+    result = routing_signatures(trace, label="label", permutations=10, control_draws=1, phase="all")
+    saved = json.loads(result.save(tmp_path / "out").read_text())
+    assert saved["analysis"] == "signatures" and saved["params"]["phase"] == "all"
+    assert all(key in saved for key in REQUIRED)
+    assert {f.split("/")[1] for f in saved["figures"]} == {
+        "pca.png", "tsne.png", "per_layer_accuracy.png", "first_n_accuracy.png", "permutation.png", "confusion.png"}
+    assert all((tmp_path / "out" / f).is_file() for f in saved["figures"])
+    from moescope.report.html import report_env
+    from moescope.report.sections.signatures import render
+
+    saved["labels"][0] = "<script>alert(1)</script>"
+    section = render(saved, tmp_path / "out", report_env())
+    assert "<script>alert(1)" not in section.html and "&lt;script&gt;" in section.html
+    assert "token-id routing control" in section.html and section.summary.startswith("Routing signatures predict")
+
+
+def test_cli_signatures(tmp_path):
+    from typer.testing import CliRunner
+
+    from moescope.cli import _register_commands, app
+
+    _register_commands()
+    path = labelled_trace(tmp_path / "t", layers=2, n_seq=24, seq_len=16, biased_layers=(1,))
+    res = CliRunner().invoke(app, ["analyze", "signatures", str(path), "--label", "label", "--out", str(tmp_path / "o"),
+                                   "--permutations", "5", "--control-draws", "1", "--folds", "3"])
+    assert res.exit_code == 0, res.output
+    assert "label permutation" in res.output and (tmp_path / "o" / "results.json").is_file()
