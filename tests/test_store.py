@@ -138,3 +138,39 @@ def test_kill_9_at_any_moment_then_resume_gives_every_sequence_once(tiny_dir, tm
     assert validate(moescope.open_trace(out)).ok
     leftovers = [p for p in out.rglob("*") if p.name.endswith(".tmp")]
     assert not leftovers
+
+
+def test_writer_commits_files_written_elsewhere_and_tracks_done_ranges(tmp_path):
+    import pyarrow as pa
+
+    from moescope.store.writer import TraceWriter, write_shard_file
+
+    def part(lo: int, hi: int) -> dict:
+        ids = pa.array(range(lo, hi), pa.uint32())
+        seq = pa.table({"seq_id": ids, "text": pa.array([str(i) for i in range(lo, hi)])})
+        routes = pa.table({"seq_id": ids, "pos": pa.array([0] * (hi - lo), pa.uint32()),
+                           "layer": pa.array([0] * (hi - lo), pa.uint16()),
+                           "experts": pa.array([[1]] * (hi - lo), pa.list_(pa.uint8()))})
+        return {name: write_shard_file(tmp_path / "t", name, f"part-r{lo:012d}", t)
+                for name, t in (("sequences", seq), ("routes", routes))}
+
+    header = {"model": {"n_experts": 4, "top_k": 1, "moe_layers": [0]}}
+    writer = TraceWriter(tmp_path / "t", header, "fp")
+    writer.commit(part(8, 12), 8, 12, 4)  # out of order, as workers finish
+    writer.commit(part(0, 4), 0, 4, 4)
+    assert writer.done_ranges == [(0, 4), (8, 12)] and writer.input_done == 4
+    assert writer.pending(14) == [(4, 8), (12, 14)]
+    with pytest.raises(TraceError, match="overlap"):
+        writer.commit(part(2, 6), 2, 6, 4)
+    leftover = part(4, 8)  # written, never committed (the driver died)
+    reopened = TraceWriter(tmp_path / "t", header, "fp")
+    assert not (tmp_path / "t" / leftover["routes"]["path"]).exists()
+    assert reopened.pending(12) == [(4, 8)]
+    reopened.add({"sequences": pa.table({"seq_id": pa.array(range(4, 8), pa.uint32()), "text": pa.array(list("abcd"))}),
+                  "routes": pa.table({"seq_id": pa.array(range(4, 8), pa.uint32()), "pos": pa.array([0] * 4, pa.uint32()),
+                                      "layer": pa.array([0] * 4, pa.uint16()),
+                                      "experts": pa.array([[2]] * 4, pa.list_(pa.uint8()))})},
+                 input_end=8, n_sequences=4, input_start=4)
+    manifest = reopened.finish()
+    assert [s["input_start"] for s in manifest["shards"]] == [0, 4, 8]  # listed in input order
+    assert moescope.open_trace(tmp_path / "t").scalar("SELECT count(DISTINCT seq_id) FROM sequences") == 12

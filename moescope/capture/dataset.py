@@ -2,7 +2,7 @@
 
 The main thread only tokenizes and runs the model; a single writer thread assembles the
 Arrow tables and writes shards, with at most two batches in flight (bounded memory).
-Killed at any moment, the same call resumes after the last committed shard.
+Killed at any moment, the same call resumes with the records that no committed shard holds.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import pyarrow as pa
 import torch
 
 import moescope
@@ -64,6 +65,28 @@ def _batches(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
         yield batch
 
 
+def batches_in(dataset: TextDataset, ranges: list[tuple[int, int]], size: int) -> Iterator[list[Record]]:
+    """Batches of `size` records of `dataset` within each [start, end) of `ranges` (sorted,
+    disjoint), reading the file once. A batch never crosses a range end, so ranges that start
+    at multiples of `size` give exactly the batches of an uninterrupted run."""
+    if not ranges:
+        return
+    records = dataset.iter_from(ranges[0][0])
+    for start, end in ranges:
+        for record in records:  # skip to the range's start (records between ranges are done)
+            if record.index >= start:
+                break
+        else:
+            return
+        batch = [record]
+        for record in islice(records, end - start - 1):
+            if len(batch) == size:
+                yield batch
+                batch = []
+            batch.append(record)
+        yield batch
+
+
 def _max_length(tokenizer: Any, model: Any, requested: int | None) -> int:
     limits = [getattr(tokenizer, "model_max_length", None), getattr(model.config, "max_position_embeddings", None)]
     limit = min([int(x) for x in limits if isinstance(x, int) and 0 < x < 10**8] or [4096])
@@ -74,29 +97,29 @@ def _max_length(tokenizer: Any, model: Any, requested: int | None) -> int:
     return limit
 
 
-def capture_dataset(
-    model: Any,
-    tokenizer: Any,
-    data: str | Path | TextDataset,
-    out: str | Path,
-    *,
-    options: CaptureOptions | None = None,
-    run: RunOptions | None = None,
-    model_name: str | None = None,
-    overwrite: bool = False,
-    progress: Callable[[int, int, int], None] | None = None,
-) -> dict[str, Any]:
-    """Capture the routing of every record of `data` into the trace directory `out`.
+@dataclass(frozen=True)
+class TraceIdentity:
+    """What a capture writes into the manifest header, and its fingerprint (the resume check).
 
-    Returns the finished manifest. `progress(done_sequences, total_sequences, tokens)` is
-    called after each batch. Rerunning with the same arguments resumes an interrupted run.
+    The same model, tokenizer, data and options give the same identity whatever runs the
+    capture (one process or a Ray cluster of any size), so either can resume the other.
     """
-    options = options or CaptureOptions(seed=(run.seed if run else 0))
-    run = run or RunOptions()
-    dataset = data if isinstance(data, TextDataset) else TextDataset(data)
+
+    header: dict[str, Any]
+    fingerprint: str
+    max_length: int
+
+
+def trace_identity(model: Any, tokenizer: Any, dataset: TextDataset, options: CaptureOptions, run: RunOptions,
+                   model_name: str | None = None) -> TraceIdentity:
+    """The manifest header and fingerprint of capturing `dataset` with this model and options.
+
+    Sets the tokenizer's padding side to left when generating (generate() appends on the
+    right: prompts must end aligned), as the capture itself needs it.
+    """
     name = model_name or getattr(model, "name_or_path", None) or model.config._name_or_path
     if run.generate and getattr(tokenizer, "padding_side", "left") != "left" and not model.config.is_encoder_decoder:
-        tokenizer.padding_side = "left"  # generate() appends on the right: prompts must end aligned
+        tokenizer.padding_side = "left"
     max_length = _max_length(tokenizer, model, run.max_length)
     model_info = describe_model(model, name)
     capture_info = {
@@ -119,61 +142,107 @@ def capture_dataset(
         "input": asdict(dataset.summary),
     }
     fp = fingerprint({"model": model_info, "capture": capture_info, "input_sha256": dataset.summary.sha256})
-    writer = TraceWriter(out, header, fp, shard_rows=run.shard_rows, overwrite=overwrite)
+    return TraceIdentity(header, fp, max_length)
+
+
+class BatchCapture:
+    """Runs batches of records through a model under a Recorder and assembles their tables.
+
+    The one code path of every capture engine: the single-process loop below and each
+    distributed worker (moescope.capture.distributed) call exactly this, so the same
+    batches give the same tables. Use inside ``with recorder, torch.inference_mode():``.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, options: CaptureOptions, run: RunOptions, max_length: int) -> None:
+        self.model, self.tokenizer, self.run, self.max_length = model, tokenizer, run, max_length
+        self.recorder = Recorder(model, tokenizer=tokenizer, options=options)
+        self.texts = TokenTexts(tokenizer)
+
+    def forward(self, batch: list[Record]) -> tuple[list, int, int]:
+        """Run one batch; returns (recorded groups, texts truncated, tokens processed)."""
+        model, run = self.model, self.run
+        enc, offsets, truncated = _tokenize(self.tokenizer, batch, self.max_length, run.on_long)
+        self.recorder.expect([r.index for r in batch], texts=[r.text for r in batch],
+                             metadata=[r.metadata for r in batch], offsets=offsets)
+        device = _input_device(model)
+        input_ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        if run.generate:
+            torch.manual_seed(run.seed * 1_000_003 + batch[0].index)
+            model.generate(
+                input_ids=input_ids, attention_mask=mask, max_new_tokens=run.generate,
+                do_sample=run.do_sample, temperature=run.temperature if run.do_sample else None,
+                top_p=run.top_p if run.do_sample else None, top_k=None if not run.do_sample else 0,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        elif getattr(model.config, "is_encoder_decoder", False):
+            model.get_encoder()(input_ids=input_ids, attention_mask=mask)
+        else:
+            model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+        return self.recorder.take(), truncated, int(mask.sum()) + run.generate * len(batch)
+
+    def assemble(self, groups: list) -> dict[str, pa.Table]:
+        """The Arrow tables (sequences, tokens, routes, hidden) of recorded groups."""
+        tables: dict[str, list] = {}
+        for group in groups:
+            for key, table in assemble_group(group, self.recorder, self.texts).items():
+                if table is not None:
+                    tables.setdefault(key, []).append(table)
+        return {k: pa.concat_tables(v, promote_options="default") for k, v in tables.items()}
+
+
+def capture_dataset(
+    model: Any,
+    tokenizer: Any,
+    data: str | Path | TextDataset,
+    out: str | Path,
+    *,
+    options: CaptureOptions | None = None,
+    run: RunOptions | None = None,
+    model_name: str | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Capture the routing of every record of `data` into the trace directory `out`.
+
+    Returns the finished manifest. `progress(done_sequences, total_sequences, tokens)` is
+    called after each batch. Rerunning with the same arguments resumes an interrupted run
+    (also one started by the distributed engine: every input range not yet committed is done).
+    """
+    options = options or CaptureOptions(seed=(run.seed if run else 0))
+    run = run or RunOptions()
+    dataset = data if isinstance(data, TextDataset) else TextDataset(data)
+    ident = trace_identity(model, tokenizer, dataset, options, run, model_name)
+    writer = TraceWriter(out, ident.header, ident.fingerprint, shard_rows=run.shard_rows, overwrite=overwrite)
     if writer.complete:
         return writer.manifest
 
-    recorder = Recorder(model, tokenizer=tokenizer, options=options)
-    texts = TokenTexts(tokenizer)
+    capture = BatchCapture(model, tokenizer, options, run, ident.max_length)
     total = len(dataset)
-    done = writer.input_done
+    pending_ranges = writer.pending(total)
+    done = total - sum(end - start for start, end in pending_ranges)
     tokens_seen = 0
     pending: list[Future] = []
     n_truncated = 0
 
-    def write(groups: list, input_end: int, n_seq: int) -> None:
-        tables: dict[str, list] = {}
-        for group in groups:
-            for key, table in assemble_group(group, recorder, texts).items():
-                if table is not None:
-                    tables.setdefault(key, []).append(table)
-        import pyarrow as pa
+    def write(groups: list, input_start: int, input_end: int, n_seq: int) -> None:
+        writer.add(capture.assemble(groups), input_end=input_end, n_sequences=n_seq, input_start=input_start)
 
-        merged = {k: pa.concat_tables(v, promote_options="default") for k, v in tables.items()}
-        writer.add(merged, input_end=input_end, n_sequences=n_seq)
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="moescope-writer") as pool, recorder, torch.inference_mode():
-        for batch in _batches(dataset.iter_from(done), run.batch_size):
-            enc, offsets, truncated = _tokenize(tokenizer, batch, max_length, run.on_long)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="moescope-writer") as pool, capture.recorder, \
+            torch.inference_mode():
+        for batch in batches_in(dataset, pending_ranges, run.batch_size):
+            groups, truncated, n_tokens = capture.forward(batch)
             n_truncated += truncated
-            recorder.expect([r.index for r in batch], texts=[r.text for r in batch],
-                            metadata=[r.metadata for r in batch], offsets=offsets)
-            device = _input_device(model)
-            input_ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-            if run.generate:
-                torch.manual_seed(run.seed * 1_000_003 + batch[0].index)
-                model.generate(
-                    input_ids=input_ids, attention_mask=mask, max_new_tokens=run.generate,
-                    do_sample=run.do_sample, temperature=run.temperature if run.do_sample else None,
-                    top_p=run.top_p if run.do_sample else None, top_k=None if not run.do_sample else 0,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-            elif getattr(model.config, "is_encoder_decoder", False):
-                model.get_encoder()(input_ids=input_ids, attention_mask=mask)
-            else:
-                model(input_ids=input_ids, attention_mask=mask, use_cache=False)
-            groups = recorder.take()
-            done = batch[-1].index + 1
+            done += len(batch)
             while len(pending) >= 2:  # at most two batches in flight: memory stays bounded
                 pending.pop(0).result()
-            pending.append(pool.submit(write, groups, done, len(batch)))
-            tokens_seen += int(mask.sum()) + run.generate * len(batch)
+            pending.append(pool.submit(write, groups, batch[0].index, batch[-1].index + 1, len(batch)))
+            tokens_seen += n_tokens
             if progress:
                 progress(done, total, tokens_seen)
         for fut in pending:
             fut.result()
     if n_truncated:
-        warnings.warn(f"{n_truncated} text(s) were longer than {max_length} tokens and were truncated")
+        warnings.warn(f"{n_truncated} text(s) were longer than {ident.max_length} tokens and were truncated")
     return writer.finish({"run": {"truncated_texts": n_truncated}})
 
 

@@ -50,22 +50,39 @@ def register(app: typer.Typer, **_: object) -> None:
         revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision of the model."),
         trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model repository's own code."),
         allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickle checkpoints (they can run code)."),
+        engine: str = typer.Option("local", "--engine", help="'local' (this process) or 'ray' (workers on a Ray cluster)."),
+        num_workers: int = typer.Option(1, "--num-workers", help="Ray: workers, each holding one copy of the model."),
+        gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="Ray: GPUs per worker (0: CPU workers)."),
+        threads_per_worker: int = typer.Option(1, "--threads-per-worker", help="Ray: torch threads (and CPUs) per worker."),
+        chunk_size: int = typer.Option(64, "--chunk-size", help="Ray: sequences per work item (rounded to whole batches)."),
+        ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray: cluster address (default: the running cluster, else a local one)."),
     ) -> None:
         """Record which experts every token is routed to, at every MoE layer."""
         from moescope.capture.data import TextDataset
-        from moescope.capture.dataset import RunOptions, capture_dataset
+        from moescope.capture.dataset import RunOptions
         from moescope.capture.loading import LoadOptions, load_model
         from moescope.capture.recorder import CaptureOptions
+        from moescope.errors import MoescopeError
 
+        if engine not in ("local", "ray"):
+            raise MoescopeError(f"--engine must be 'local' or 'ray', not {engine!r}")
         dataset = TextDataset(data, text_field=text_field, skip_empty=skip_empty)
         run = RunOptions(batch_size=batch_size, max_length=max_length, on_long=on_long, generate=generate,
                          do_sample=sample, temperature=temperature, top_p=top_p, seed=seed,
                          shard_rows=shard_rows)
         options = CaptureOptions(router_scores=router_scores, hidden_rate=hidden_rate, seed=seed)
-        console.print(f"loading {model or 'the built-in default model'} ...")
-        loaded, tokenizer = load_model(model, LoadOptions(device=device, dtype=dtype, revision=revision,
-                                                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle))
-        manifest = run_with_progress(loaded, tokenizer, dataset, out, options, run, model, overwrite)
+        load = LoadOptions(device=device, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
+                           allow_pickle=allow_pickle)
+        if engine == "ray":
+            from moescope.capture.distributed import RayOptions
+
+            ray_options = RayOptions(num_workers=num_workers, gpus_per_worker=gpus_per_worker,
+                                     threads_per_worker=threads_per_worker, chunk_size=chunk_size, address=ray_address)
+            manifest = run_distributed_with_progress(model, dataset, out, load, options, run, ray_options, overwrite)
+        else:
+            console.print(f"loading {model or 'the built-in default model'} ...")
+            loaded, tokenizer = load_model(model, load)
+            manifest = run_with_progress(loaded, tokenizer, dataset, out, options, run, model, overwrite)
         print_summary(out, manifest)
 
 
@@ -85,6 +102,27 @@ def run_with_progress(model, tokenizer, dataset, out, options, run, name, overwr
 
         return capture_dataset(model, tokenizer, dataset, out, options=options, run=run,
                                model_name=name, overwrite=overwrite, progress=progress)
+
+
+def run_distributed_with_progress(model, dataset, out, load, options, run, ray_options, overwrite=False):  # noqa: ANN001
+    """capture_distributed with a progress bar over committed chunks; returns the manifest."""
+    import logging
+    import time
+
+    from moescope.capture.distributed import capture_distributed
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # the bar below replaces Ray Data's own logs
+    console.print(f"starting {ray_options.num_workers} Ray worker(s) with {model or 'the built-in default model'} ...")
+    started = time.perf_counter()
+    with progress_bar() as bar:
+        task = bar.add_task("capturing", total=len(dataset), rate="-")
+
+        def progress(done: int, total: int, tokens: int) -> None:
+            rate = tokens / max(time.perf_counter() - started, 1e-9)
+            bar.update(task, completed=done, rate=f"{rate:,.0f}")
+
+        return capture_distributed(model, dataset, out, load=load, options=options, run=run,
+                                   ray_options=ray_options, model_name=model, overwrite=overwrite, progress=progress)
 
 
 def print_summary(out: Path, manifest: dict) -> None:

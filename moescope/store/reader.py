@@ -65,6 +65,11 @@ class Trace:
         """False for traces whose source recorded expert ids only (e.g. serving-engine imports)."""
         return bool(self.manifest.get("capture", {}).get("has_weights", True))
 
+    def require_weights(self, what: str) -> None:
+        """TraceError unless the trace records routing weights; `what` names the analysis or
+        measure that needs them (e.g. "weight-scaled expert load")."""
+        require_weights(self, what)
+
     def has(self, table: str) -> bool:
         """Whether the trace has any shard of `table`."""
         return bool(self.files(table))
@@ -141,6 +146,18 @@ class Trace:
 
     def __repr__(self) -> str:
         return f"Trace({str(self.path)!r}, model={self.model.get('name_or_path')!r})"
+
+
+def require_weights(trace: Trace, what: str) -> None:
+    """TraceError naming the trace unless it records routing weights (imports from serving
+    engines record expert ids only); `what` names what needs them."""
+    if trace.has_weights and "weights" in trace.columns("routes"):
+        return
+    source = trace.manifest.get("capture", {}).get("source") or trace.manifest.get("capture", {}).get("mode")
+    raise TraceError(
+        f"{what} needs routing weights, but {trace.path} has none (its source{f' ({source})' if source else ''} "
+        "recorded expert ids only); run it on a trace captured with `moescope capture`"
+    )
 
 
 def open_trace(path: str | os.PathLike, *, allow_incomplete: bool = False) -> Trace:

@@ -4,7 +4,12 @@ Memory is bounded by the shard size: tables are buffered until the routes rows r
 ``shard_rows``, then written as one shard group (one Parquet file per table), each file
 renamed into place, then listed in the manifest. A capture killed at any moment leaves a
 manifest that lists only whole shards; reopening the directory with the same fingerprint
-deletes the leftovers and reports how many input records are already done.
+deletes the leftovers and reports which input records are already done.
+
+Shards may also be written by other processes (distributed capture workers write their
+chunk's files with :func:`write_shard_file`) and committed here with
+:meth:`TraceWriter.commit`: this object stays the only writer of the manifest. Done input
+is therefore a set of ranges (:attr:`TraceWriter.done_ranges`), not only a prefix.
 """
 from __future__ import annotations
 
@@ -22,6 +27,49 @@ from moescope.store.manifest import MANIFEST, _fsync_dir, read_manifest, sha256_
 
 DEFAULT_SHARD_ROWS = 1 << 21  # ~2M token-layer rows: ~50 MB in memory, ~30 MB on disk for k=8
 PARQUET_OPTIONS = dict(compression="zstd", compression_level=3, use_dictionary=True, write_statistics=True)
+
+
+def write_shard_file(trace_dir: str | os.PathLike, table_name: str, stem: str, table: pa.Table) -> dict[str, Any]:
+    """Write `table` atomically as TRACE/<table_name>/<stem>.parquet (temporary name, fsync,
+    rename). Returns the manifest's file entry: path (relative), rows, bytes, sha256.
+
+    Safe to call from any process: it never touches the manifest, and rewriting the same
+    stem replaces the file whole (a retried worker task leaves no mix of two attempts).
+    """
+    directory = Path(trace_dir) / table_name
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"{stem}.parquet"
+    tmp = directory / f".{stem}.parquet.{os.getpid()}.tmp"  # per process: two writers never share a temp file
+    pq.write_table(table, tmp, **PARQUET_OPTIONS)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(directory)
+    return {
+        "path": f"{table_name}/{final.name}",
+        "rows": table.num_rows,
+        "bytes": final.stat().st_size,
+        "sha256": sha256_file(final),
+    }
+
+
+def seq_id_first_last(table: pa.Table | None) -> list[int]:
+    """[first, last] seq_id of a sequences table as written ([] when empty)."""
+    if table is None or not table.num_rows:
+        return []
+    col = table.column("seq_id")
+    return [int(col[0].as_py()), int(col[-1].as_py())]
+
+
+def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, merged [start, end) ranges (touching ranges are joined)."""
+    out: list[list[int]] = []
+    for start, end in sorted(r for r in ranges if r[1] > r[0]):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return [(a, b) for a, b in out]
 
 
 class TraceWriter:
@@ -50,7 +98,8 @@ class TraceWriter:
         self._buffers: dict[str, list[pa.Table]] = {t: [] for t in TABLES}
         self._buffered_routes = 0
         self._buffered_sequences = 0
-        self._input_end = 0
+        self._buffer_start = 0  # input range [_buffer_start, _cursor) of what is buffered
+        self._cursor = 0
         if overwrite and self.path.exists():
             shutil.rmtree(self.path)
         self.manifest = self._open(header, fingerprint)
@@ -65,7 +114,8 @@ class TraceWriter:
                     "choose another --out, or pass --overwrite to replace it"
                 )
             self._remove_unlisted(manifest)
-            self._input_end = manifest["shards"][-1]["input_end"] if manifest["shards"] else 0
+            self.manifest = manifest
+            self._cursor = self._buffer_start = self.input_done
             return manifest
         if self.path.exists() and any(self.path.iterdir()):
             raise TraceError(f"{self.path} exists and is not a trace; choose an empty or new --out directory")
@@ -92,26 +142,50 @@ class TraceWriter:
                     f.unlink()
 
     @property
+    def done_ranges(self) -> list[tuple[int, int]]:
+        """Input ranges [start, end) (records in processing order) in committed shards, merged."""
+        return merge_ranges([(s["input_start"], s["input_end"]) for s in self.manifest["shards"]])
+
+    @property
     def input_done(self) -> int:
-        """How many input records (in processing order) are already in committed shards."""
-        return self._input_end
+        """How many input records from the first on are in committed shards (the done prefix)."""
+        done = self.done_ranges
+        return done[0][1] if done and done[0][0] == 0 else 0
+
+    def pending(self, total: int) -> list[tuple[int, int]]:
+        """The input ranges [start, end) of `total` records that no committed shard holds."""
+        gaps, cursor = [], 0
+        for start, end in self.done_ranges:
+            if start > cursor:
+                gaps.append((cursor, min(start, total)))
+            cursor = max(cursor, end)
+        if cursor < total:
+            gaps.append((cursor, total))
+        return [(a, b) for a, b in gaps if b > a]
 
     @property
     def complete(self) -> bool:
         return bool(self.manifest.get("complete"))
 
     # -- writing ------------------------------------------------------------------------
-    def add(self, tables: dict[str, pa.Table], input_end: int, n_sequences: int) -> None:
+    def add(self, tables: dict[str, pa.Table], input_end: int, n_sequences: int, input_start: int | None = None) -> None:
         """Buffer the tables of a batch of sequences; write a shard when the buffer is full.
 
-        `input_end` is the number of input records processed once this batch is committed.
+        The batch holds input records [input_start, input_end) (`input_start` defaults to
+        where the previous batch ended). A batch that does not continue the buffered
+        range first flushes it, so every shard covers one contiguous input range.
         """
+        start = self._cursor if input_start is None else input_start
+        if start != self._cursor and (self._buffered_sequences or any(self._buffers.values())):
+            self.flush()
+        if not self._buffered_sequences and not any(self._buffers.values()):
+            self._buffer_start = start
         for name, table in tables.items():
             if table is not None and table.num_rows:
                 self._buffers[name].append(table)
         self._buffered_routes += tables["routes"].num_rows if tables.get("routes") is not None else 0
         self._buffered_sequences += n_sequences
-        self._input_end = input_end
+        self._cursor = input_end
         if self._buffered_routes >= self.shard_rows:
             self.flush()
 
@@ -119,9 +193,7 @@ class TraceWriter:
         """Write the buffered tables as one shard group and commit it in the manifest."""
         if self._buffered_sequences == 0 and not any(self._buffers.values()):
             return
-        shards = self.manifest["shards"]
-        index = shards[-1]["index"] + 1 if shards else 0
-        input_start = shards[-1]["input_end"] if shards else 0
+        index = self._next_index()
         files: dict[str, dict[str, Any]] = {}
         seq_ids: list[int] = []
         for name in TABLES:
@@ -130,43 +202,63 @@ class TraceWriter:
                 continue
             table = pa.concat_tables(parts, promote_options="default")
             if name == "sequences":
-                col = table.column("seq_id")
-                seq_ids = [int(col[0].as_py()), int(col[-1].as_py())] if table.num_rows else []
-            files[name] = self._write_file(name, index, table)
-        entry = {
-            "index": index,
-            "input_start": input_start,
-            "input_end": self._input_end,
-            "n_sequences": self._buffered_sequences,
-            "seq_id_first_last": seq_ids,
-            "files": files,
-        }
-        self.manifest["shards"] = shards + [entry]
-        write_manifest(self.path, self.manifest)
+                seq_ids = seq_id_first_last(table)
+            files[name] = write_shard_file(self.path, name, f"part-{index:05d}", table)
+        self._append(index, self._buffer_start, self._cursor, self._buffered_sequences, seq_ids, files)
         self._buffers = {t: [] for t in TABLES}
         self._buffered_routes = 0
         self._buffered_sequences = 0
+        self._buffer_start = self._cursor
 
-    def _write_file(self, table_name: str, index: int, table: pa.Table) -> dict[str, Any]:
-        directory = self.path / table_name
-        directory.mkdir(exist_ok=True)
-        final = directory / f"part-{index:05d}.parquet"
-        tmp = directory / f".part-{index:05d}.parquet.tmp"
-        pq.write_table(table, tmp, **PARQUET_OPTIONS)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(directory)
-        return {
-            "path": f"{table_name}/{final.name}",
-            "rows": table.num_rows,
-            "bytes": final.stat().st_size,
-            "sha256": sha256_file(final),
+    def commit(self, files: dict[str, dict[str, Any]], input_start: int, input_end: int, n_sequences: int,
+               seq_ids: list[int] | None = None) -> dict[str, Any]:
+        """Commit shard files written by another process (see :func:`write_shard_file`) as
+        one shard holding input records [input_start, input_end). Returns the shard entry.
+
+        TraceError if a file is missing, lies outside the trace, or the range overlaps a
+        committed shard (committing it would record those sequences twice).
+        """
+        for table, info in files.items():
+            rel = Path(info["path"])
+            if table not in TABLES or rel.parent.as_posix() != table or rel.name.startswith("."):
+                raise TraceError(f"shard file {info['path']!r} is not a {table} shard of a trace")
+            path = self.path / rel
+            if not path.is_file() or path.stat().st_size != info["bytes"]:
+                raise TraceError(f"{path} is missing or not the file the worker wrote; rerun the same command")
+        for start, end in self.done_ranges:
+            if input_start < end and start < input_end:
+                raise TraceError(
+                    f"input records {input_start}-{input_end} overlap records {start}-{end} already in {self.path}"
+                )
+        return self._append(self._next_index(), input_start, input_end, n_sequences, seq_ids or [], dict(files))
+
+    def _next_index(self) -> int:
+        return max((s["index"] for s in self.manifest["shards"]), default=-1) + 1
+
+    def _append(self, index: int, input_start: int, input_end: int, n_sequences: int, seq_ids: list[int],
+                files: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        entry = {
+            "index": index,
+            "input_start": input_start,
+            "input_end": input_end,
+            "n_sequences": n_sequences,
+            "seq_id_first_last": seq_ids,
+            "files": files,
         }
+        self.manifest["shards"] = self.manifest["shards"] + [entry]
+        write_manifest(self.path, self.manifest)
+        return entry
 
     def finish(self, summary: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Flush what is buffered and mark the trace complete. Returns the manifest."""
+        """Flush what is buffered and mark the trace complete. Returns the manifest.
+
+        Shards are listed in input order (distributed workers commit them as they finish),
+        so readers see the records in file order. Call it once every writer is done: files
+        the manifest does not list are deleted.
+        """
         self.flush()
+        self.manifest["shards"] = sorted(self.manifest["shards"], key=lambda s: (s["input_start"], s["index"]))
+        self._remove_unlisted(self.manifest)  # e.g. a temp file of a worker that died: none is left behind
         totals = {"n_sequences": 0, "rows": {}}
         for shard in self.manifest["shards"]:
             totals["n_sequences"] += shard["n_sequences"]

@@ -1,0 +1,165 @@
+"""Import the routed experts that vLLM returns with ``--enable-return-routed-experts``.
+
+vLLM gives, per request, the expert ids each MoE layer's router chose for each token (int16;
+no weights). moescope reads them from files you write from vLLM's outputs, in one of three
+documented forms (docs/scale.md#vllm shows the few lines that write them):
+
+**JSONL**, one request per line, a JSON object with
+  - ``routed_experts``: ``[tokens][MoE layers][k]`` nested lists of expert ids;
+  - optionally ``prompt_routed_experts``: ``[prompt tokens][MoE layers][k]``. When present
+    (vLLM's split form: ``RequestOutput.prompt_routed_experts`` and
+    ``CompletionOutput.routed_experts``), the routing is the prompt's rows followed by
+    ``routed_experts``' rows; otherwise ``routed_experts`` alone covers the request's
+    tokens from the first;
+  - ``prompt_token_ids`` and ``output_token_ids`` (or ``token_ids``, vLLM's name on a
+    completion): the tokens, for the tokens table and the prompt / generated phases;
+  - optionally ``prompt`` (or ``text``) and ``generated_text`` (or ``output_text``), and any
+    other scalar field (``request_id``, ``label``, ...), kept as columns of the sequences table.
+
+**.npz**, one request per file, arrays with the same names (``np.savez``; read without
+pickle: object arrays are refused). **.npy**, one request per file: the routing array alone
+(no tokens table). A directory is read as all its .jsonl / .npz / .npy files in name order.
+
+'tokens' is the request's prompt tokens followed by its generated tokens: row t of the
+routing is the t-th token of that sequence (position t). A row may be shorter than the
+tokens (the last generated token is never fed to the model); a row of -1 (vLLM's mark for
+positions served from the prefix cache) means the token was not routed in this request and
+gets no routes row. The layer axis is the model's MoE layers in order: pass --moe-layers
+to name their decoder-layer ids (default 0..L-1).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from moescope.errors import DataError
+from moescope.importers.common import Request
+
+SUFFIXES = (".jsonl", ".npz", ".npy")
+ROUTING = ("routed_experts", "prompt_routed_experts")
+TOKENS = ("prompt_token_ids", "output_token_ids", "token_ids")
+TEXT = {"prompt": "text", "text": "text", "generated_text": "generated_text", "output_text": "generated_text"}
+
+
+class VllmSource:
+    """vLLM routed-experts files (see the module docstring for the accepted forms)."""
+
+    name = "vllm"
+
+    def __init__(self, inputs: list[str | Path]) -> None:
+        self.paths = _expand(inputs)
+        kinds = {p.suffix for p in self.paths}
+        self.format = "+".join(sorted(k.lstrip(".") for k in kinds))
+
+    def requests(self) -> Iterator[Request]:
+        for path in self.paths:
+            if path.suffix == ".jsonl":
+                yield from _jsonl(path)
+            elif path.suffix == ".npz":
+                yield _npz(path)
+            else:
+                yield _request(path.name, {"routed_experts": _load_npy(path)})
+
+
+def _expand(inputs: list[str | Path]) -> list[Path]:
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.suffix in SUFFIXES)
+            if not found:
+                raise DataError(f"{item} holds no .jsonl, .npz or .npy files of vLLM routed experts")
+            paths += found
+        elif not item.exists():
+            raise DataError(f"{item} does not exist")
+        elif item.suffix not in SUFFIXES:
+            raise DataError(f"{item}: expected .jsonl, .npz or .npy routed experts (see docs/scale.md)")
+        else:
+            paths.append(item)
+    return paths
+
+
+def _jsonl(path: Path) -> Iterator[Request]:
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path} line {lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path} line {lineno}: expected a JSON object with routed_experts")
+            yield _request(f"{path} line {lineno}", obj)
+
+
+def _npz(path: Path) -> Request:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            obj = {key: z[key] for key in z.files}
+    except ValueError as exc:  # object arrays need pickle, which we never load
+        raise DataError(f"{path}: {exc}; save plain numeric and string arrays (np.savez)") from None
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path} is not a readable .npz file ({exc})") from None
+    for key, value in list(obj.items()):
+        if key not in ROUTING + TOKENS and value.ndim == 0:
+            obj[key] = value.item()  # 0-d arrays hold scalar metadata (a text, a request id)
+    return _request(str(path), obj)
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(f"{path} is not a numeric .npy array of routed experts ({exc})") from None
+
+
+def _ids(where: str, name: str, value: Any, ndim: int) -> np.ndarray:
+    try:
+        arr = np.asarray(value)
+        if arr.size == 0:
+            arr = arr.reshape((0,) * ndim) if arr.ndim != ndim else arr
+        if arr.dtype.kind not in "iu" and not (arr.size == 0 and arr.dtype.kind == "f"):
+            raise ValueError(f"values of type {arr.dtype}")
+        arr = arr.astype(np.int64)
+    except (ValueError, TypeError) as exc:
+        raise DataError(f"{where}: {name} must be integers ({exc})") from None
+    if arr.ndim != ndim:
+        raise DataError(f"{where}: {name} has {arr.ndim} dimension(s), expected {ndim}")
+    return arr
+
+
+def _request(where: str, obj: dict[str, Any]) -> Request:
+    if "routed_experts" not in obj:
+        raise DataError(f"{where}: no routed_experts (was vLLM started with --enable-return-routed-experts?)")
+    routing = _ids(where, "routed_experts", obj["routed_experts"], 3)
+    n_prompt = None
+    if "prompt_routed_experts" in obj:
+        prompt = _ids(where, "prompt_routed_experts", obj["prompt_routed_experts"], 3)
+        if len(routing) and prompt.shape[1:] != routing.shape[1:]:
+            raise DataError(f"{where}: prompt_routed_experts {prompt.shape} and routed_experts {routing.shape} "
+                            "differ in layers or k")
+        n_prompt = len(prompt)
+        routing = np.concatenate([prompt, routing]) if len(routing) else prompt
+    token_ids = None
+    if "prompt_token_ids" in obj:
+        prompt_ids = _ids(where, "prompt_token_ids", obj["prompt_token_ids"], 1)
+        output = obj.get("output_token_ids", obj.get("token_ids", []))
+        out_ids = _ids(where, "output_token_ids", output, 1)
+        if n_prompt is not None and n_prompt != len(prompt_ids):
+            raise DataError(f"{where}: {n_prompt} rows of prompt_routed_experts for {len(prompt_ids)} prompt tokens")
+        n_prompt = len(prompt_ids)
+        token_ids = np.concatenate([prompt_ids, out_ids])
+    metadata = {TEXT.get(k, k): _scalar(v) for k, v in obj.items() if k not in ROUTING + TOKENS}
+    return Request(experts=routing, token_ids=token_ids, n_prompt=n_prompt if token_ids is not None else None,
+                   metadata=metadata, where=where)
+
+
+def _scalar(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
