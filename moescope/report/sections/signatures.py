@@ -108,4 +108,6 @@ def render(results: dict[str, Any], out_dir: Path, env: Any) -> Section:
         gaps=[fv(g) for g in r.get("per_layer_cosine_gap") or []], first_n=first_n,
         first_acc=[fv(a) for a in r.get("first_n_accuracy") or []], labels=labels,
         confusion=[(name, [fv(c) for c in row]) for name, row in confusion], figures=figures)
-    return Section(key="signatures", title="Task routing signatures", summary=_summary(r), html=html)
+    source = Path(str(r.get("trace") or "")).name
+    title = f"Routing signatures by {r['label']}" + (f" ({source})" if source else "")
+    return Section(key="signatures", title=title, summary=_summary(r), html=html)
