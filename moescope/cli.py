@@ -30,7 +30,14 @@ app.add_typer(experiment_app, name="experiment")
 err_console = Console(stderr=True)
 
 
+_registered = False
+
+
 def _register_commands() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
     import moescope.commands as commands
 
     # Every module in moescope/commands/ adds its commands; heavy imports stay inside them.

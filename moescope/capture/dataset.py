@@ -38,6 +38,8 @@ class RunOptions:
         generate: new tokens to generate per sequence (0: a plain forward over the text).
         do_sample, temperature, top_p: sampling settings for generate (greedy by default).
         seed: seeds sampling per batch (reproducible after a resume) and the hidden sampler.
+        add_special_tokens: let the tokenizer add its special tokens (BOS...); turn off for
+            texts that already carry them, e.g. rendered with a chat template.
         shard_rows: routes rows per shard (bounds memory).
     """
 
@@ -49,6 +51,7 @@ class RunOptions:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+    add_special_tokens: bool = True
     shard_rows: int = DEFAULT_SHARD_ROWS
 
     def __post_init__(self) -> None:
@@ -161,7 +164,8 @@ class BatchCapture:
     def forward(self, batch: list[Record]) -> tuple[list, int, int]:
         """Run one batch; returns (recorded groups, texts truncated, tokens processed)."""
         model, run = self.model, self.run
-        enc, offsets, truncated = _tokenize(self.tokenizer, batch, self.max_length, run.on_long)
+        enc, offsets, truncated = _tokenize(self.tokenizer, batch, self.max_length, run.on_long,
+                                            add_special_tokens=run.add_special_tokens)
         self.recorder.expect([r.index for r in batch], texts=[r.text for r in batch],
                              metadata=[r.metadata for r in batch], offsets=offsets)
         device = _input_device(model)
@@ -246,10 +250,11 @@ def capture_dataset(
     return writer.finish({"run": {"truncated_texts": n_truncated}})
 
 
-def _tokenize(tokenizer: Any, batch: list[Record], max_length: int, on_long: str) -> tuple[dict, list, int]:
+def _tokenize(tokenizer: Any, batch: list[Record], max_length: int, on_long: str, *,
+              add_special_tokens: bool = True) -> tuple[dict, list, int]:
     """Tokenized batch, per-row char offsets of the real tokens, and how many were truncated."""
     texts = [r.text for r in batch]
-    full = tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
+    full = tokenizer(texts, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]
     too_long = [r for r, ids in zip(batch, full) if len(ids) > max_length]
     if too_long and on_long == "refuse":
         r = too_long[0]
@@ -258,6 +263,7 @@ def _tokenize(tokenizer: Any, batch: list[Record], max_length: int, on_long: str
             "raise --max-length, shorten it, or pass --on-long truncate"
         )
     enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt",
+                    add_special_tokens=add_special_tokens,
                     return_offsets_mapping=getattr(tokenizer, "is_fast", False))
     offsets = None
     if "offset_mapping" in enc:

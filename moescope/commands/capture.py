@@ -42,6 +42,9 @@ def register(app: typer.Typer, **_: object) -> None:
         top_p: float = typer.Option(1.0, "--top-p"),
         router_scores: Optional[str] = typer.Option(None, "--router-scores", help="Also store all E router 'logits' or 'probs'."),
         hidden_rate: float = typer.Option(0.0, "--hidden-rate", help="Fraction of tokens whose router input vector is stored."),
+        hidden_positions: Optional[str] = typer.Option(None, "--hidden-positions", help="Store router inputs at these token positions, e.g. 0,1,2,10."),
+        hidden_layers: Optional[str] = typer.Option(None, "--hidden-layers", help="Only at these layers, e.g. 0,7 (default: every MoE layer)."),
+        no_special_tokens: bool = typer.Option(False, "--no-special-tokens", help="Do not add the tokenizer's special tokens (texts already carry them)."),
         text_field: str = typer.Option("text", "--text-field", help="Field holding the text in .jsonl / .parquet."),
         skip_empty: bool = typer.Option(False, "--skip-empty", help="Drop empty texts instead of refusing the file."),
         seed: int = typer.Option(0, "--seed", help="Seed for sampling and hidden-state selection."),
@@ -69,8 +72,10 @@ def register(app: typer.Typer, **_: object) -> None:
         dataset = TextDataset(data, text_field=text_field, skip_empty=skip_empty)
         run = RunOptions(batch_size=batch_size, max_length=max_length, on_long=on_long, generate=generate,
                          do_sample=sample, temperature=temperature, top_p=top_p, seed=seed,
-                         shard_rows=shard_rows)
-        options = CaptureOptions(router_scores=router_scores, hidden_rate=hidden_rate, seed=seed)
+                         shard_rows=shard_rows, add_special_tokens=not no_special_tokens)
+        options = CaptureOptions(router_scores=router_scores, hidden_rate=hidden_rate, seed=seed,
+                                 hidden_positions=_int_list(hidden_positions, "--hidden-positions"),
+                                 hidden_layers=_int_list(hidden_layers, "--hidden-layers"))
         load = LoadOptions(device=device, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
                            allow_pickle=allow_pickle)
         if engine == "ray":
@@ -123,6 +128,18 @@ def run_distributed_with_progress(model, dataset, out, load, options, run, ray_o
 
         return capture_distributed(model, dataset, out, load=load, options=options, run=run,
                                    ray_options=ray_options, model_name=model, overwrite=overwrite, progress=progress)
+
+
+def _int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
+    """"0,5,10" -> (0, 5, 10); one clear line when it is not a list of integers."""
+    if not text:
+        return None
+    from moescope.errors import MoescopeError
+
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise MoescopeError(f"{flag} takes comma-separated integers such as 0,5,10, not {text!r}") from None
 
 
 def print_summary(out: Path, manifest: dict) -> None:
