@@ -207,12 +207,16 @@ class SequenceCounter:
     """Expert counts per (sequence, position bucket, layer): counts (S, B, L, E), n_tokens (S, B, L).
     Positions are taken relative to offsets[s] (the first position of the phase)."""
 
-    def __init__(self, seq_ids: np.ndarray, offsets: np.ndarray, edges: np.ndarray, n_layers: int, E: int) -> None:
+    def __init__(self, seq_ids: np.ndarray, offsets: np.ndarray, edges: np.ndarray, n_layers: int, E: int,
+                 max_tokens: int = 1 << 31) -> None:
         self.seq_ids, self.offsets, self.edges = seq_ids, offsets, edges
         self.shape = (len(seq_ids), len(edges), n_layers)
         self.E = E
-        self.counts = np.zeros(self.shape + (E,), np.int32)
-        self.n_tokens = np.zeros(self.shape, np.int32)
+        # A cell counts at most one sequence's tokens: the narrowest type that holds that
+        # halves this, the analysis's largest array, for sequences under 65,536 tokens.
+        dtype = np.uint16 if max_tokens < np.iinfo(np.uint16).max else np.int32
+        self.counts = np.zeros(self.shape + (E,), dtype)
+        self.n_tokens = np.zeros(self.shape, dtype)
 
     def add(self, chunk: Chunk, blocks: LayerBlocks | None = None) -> None:
         s = np.searchsorted(self.seq_ids, chunk.seq)

@@ -93,8 +93,9 @@ class SequenceCounts:
 
     Attributes:
         seq_ids: (S,) sequence ids, ascending.
-        counts: (S, B, L, E) int32: tokens of the sequence in bucket b whose top-k at layer l holds e.
-        n_tokens: (S, B, L) int32: token rows of the sequence in bucket b at layer l.
+        counts: (S, B, L, E) uint16 (int32 for sequences of 65,536 tokens or more): tokens of the
+            sequence in bucket b whose top-k at layer l holds e.
+        n_tokens: (S, B, L), same type: token rows of the sequence in bucket b at layer l.
         bucket_edges: (B,) first position (within the phase) of each bucket; bucket b holds
             positions [edges[b], edges[b+1]).
     """
@@ -203,7 +204,9 @@ def _sequence_counter(trace: Trace, phase: str, bucket_edges: list[int] | None) 
         at = np.searchsorted(seq_ids, np.asarray(first["seq_id"], np.int64))
         ok = (at < len(seq_ids)) & (seq_ids[np.minimum(at, len(seq_ids) - 1)] == np.asarray(first["seq_id"], np.int64))
         offsets[at[ok]] = np.asarray(first["p"], np.int64)[ok]
-    return rp.SequenceCounter(seq_ids, offsets, edges, len(trace.moe_layers), trace.n_experts)
+    longest = trace.con.sql(f"SELECT coalesce(max(pos), 0) + 1 AS n FROM {routes_relation(trace, phase, ['pos'])}").fetchnumpy()["n"]
+    return rp.SequenceCounter(seq_ids, offsets, edges, len(trace.moe_layers), trace.n_experts,
+                              max_tokens=int(longest[0]))
 
 
 def _token_counter(trace: Trace, phase: str) -> rp.TokenExpertCounter | None:

@@ -288,7 +288,8 @@ def gather_signature_inputs(trace: Trace, label: str, *, phase: str = "prompt",
     keep = np.isin(seqc.seq_ids, list(labels_by_seq)) & (seqc.n_tokens.sum(axis=(1, 2)) > 0)
     if (~keep).any():
         notes.append(f"{int((~keep).sum())} sequence(s) without a label or without {phase} tokens left out")
-    seqc = SequenceCounts(seqc.seq_ids[keep], seqc.counts[keep], seqc.n_tokens[keep], seqc.bucket_edges)
+    if not keep.all():  # boolean indexing copies the largest array: only when something is left out
+        seqc = SequenceCounts(seqc.seq_ids[keep], seqc.counts[keep], seqc.n_tokens[keep], seqc.bucket_edges)
     y = np.array([labels_by_seq[int(s)] for s in seqc.seq_ids], dtype=object).astype(str)
     check_labels(y, label)
     tok_exp, seq_tok = counts.token_experts, None
