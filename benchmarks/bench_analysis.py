@@ -47,13 +47,17 @@ LABEL = "label"
 def run_moescope(trace_dir: Path) -> dict:
     """routing_statistics + routing_signatures, timed in two halves (gather = reading and counting)."""
     import moescope
-    from moescope.analysis.signatures import evaluate_signatures, gather_signature_inputs
+    from moescope.analysis.routing_counts import trace_phases
+    from moescope.analysis.signatures import evaluate_signatures, gather_signature_inputs, shared_counts
     from moescope.analysis.stats import gather_statistics_inputs, summarise_statistics
 
     trace = moescope.open_trace(trace_dir)
     clock = _Clock()
-    stats_in = gather_statistics_inputs(trace, label=LABEL)
-    sig_in = gather_signature_inputs(trace, LABEL)
+    # A prompt-only trace: statistics over all tokens and signatures over prompt tokens read the
+    # same rows, so one pass serves both.
+    counts = shared_counts(trace, phase="prompt") if trace_phases(trace) == {"prompt"} else None
+    stats_in = gather_statistics_inputs(trace, label=LABEL, counts=counts)
+    sig_in = gather_signature_inputs(trace, LABEL, counts=counts)
     clock.lap("gather")
     stats, _ = summarise_statistics(stats_in, label=LABEL, seed=0, figures=False)
     sig, _ = evaluate_signatures(sig_in, label=LABEL, **EVAL)

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from moescope.analysis.result import AnalysisResult
-from moescope.analysis.routing_counts import SequenceCounts, count_routes, sequence_token_counts, trace_phases
+from moescope.analysis.routing_counts import RouteCounts, SequenceCounts, count_routes, sequence_token_counts, trace_phases
 from moescope.errors import DataError
 from moescope.store.reader import Trace
 
@@ -271,19 +271,34 @@ class SignatureInputs:
     notes: list[str]
 
 
+def signature_buckets(trace: Trace, phase: str = "prompt", first_n: Sequence[int] | None = None) -> list[int]:
+    """The position buckets the signatures need (for the accuracy-vs-tokens-seen curve)."""
+    return first_n_grid(_max_length(trace, phase), first_n)
+
+
+def shared_counts(trace: Trace, *, phase: str = "prompt", first_n: Sequence[int] | None = None) -> RouteCounts:
+    """One streaming pass over the routes of `phase` that serves both
+    ``gather_statistics_inputs(trace, phase=phase, counts=...)`` and
+    ``gather_signature_inputs(trace, ..., phase=phase, counts=...)``: half the reading of two passes."""
+    return count_routes(trace, phase=phase, scan=True, sequences=True, bucket_edges=signature_buckets(trace, phase, first_n),
+                        token_experts=trace.has("tokens"))
+
+
 def gather_signature_inputs(trace: Trace, label: str, *, phase: str = "prompt",
-                            first_n: Sequence[int] | None = None) -> SignatureInputs:
+                            first_n: Sequence[int] | None = None, counts: RouteCounts | None = None) -> SignatureInputs:
     """Read the counts of the analysis from the trace (DuckDB aggregations, bounded memory) and
-    check the labels (DataError with the fix when they cannot be analysed)."""
+    check the labels (DataError with the fix when they cannot be analysed). `counts`: a
+    :func:`count_routes` result of the same phase with sequences split at
+    :func:`signature_buckets` (and token experts), e.g. shared with the statistics."""
     notes: list[str] = []
     if phase != "prompt" and not trace.has("tokens"):
         raise DataError(f"{trace.path} has no tokens table, so phases are unknown; use --phase prompt")
     if phase == "prompt" and not trace.has("tokens"):
         notes.append("no tokens table: every routed token is taken as a prompt token")
     labels_by_seq = read_labels(trace, label)
-    grid = first_n_grid(_max_length(trace, phase), first_n)
-    counts = count_routes(trace, phase=phase, scan=False, sequences=True, bucket_edges=grid,
-                          token_experts=trace.has("tokens"))
+    if counts is None:
+        counts = count_routes(trace, phase=phase, scan=False, sequences=True,
+                              bucket_edges=signature_buckets(trace, phase, first_n), token_experts=trace.has("tokens"))
     seqc = counts.sequences
     keep = np.isin(seqc.seq_ids, list(labels_by_seq)) & (seqc.n_tokens.sum(axis=(1, 2)) > 0)
     if (~keep).any():

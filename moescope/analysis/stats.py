@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from moescope.analysis.result import AnalysisResult
-from moescope.analysis.routing_counts import RouteScan, count_routes, expert_load, scan_routes, trace_phases
+from moescope.analysis.routing_counts import RouteCounts, RouteScan, count_routes, expert_load, scan_routes, trace_phases
 from moescope.errors import MoescopeError
 from moescope.store.reader import Trace
 
@@ -376,13 +376,16 @@ class StatsInputs:
     phase_loads: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
 
 
-def gather_statistics_inputs(trace: Trace, *, label: str | None = None, phase: str = "all") -> StatsInputs:
+def gather_statistics_inputs(trace: Trace, *, label: str | None = None, phase: str = "all",
+                             counts: RouteCounts | None = None) -> StatsInputs:
     """Read every count the statistics need, with bounded memory (one numpy pass over the routes
-    and DuckDB aggregations)."""
+    and DuckDB aggregations). `counts`: a :func:`count_routes` result of the same phase with
+    scan (and sequences when `label` is given) already made, e.g. shared with the signatures."""
     from moescope.analysis.signatures import read_labels
 
     seq_labels = read_labels(trace, label) if label is not None else None  # fail early on a bad label
-    counts = count_routes(trace, phase=phase, sequences=label is not None, token_experts=trace.has("tokens"))
+    if counts is None:
+        counts = count_routes(trace, phase=phase, sequences=label is not None, token_experts=trace.has("tokens"))
     inputs = StatsInputs(counts.scan, counts.token_experts)
     if trace.has("tokens"):
         inputs.token_text = _token_text(trace)
