@@ -42,7 +42,7 @@ def driver():
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("browser")
-    trace = make_trace(root / "trace")
+    make_trace(root / "trace")
     make_results(root / "extra", "extra", trace="../trace", accuracy=0.9, chance_accuracy=0.25, note=HOSTILE_TEXT)
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "moescope.analysis.stats", None)  # only the sections these tests expect

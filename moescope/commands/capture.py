@@ -91,20 +91,27 @@ def register(app: typer.Typer, **_: object) -> None:
         print_summary(out, manifest)
 
 
+def _sequences_progress(bar: Progress, total: int):  # noqa: ANN202
+    """A progress(done, total, tokens) callback that moves `bar` and shows tokens/s since now."""
+    import time
+
+    started = time.perf_counter()
+    task = bar.add_task("capturing", total=total, rate="-")
+
+    def progress(done: int, _total: int, tokens: int) -> None:
+        rate = tokens / max(time.perf_counter() - started, 1e-9)
+        bar.update(task, completed=done, rate=f"{rate:,.0f}")
+
+    return progress
+
+
 def run_with_progress(model, tokenizer, dataset, out, options, run, name, overwrite=False):  # noqa: ANN001
     """capture_dataset with a progress bar; returns the manifest."""
-    import time
 
     from moescope.capture.dataset import capture_dataset
 
-    started = time.perf_counter()
     with progress_bar() as bar:
-        task = bar.add_task("capturing", total=len(dataset), rate="-")
-
-        def progress(done: int, total: int, tokens: int) -> None:
-            rate = tokens / max(time.perf_counter() - started, 1e-9)
-            bar.update(task, completed=done, rate=f"{rate:,.0f}")
-
+        progress = _sequences_progress(bar, len(dataset))
         return capture_dataset(model, tokenizer, dataset, out, options=options, run=run,
                                model_name=name, overwrite=overwrite, progress=progress)
 
@@ -112,20 +119,13 @@ def run_with_progress(model, tokenizer, dataset, out, options, run, name, overwr
 def run_distributed_with_progress(model, dataset, out, load, options, run, ray_options, overwrite=False):  # noqa: ANN001
     """capture_distributed with a progress bar over committed chunks; returns the manifest."""
     import logging
-    import time
 
     from moescope.capture.distributed import capture_distributed
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # the bar below replaces Ray Data's own logs
     console.print(f"starting {ray_options.num_workers} Ray worker(s) with {model or 'the built-in default model'} ...")
-    started = time.perf_counter()
     with progress_bar() as bar:
-        task = bar.add_task("capturing", total=len(dataset), rate="-")
-
-        def progress(done: int, total: int, tokens: int) -> None:
-            rate = tokens / max(time.perf_counter() - started, 1e-9)
-            bar.update(task, completed=done, rate=f"{rate:,.0f}")
-
+        progress = _sequences_progress(bar, len(dataset))
         return capture_distributed(model, dataset, out, load=load, options=options, run=run,
                                    ray_options=ray_options, model_name=model, overwrite=overwrite, progress=progress)
 

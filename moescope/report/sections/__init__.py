@@ -50,3 +50,15 @@ def figure_data_uri(path: Any) -> str:
 
     data = Path(path).read_bytes()
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def embedded_figures(results: dict, out_dir: Any) -> list[dict[str, str]]:
+    """The analysis's figures that exist on disk, as {"name", "uri"} (data: URIs), in results order."""
+    from pathlib import Path
+
+    figures = []
+    for rel in results.get("figures") or []:
+        path = Path(out_dir) / str(rel)
+        if path.is_file():
+            figures.append({"name": Path(str(rel)).stem.replace("_", " "), "uri": figure_data_uri(path)})
+    return figures

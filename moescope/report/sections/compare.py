@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from moescope.report.sections import Section, figure_data_uri
+from moescope.report.sections import Section, embedded_figures
 from moescope.report.sections.generic import format_value
 
 TEMPLATE = """\
@@ -52,11 +52,7 @@ def render(results: dict[str, Any], out_dir: Path, env: Any) -> Section:
     deep = [[name.replace("_", " "), ", ".join(map(str, d.get("shallow_layers") or [])),
              format_value(d.get("shallow_overlap")), ", ".join(map(str, d.get("deep_layers") or [])),
              format_value(d.get("deep_overlap"))] for name, d in (results.get("deep_vs_shallow") or {}).items()]
-    figures = []
-    for rel in results.get("figures") or []:
-        path = Path(out_dir) / str(rel)
-        if path.is_file():
-            figures.append({"name": Path(str(rel)).stem.replace("_", " "), "uri": figure_data_uri(path)})
+    figures = embedded_figures(results, out_dir)
     html = env.from_string(TEMPLATE).render(
         notes=list(align.get("notes") or []) + list(results.get("notes") or []),
         k=results.get("top_k"), e=results.get("n_experts"),

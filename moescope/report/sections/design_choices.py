@@ -6,7 +6,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from moescope.report.sections import Section, figure_data_uri
+from moescope.report.sections import Section, embedded_figures
 from moescope.report.sections.generic import format_value as fv
 
 TEMPLATE = """\
@@ -126,11 +126,7 @@ def render(results: dict[str, Any], out_dir: Path, env: Any) -> Section:
     """The design-choices section: variant table against baselines, per-domain perplexity, figures, expert profiles."""
     r = results
     domains = list(r.get("domains") or sorted(r["variants"][0]["domains"]))
-    figures = []
-    for rel in r.get("figures") or []:
-        path = Path(out_dir) / str(rel)
-        if path.is_file():
-            figures.append({"name": Path(str(rel)).stem.replace("_", " "), "uri": figure_data_uri(path)})
+    figures = embedded_figures(r, out_dir)
     from moescope.analysis.specialisation import TOKEN_TYPES
 
     html = env.from_string(TEMPLATE).render(

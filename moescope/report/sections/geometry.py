@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from moescope.report.sections import Section, figure_data_uri
+from moescope.report.sections import Section, embedded_figures
 from moescope.report.sections.generic import format_value
 
 TEMPLATE = """\
@@ -88,11 +88,7 @@ def render(results: dict[str, Any], out_dir: Path, env: Any) -> Section:
                            format_value(_g(e, "neighbours", "any", "nn_overlap")),
                            format_value(_g(e, "neighbours", "any", "random_overlap")),
                            format_value(_g(e, "pairs", "random", "overlap"))])
-    figures = []
-    for rel in results.get("figures") or []:
-        path = Path(out_dir) / str(rel)
-        if path.is_file():
-            figures.append({"name": Path(str(rel)).stem.replace("_", " "), "uri": figure_data_uri(path)})
+    figures = embedded_figures(results, out_dir)
     html = env.from_string(TEMPLATE).render(
         notes=results.get("notes") or [], k=results.get("top_k"), e=results.get("n_experts"),
         chance=format_value(results.get("expected_overlap_chance")),

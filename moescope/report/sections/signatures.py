@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from moescope.report.sections import Section, figure_data_uri
+from moescope.report.sections import Section, embedded_figures
 from moescope.report.sections.generic import format_value as fv
 
 TEMPLATE = """\
@@ -94,11 +94,7 @@ def render(results: dict[str, Any], out_dir: Path, env: Any) -> Section:
     r = results
     labels = [str(x) for x in r.get("labels") or []]
     confusion = list(zip(labels, r.get("confusion_matrix") or []))
-    figures = []
-    for rel in r.get("figures") or []:
-        path = Path(out_dir) / str(rel)
-        if path.is_file():
-            figures.append({"name": Path(str(rel)).stem.replace("_", " "), "uri": figure_data_uri(path)})
+    figures = embedded_figures(r, out_dir)
     n_tokens = r.get("first_n_tokens") or []
     first_n = [str(n) for n in n_tokens[:-1]] + (["all"] if n_tokens else [])
     html = env.from_string(TEMPLATE).render(

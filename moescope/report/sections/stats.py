@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from moescope.report.sections import Section, figure_data_uri
+from moescope.report.sections import Section, embedded_figures
 from moescope.report.sections.generic import format_value as fv
 
 TEMPLATE = """\
@@ -158,11 +158,7 @@ def render(results: dict[str, Any], out_dir: Path, env: Any) -> Section:
                f"{ph['prompt']['n_dead'][i]}, {ph['generated']['n_dead'][i]}",
                f"{fv(ph['js_bits'][i])} ({fv(ph['js_chance_bits'][i])})"] for i, layer in enumerate(layers)] if ph else []
     label_layer, labels = _label_rows(r)
-    figures = []
-    for rel in r.get("figures") or []:
-        path = Path(out_dir) / str(rel)
-        if path.is_file():
-            figures.append({"name": Path(str(rel)).stem.replace("_", " "), "uri": figure_data_uri(path)})
+    figures = embedded_figures(r, out_dir)
     html = env.from_string(TEMPLATE).render(
         notes=r.get("notes") or [], k=r["top_k"], e=r["n_experts"], hmax=fv(r["load"]["entropy_max_bits"]),
         rare_pct=f"{r['load']['rare_fraction']:.0%}",
