@@ -185,3 +185,66 @@ def test_hf_trainer_callback_logs_per_layer_telemetry(tmp_path):
     lines = [json.loads(x) for x in log.read_text().splitlines()]
     assert lines and set(lines[0]["layers"]) == {"0", "1"}
     assert sum(lines[0]["layers"]["0"]["load"]) == pytest.approx(1, abs=1e-4)
+
+
+def _olmoe(layers, seed=0):
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    torch.manual_seed(seed)
+    model = OlmoeForCausalLM(OlmoeConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=layers,
+                                         num_attention_heads=2, num_key_value_heads=2, num_experts=8,
+                                         num_experts_per_tok=2, pad_token_id=1, eos_token_id=0, bos_token_id=0))
+    for r in routers(model):
+        torch.nn.init.normal_(r.weight, std=0.5)
+    return model.train()
+
+
+def test_per_layer_balance_loss_equals_transformers_aux_loss_for_one_layer():
+    from moescope.train.telemetry import RoutingMeter
+
+    model = _olmoe(1)
+    meter = RoutingMeter(model, keep_logits_for_loss=True).attach()
+    ids = torch.randint(2, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    out = model(input_ids=ids, output_router_logits=True, use_cache=False)
+    balance, z = meter.router_losses()
+    assert balance.item() == pytest.approx(out.aux_loss.item(), rel=1e-5)
+    assert balance.requires_grad and z.requires_grad and z.item() > 0
+
+
+def test_pooled_aux_loss_hides_opposite_imbalance_that_per_layer_balance_sees():
+    from moescope.train.telemetry import RoutingMeter
+
+    model = _olmoe(2)
+    with torch.no_grad():  # layer 0 prefers experts 0-1, layer 1 prefers 6-7: pooled, the load looks even
+        bias = torch.zeros(8, 32)
+        routers(model)[0].weight.copy_(bias)
+        routers(model)[1].weight.copy_(bias)
+    hooks = []
+    for layer, favoured in ((0, (0, 1)), (1, (6, 7))):  # add +3 to the favoured logits
+        def shift(_m, _a, out, favoured=favoured):
+            logits, _, _ = out
+            logits = logits.clone()
+            logits[:, list(favoured)] += 3.0
+            w, i = torch.topk(torch.softmax(logits.float(), -1), 2)
+            return logits, w.to(logits.dtype), i
+        hooks.append(routers(model)[layer].register_forward_hook(shift))
+    meter = RoutingMeter(model, keep_logits_for_loss=True).attach()
+    ids = torch.randint(2, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    out = model(input_ids=ids, output_router_logits=True, use_cache=False)
+    per_layer, _ = meter.router_losses()
+    for h in hooks:
+        h.remove()
+    # Every token of each layer uses its 2 favoured experts (per-layer loss ~7, balanced: 2);
+    # pooled over both layers, 4 of 8 experts look equally used and the penalty is halved.
+    assert per_layer.item() > 6.5
+    assert per_layer.item() > 1.8 * out.aux_loss.item()
+
+
+def test_trainer_uses_the_chosen_balance_loss(corpus, tmp_path):
+    rows = {}
+    for balance in ("per_layer", "pooled"):
+        out = tmp_path / balance
+        train(micro(corpus, model={"balance": balance}, optim={"max_tokens": 8 * 32 * 10}), out)
+        rows[balance] = _metrics(out)[-1]["train_aux_loss"]
+    assert all(v is not None and 1.5 < v < 4 for v in rows.values())
+    assert rows["per_layer"] != rows["pooled"]

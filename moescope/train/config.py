@@ -35,6 +35,9 @@ class ModelConfig:
         router: "learned" or "frozen" (random initial router weights kept fixed).
         expert_size: intermediate size of each expert's MLP.
         aux_loss_coef: weight of the load-balancing loss (0 disables it).
+        balance: "per_layer" (each MoE layer balanced on its own; default) or "pooled"
+            (transformers' aux loss, which counts expert loads over all layers together, so
+            opposite imbalances of two layers cancel out).
         z_loss_coef: weight of the router z-loss (mean squared logsumexp of router logits).
     """
 
@@ -49,6 +52,7 @@ class ModelConfig:
     routing: str = "token"
     router: str = "learned"
     aux_loss_coef: float = 0.01
+    balance: str = "per_layer"
     z_loss_coef: float = 0.0
     norm_topk_prob: bool = False
     tie_embeddings: bool = True
@@ -60,6 +64,7 @@ class ModelConfig:
         _choice("model.architecture", self.architecture, ARCHITECTURES)
         _choice("model.routing", self.routing, ROUTINGS)
         _choice("model.router", self.router, ROUTERS)
+        _choice("model.balance", self.balance, ("per_layer", "pooled"))
         if not 1 <= self.top_k <= self.n_experts:
             raise MoescopeError(f"model.top_k must be between 1 and n_experts ({self.n_experts}), not {self.top_k}")
         if self.hidden_size % self.num_heads:

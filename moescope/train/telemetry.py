@@ -42,7 +42,9 @@ class RoutingMeter:
         self.layers: list[MoELayer] = self.family.find_layers(model)
         self.keep_logits_for_loss = keep_logits_for_loss
         self._handles: list[Any] = []
-        self.live_logits: list[torch.Tensor] = []
+        # The last forward's grad-carrying router logits and chosen ids, per layer (training losses).
+        self.live_logits: dict[int, torch.Tensor] = {}
+        self.live_ids: dict[int, torch.Tensor] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -71,6 +73,8 @@ class RoutingMeter:
 
     # -- sink interface (see moescope.adapters.base.RoutingSink) ---------------------------
     def routes(self, layer: MoELayer, ids: torch.Tensor, weights: Any, dropped: Any = None) -> None:
+        if self.keep_logits_for_loss:
+            self.live_ids[layer.layer] = ids.detach()
         ids = ids.detach().reshape(-1)
         counts = torch.bincount(ids.clamp(max=layer.n_experts - 1), minlength=layer.n_experts)
         prev = self._counts.get(layer.layer)
@@ -79,7 +83,7 @@ class RoutingMeter:
 
     def router_logits(self, layer: MoELayer, logits: torch.Tensor) -> None:
         if self.keep_logits_for_loss and logits.requires_grad:
-            self.live_logits.append(logits)
+            self.live_logits[layer.layer] = logits
         logits = logits.detach().float().reshape(-1, logits.shape[-1])
         probs = self.family.probs_from_logits(logits).sum(dim=0)
         z = torch.logsumexp(logits, dim=-1).pow(2).sum()
@@ -91,13 +95,31 @@ class RoutingMeter:
     def router_input(self, layer: MoELayer, hidden: torch.Tensor) -> None:  # pragma: no cover - not requested
         pass
 
-    def z_loss(self) -> torch.Tensor:
-        """Mean squared logsumexp over the live (grad-carrying) logits of the last forward."""
-        if not self.live_logits:
-            return torch.zeros(())
-        losses = [torch.logsumexp(lg.float().reshape(-1, lg.shape[-1]), dim=-1).pow(2).mean() for lg in self.live_logits]
-        self.live_logits = []
-        return torch.stack(losses).mean()
+    def router_losses(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(balance, z) losses of the last training forward, each a mean over MoE layers; clears it.
+
+        balance: per layer, E * sum_i f_i * P_i with f_i the fraction of tokens sent to expert i
+        (from the experts the model used; sums to k) and P_i its mean router probability (carries
+        the gradient); balanced value k, the scale of transformers' aux loss. Unlike that loss,
+        which pools every layer's tokens before counting, each layer is balanced on its own.
+        z: mean squared logsumexp of the router logits (Zoph et al. 2022).
+        """
+        balance, z = [], []
+        for layer in self.layers:
+            logits = self.live_logits.get(layer.layer)
+            if logits is None:
+                continue
+            logits = logits.float().reshape(-1, logits.shape[-1])
+            probs = self.family.probs_from_logits(logits)
+            ids = self.live_ids.get(layer.layer)
+            if ids is not None:
+                e = layer.n_experts
+                f = torch.bincount(ids.reshape(-1).clamp(max=e - 1), minlength=e).float() / (ids.numel() / ids.shape[-1])
+                balance.append(e * (f * probs.mean(dim=0)).sum())
+            z.append(torch.logsumexp(logits, dim=-1).pow(2).mean())
+        self.live_logits, self.live_ids = {}, {}
+        zero = torch.zeros(())
+        return (torch.stack(balance).mean() if balance else zero, torch.stack(z).mean() if z else zero)
 
     # -- reading -------------------------------------------------------------------------
     def summary(self, reset: bool = True) -> dict[str, dict[str, Any]]:

@@ -162,8 +162,9 @@ def train(
     else:
         _truncate_metrics(metrics_path, state["step"])
 
-    meter = RoutingMeter(model, keep_logits_for_loss=cfg.model.z_loss_coef > 0).attach()
     use_aux = cfg.model.aux_loss_coef > 0
+    pooled = use_aux and cfg.model.balance == "pooled"
+    meter = RoutingMeter(model, keep_logits_for_loss=(use_aux and not pooled) or cfg.model.z_loss_coef > 0).attach()
     total = cfg.total_steps
     window_start, window_tokens, loss_sum, aux_sum, n_sum = time.perf_counter(), 0, 0.0, 0.0, 0
     last_eval: dict[str, Any] = {}
@@ -173,13 +174,14 @@ def train(
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         batch = corpus.train_batch(step, cfg.optim.batch_size, cfg.data.seq_len, cfg.seed)
-        ce, out_ = cross_entropy(model, batch, router_logits=use_aux)
+        ce, out_ = cross_entropy(model, batch, router_logits=pooled)
+        balance, z = meter.router_losses() if meter.keep_logits_for_loss else (None, None)
+        aux = (out_.aux_loss if pooled else balance) if use_aux else None
         loss = ce
-        aux = out_.aux_loss if use_aux and out_.aux_loss is not None else None
         if aux is not None:
             loss = loss + cfg.model.aux_loss_coef * aux
         if cfg.model.z_loss_coef > 0:
-            loss = loss + cfg.model.z_loss_coef * meter.z_loss()
+            loss = loss + cfg.model.z_loss_coef * z
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.optim.grad_clip:
