@@ -248,3 +248,28 @@ def test_trainer_uses_the_chosen_balance_loss(corpus, tmp_path):
         rows[balance] = _metrics(out)[-1]["train_aux_loss"]
     assert all(v is not None and 1.5 < v < 4 for v in rows.values())
     assert rows["per_layer"] != rows["pooled"]
+
+
+def test_export_writes_fp16_weights_a_measured_card_and_curves(corpus, tmp_path):
+    from safetensors import safe_open
+
+    from moescope.capture.loading import load_model
+    from moescope.train.export import export
+
+    train(micro(corpus), tmp_path / "run")
+    out = export(tmp_path / "run", tmp_path / "model", threads=1, permutations=10)
+    weights = next(out.glob("*.safetensors"))
+    with safe_open(str(weights), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    model, _ = load_model(str(out))
+    assert next(model.parameters()).dtype == torch.float32
+    card = (out / "README.md").read_text()
+    assert "unigram" in card and "Routing separates the domains" in card and "training_curves.png" in card
+    assert "on every layer separately" in card
+    assert (out / "training_curves.png").stat().st_size > 10_000
+    measured = json.loads((out / "card.json").read_text())
+    for d in measured["perplexity"]["domains"].values():
+        assert d["ppl"] > 0 and d["unigram_ppl"] > 0
+    sig = measured["domain_signatures"]
+    assert 0 < sig["chance"] < 1 and len(sig["per_layer_accuracy"]) == 2

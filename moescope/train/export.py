@@ -133,7 +133,9 @@ def model_card(run_dir: Path, out_dir: Path, measured: dict[str, Any]) -> str:
         f"- tokens seen: {run['tokens']:,} ({o['batch_size']} x {cfg['data']['seq_len']} tokens per step, "
         f"{run['steps']:,} steps), domains mixed {cfg['data'].get('mixing', 'proportional')}ly",
         f"- AdamW lr {o['lr']}, cosine to {o['min_lr_ratio']}x, warm-up {o['warmup_steps']} steps, weight decay "
-        f"{o['weight_decay']}; load-balancing loss {m['aux_loss_coef']}, router z-loss {m['z_loss_coef']}",
+        f"{o['weight_decay']}; load-balancing loss {m['aux_loss_coef']} "
+        f"({'on every layer separately' if m.get('balance') == 'per_layer' else 'pooled over layers, as transformers does'}), "
+        f"router z-loss {m['z_loss_coef']}",
         f"- training time: {run['seconds'] / 3600:.1f} hours on 2 CPU cores (shared machine), seed {cfg['seed']}",
         "",
         "## Data",
@@ -179,6 +181,8 @@ def model_card(run_dir: Path, out_dir: Path, measured: dict[str, Any]) -> str:
             "Per-layer accuracy: " + ", ".join(f"layer {i}: {pct(a)}" for i, a in enumerate(sig["per_layer_accuracy"])) + ".",
             "Much of it is vocabulary: compare with the two token-identity controls before reading routing as topical.",
         ]
+    if (out_dir / "training_curves.png").exists():
+        lines += ["", "## Training curves", "", "![validation perplexity and load imbalance during training](training_curves.png)"]
     if last_routing:
         lines += ["", "## Expert load at the end of training (per layer)", "",
                   "| layer | load entropy (1 = balanced) | busiest expert / fair share | dead experts |",
@@ -197,6 +201,10 @@ def export(run_dir: str | Path, out_dir: str | Path, *, threads: int = 2, permut
     started = time.perf_counter()
     save_fp16(run_dir / "model", out_dir)
     measured = measure(out_dir, run_dir, threads=threads, permutations=permutations)
+    if (run_dir / "metrics.jsonl").exists():
+        from moescope.train.curves import plot_training_curves
+
+        plot_training_curves(run_dir / "metrics.jsonl", out_dir / "training_curves.png")
     (out_dir / "README.md").write_text(model_card(run_dir, out_dir, measured), encoding="utf-8")
     (out_dir / "card.json").write_text(json.dumps(measured, indent=2) + "\n", encoding="utf-8")
     print(f"exported {out_dir} in {time.perf_counter() - started:.0f} s")
