@@ -28,28 +28,42 @@ import yaml
 from moescope.errors import MoescopeError
 
 
-def domain_probe_file(corpus_dir: Path, out: Path, *, per_domain: int = 40, chars: int = 600, seed: int = 0) -> Path:
-    """A JSONL of held-out texts, `per_domain` per domain, each ~`chars` characters cut at a line end,
-    from the corpus validation split (never seen in training), with a `domain` field."""
+def domain_probe_file(corpus_dir: Path, out: Path, *, per_domain: int = 40, chars: int = 600, seed: int = 0,
+                      min_per_domain: int = 5) -> list[str]:
+    """Write to `out` a JSONL of held-out texts, `per_domain` per domain, each ~`chars` characters cut at
+    a line end, from the corpus validation split (never seen in training), with a `domain` field.
+    Domains with fewer than `min_per_domain` such texts (too few to cross-validate) are left out;
+    returns their names."""
     import random
 
     rng = random.Random(seed)
-    lines = []
+    lines, left_out = [], []
     for path in sorted((corpus_dir / "text").glob("*.val.jsonl")):
         domain = path.name.split(".")[0]
         docs = [json.loads(x)["text"] for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-        pieces = []
-        for doc in docs:
-            for start in range(0, max(1, len(doc) - chars // 2), chars):
-                piece = doc[start : start + chars]
-                cut = piece.rfind("\n")
-                piece = piece[: cut] if cut > chars // 2 else piece
-                if len(piece.strip()) > chars // 4:
-                    pieces.append(piece.strip())
+        pieces = _pieces(docs, chars)
+        if len(pieces) < min_per_domain:  # a small validation split: shorter pieces, enough to cross-validate
+            pieces = _pieces(docs, max(80, sum(map(len, docs)) // (2 * min_per_domain)))
         rng.shuffle(pieces)
+        if len(pieces) < min_per_domain:
+            left_out.append(domain)
+            continue
         lines += [json.dumps({"text": p, "domain": domain}, ensure_ascii=False) for p in pieces[:per_domain]]
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return out
+    return left_out
+
+
+def _pieces(docs: list[str], chars: int) -> list[str]:
+    """Consecutive pieces of ~`chars` characters of each document, cut at a line end when one is near."""
+    pieces = []
+    for doc in docs:
+        for start in range(0, max(1, len(doc) - chars // 2), chars):
+            piece = doc[start : start + chars]
+            cut = piece.rfind("\n")
+            piece = piece[: cut] if cut > chars // 2 else piece
+            if len(piece.strip()) > chars // 4:
+                pieces.append(piece.strip())
+    return pieces
 
 
 def save_fp16(model_dir: Path, out_dir: Path) -> None:
@@ -87,7 +101,11 @@ def measure(out_dir: Path, run_dir: Path, *, threads: int = 2, permutations: int
     except ImportError:
         return result
     with tempfile.TemporaryDirectory() as tmp:
-        probes = domain_probe_file(Path(cfg.data.corpus), Path(tmp) / "domains.jsonl")
+        probes = Path(tmp) / "domains.jsonl"
+        left_out = domain_probe_file(Path(cfg.data.corpus), probes)
+        kept = {json.loads(x)["domain"] for x in probes.read_text(encoding="utf-8").splitlines() if x.strip()}
+        if len(kept) < 2:
+            return result  # fewer than two domains with enough held-out text: nothing to separate
         capture_dataset(model, tokenizer, probes, Path(tmp) / "trace", run=RunOptions(batch_size=8, max_length=256))
         sig = routing_signatures(open_trace(Path(tmp) / "trace"), label="domain", permutations=permutations,
                                  figures=False)
@@ -97,6 +115,7 @@ def measure(out_dir: Path, run_dir: Path, *, threads: int = 2, permutations: int
     result["domain_signatures"] = {k: sig.values.get(k) for k in keys}
     result["domain_signatures"]["chance"] = 1 / len(sig.values.get("labels", [None] * 7))
     result["domain_signatures"]["n_sequences"] = sig.values.get("n_sequences")
+    result["domain_signatures"]["domains_left_out"] = left_out
     return result
 
 
@@ -167,7 +186,9 @@ def model_card(run_dir: Path, out_dir: Path, measured: dict[str, Any]) -> str:
             "## Routing separates the domains",
             "",
             f"Routing signatures (per text, per layer, how often each expert was chosen) of {sig['n_sequences']} "
-            "held-out validation texts, classified by domain with cross-validated logistic regression:",
+            "held-out validation texts, classified by domain with cross-validated logistic regression"
+            + (f" (left out, too few validation texts: {', '.join(sig['domains_left_out'])})"
+               if sig.get("domains_left_out") else "") + ":",
             "",
             "| classifier | accuracy |",
             "| --- | ---: |",
