@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -267,7 +268,9 @@ def main() -> None:
     big, small = (1_000_000, 500_000) if args.quick else (10_000_000, 5_000_000)
     with tempfile.TemporaryDirectory(prefix="moescope-bench-", dir=args.workdir) as tmp:
         work = Path(tmp)
-        info = {"big": make_trace(work / "big", big), "small": make_trace(work / "small", small)}
+        load_before = os.getloadavg()
+        info = {"big": make_trace(work / "big", big), "small": make_trace(work / "small", small),
+                "load_before": load_before}
         print(f"traces: {info}", flush=True)
         # memory first, while this process is still small (pandas peaks at many GB)
         mem = {(impl, size): measure_memory(impl, work / size)
@@ -298,7 +301,8 @@ def render(info: dict, mo: dict, pdr: dict, mem: dict, problems: list[str], *, q
         f"{big['sequences']} sequences of 1024 tokens, 4 labels; {big['disk_mb']:.0f} MB of Parquet), "
         "against a straightforward pandas implementation (read_parquet, explode, groupby, merge) of the same "
         "counts. Both then run the same evaluation code (figures off, 20 label permutations, 2 load-balancing "
-        "draws). Machine: 2 CPU cores shared with a model training run, so CPU seconds are steadier than wall seconds.",
+        f"draws). Machine: {os.cpu_count()} CPU cores, load average {info['load_before'][0]:.2f} before the run (other "
+        "processes share the cores on a busy machine, so CPU seconds are steadier than wall seconds).",
         "",
         "| | moescope | pandas | pandas / moescope |",
         "|---|---:|---:|---:|",

@@ -106,17 +106,20 @@ def throughput(args, tmp: Path) -> dict:
     data = make_data(tmp / "tp.jsonl", args.sequences, tok)
     plain_pass(model, tok, data, args.batch_size, args.max_length)  # warm-up
     plain_t, cap_t = [], []
+    cpu = {"plain": [], "capture": []}  # process CPU seconds (all threads) per pass
     for rep in range(args.reps):
         order = [("plain", plain_t), ("capture", cap_t)] if rep % 2 == 0 else [("capture", cap_t), ("plain", plain_t)]
         for kind, times in order:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             if kind == "plain":
                 tokens = plain_pass(model, tok, data, args.batch_size, args.max_length)
             else:
                 capture_pass(model, tok, data, tmp / "tp-trace", args.batch_size, args.max_length)
             times.append(time.perf_counter() - start)
+            cpu[kind].append(time.process_time() - start_cpu)
     ratio = statistics.median(plain_t) / statistics.median(cap_t)
     return {"tokens": tokens, "plain_s": plain_t, "capture_s": cap_t, "ratio": ratio,
+            "plain_cpu_s": statistics.median(cpu["plain"]), "capture_cpu_s": statistics.median(cpu["capture"]),
             "plain_tok_s": tokens / statistics.median(plain_t), "capture_tok_s": tokens / statistics.median(cap_t),
             "params": sum(p.numel() for p in model.parameters()), "E": model.config.num_experts,
             "k": model.config.num_experts_per_tok, "layers": model.config.num_hidden_layers}
@@ -199,6 +202,8 @@ def main() -> None:
         f"| plain forward | {tp['plain_tok_s']:,.0f} tok/s (median of {args.reps}) | |",
         f"| forward + capture + write | {tp['capture_tok_s']:,.0f} tok/s | |",
         f"| throughput with capture / without | **{tp['ratio']:.3f}** | >= 0.97 |",
+        f"| CPU seconds per pass, plain / capture (all threads, median) | {tp['plain_cpu_s']:.2f} / {tp['capture_cpu_s']:.2f}: "
+        f"capture adds {tp['capture_cpu_s'] - tp['plain_cpu_s']:+.2f} s ({100 * (tp['capture_cpu_s'] / tp['plain_cpu_s'] - 1):+.1f}%) | |",
         f"| information bound per token-layer | {sz['bound_bytes']:.1f} bytes | |",
         f"| routes table per token-layer | {sz['routes_bytes_per_row']:.2f} bytes = **{sz['routes_vs_bound']:.2f}x** the bound | <= 1.2x |",
         f"| whole trace (all tables, manifest) per token-layer | {sz['trace_bytes_per_row']:.2f} bytes = {sz['trace_vs_bound']:.2f}x the bound | |",
@@ -208,7 +213,8 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / ("capture-quick.md" if args.quick else "capture.md")).write_text(
+    name = "capture-quick" if args.quick else "capture" if args.threads == 2 else f"capture-threads{args.threads}"
+    (RESULTS / f"{name}.md").write_text(
         f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores, torch threads {args.threads}.\n\n"
         + table + "\n\nraw times (s): plain " + ", ".join(f"{t:.2f}" for t in tp["plain_s"])
         + "; capture " + ", ".join(f"{t:.2f}" for t in tp["capture_s"]) + "\n")
