@@ -357,9 +357,9 @@ def phase_comparison(phase_loads: dict[str, tuple[np.ndarray, np.ndarray]] | Non
     E = shares["prompt"].shape[1]
     p, q = shares["prompt"], shares["generated"]
     m = (p + q) / 2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        kl = lambda a: np.where(a > 0, a * np.log2(a / m), 0.0).sum(axis=1)  # noqa: E731
-    out["js_bits"] = (kl(p) + kl(q)) / 2
+    kl = lambda a: np.where(a > 0, a * np.log2(a / m), 0.0).sum(axis=1)  # noqa: E731
+    with np.errstate(divide="ignore", invalid="ignore"):  # 0 * log 0 terms, dropped by the where
+        out["js_bits"] = (kl(p) + kl(q)) / 2
     out["js_chance_bits"] = ((E - top_k) / top_k * (1 / np.maximum(tokens["prompt"], 1) + 1 / np.maximum(tokens["generated"], 1))
                              / (8 * LN2))
     return out
