@@ -215,3 +215,19 @@ def test_write_report_and_cli(trace_dir, tmp_path):
                           str(tmp_path / "missing")], capture_output=True, text=True)
     assert bad.returncode != 0 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_two_runs_of_one_analysis_get_titles_that_tell_them_apart(trace_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(report_html, "renderer", lambda name: None)
+    a = make_results(tmp_path / "semantic-default", "semantic", trace=None, score=1.0)
+    b = make_results(tmp_path / "semantic-random-init", "semantic", trace=None, score=0.5)
+    c = make_results(tmp_path / "pos-default", "pos", trace=None, accuracy=0.8)
+    html = build_report([a, b, c])
+    assert headings(html) == ["Semantic — semantic-default", "Semantic — semantic-random-init", "Pos"]
+
+
+def test_traces_with_the_same_directory_name_are_named_with_their_parent(tmp_path):
+    a, b = make_trace(tmp_path / "run-a" / "trace"), make_trace(tmp_path / "run-b" / "trace")
+    html = build_report([a, b])
+    assert headings(html) == ["Model and trace — run-a/trace", "Model and trace — run-b/trace",
+                              "Token viewer — run-a/trace", "Token viewer — run-b/trace"]

@@ -236,9 +236,10 @@ def build_report(
                 traces.append(path)
     opened = [open_trace(p) for p in traces]
 
-    sections: list[tuple[tuple[int, str], Section]] = []
+    # (order, section, source directory name: tells apart two runs of one analysis)
+    sections: list[tuple[tuple[int, str], Section, str]] = []
     for res, d in sorted(results, key=lambda rd: (_order(str(rd[0].get("analysis"))), str(rd[1]))):
-        sections.append((_order(str(res.get("analysis"))), _render_analysis(res, d, env)))
+        sections.append((_order(str(res.get("analysis"))), _render_analysis(res, d, env), Path(d).name))
     # Statistics are computed for traces given as inputs, unless a stats result came with them
     # (one naming no findable trace counts for all: better no duplicate than two disagreeing).
     stats_for = [_resolve_trace(r, d) for r, d in results if r.get("analysis") == "stats"]
@@ -247,27 +248,32 @@ def build_report(
         if None not in stats_given and trace.path.resolve() not in stats_given:
             section = _stats_section(trace, env)
             if section is not None:
-                sections.append((_order("stats"), section))
+                sections.append((_order("stats"), section, trace.path.name))
     sections.sort(key=lambda s: s[0])  # stable: computed stats join the stats given
 
     taken: set[str] = {"overview", "contents"}
     several = len(opened) > 1
     trace_blocks, viewers = [], []
+    names = [t.path.name for t in opened]
     for trace in opened:
-        label = f" — {trace.path.name}" if several else ""
+        # traces often share a directory name ("trace"): then name them with their parent too
+        name = trace.path.name if names.count(trace.path.name) == 1 else f"{trace.path.parent.name}/{trace.path.name}"
+        label = f" — {name}" if several else ""
         sample = viewer_sample(trace, sequences=viewer_sequences, max_tokens=viewer_tokens)
-        trace_blocks.append({"anchor": _anchor(f"trace {trace.path.name}" if several else "trace", taken),
+        trace_blocks.append({"anchor": _anchor(f"trace {name}" if several else "trace", taken),
                              "title": "Model and trace" + label, "rows": _overview(trace)})
         viewers.append({
-            "anchor": _anchor(f"tokens {trace.path.name}" if several else "tokens", taken),
+            "anchor": _anchor(f"tokens {name}" if several else "tokens", taken),
             "title": "Token viewer" + label,
             "note": _viewer_note(sample),
             "layers": trace.moe_layers,
             "json": json_for_script(sample.data),
         })
     # Section.html is escaped by its section module already: Markup keeps autoescape off it.
-    body = [{"anchor": _anchor(s.key, taken), "title": s.title, "summary": s.summary, "html": Markup(s.html)}
-            for _, s in sections]
+    repeated = {t for t in (s.title for _, s, _ in sections) if sum(x.title == t for _, x, _ in sections) > 1}
+    body = [{"anchor": _anchor(s.key, taken), "title": s.title + (f" — {source}" if s.title in repeated else ""),
+             "summary": s.summary, "html": Markup(s.html)}
+            for _, s, source in sections]
 
     script = _asset("viewer.js")
     digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
