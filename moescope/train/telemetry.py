@@ -42,9 +42,10 @@ class RoutingMeter:
         self.layers: list[MoELayer] = self.family.find_layers(model)
         self.keep_logits_for_loss = keep_logits_for_loss
         self._handles: list[Any] = []
-        # The last forward's grad-carrying router logits and chosen ids, per layer (training losses).
+        # The last forward's grad-carrying router logits, and its expert counts with the number
+        # of tokens they cover, per layer (training losses).
         self.live_logits: dict[int, torch.Tensor] = {}
-        self.live_ids: dict[int, torch.Tensor] = {}
+        self.live_counts: dict[int, tuple[torch.Tensor, int]] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -73,10 +74,11 @@ class RoutingMeter:
 
     # -- sink interface (see moescope.adapters.base.RoutingSink) ---------------------------
     def routes(self, layer: MoELayer, ids: torch.Tensor, weights: Any, dropped: Any = None) -> None:
-        if self.keep_logits_for_loss:
-            self.live_ids[layer.layer] = ids.detach()
+        tokens = ids.numel() // max(ids.shape[-1], 1)
         ids = ids.detach().reshape(-1)
         counts = torch.bincount(ids.clamp(max=layer.n_experts - 1), minlength=layer.n_experts)
+        if self.keep_logits_for_loss:
+            self.live_counts[layer.layer] = (counts, tokens)
         prev = self._counts.get(layer.layer)
         self._counts[layer.layer] = counts if prev is None else prev + counts
         self._rows[layer.layer] = self._rows.get(layer.layer, 0) + ids.numel() // max(layer.top_k, 1)
@@ -111,13 +113,12 @@ class RoutingMeter:
                 continue
             logits = logits.float().reshape(-1, logits.shape[-1])
             probs = self.family.probs_from_logits(logits)
-            ids = self.live_ids.get(layer.layer)
-            if ids is not None:
-                e = layer.n_experts
-                f = torch.bincount(ids.reshape(-1).clamp(max=e - 1), minlength=e).float() / (ids.numel() / ids.shape[-1])
-                balance.append(e * (f * probs.mean(dim=0)).sum())
+            if layer.layer in self.live_counts:
+                counts, tokens = self.live_counts[layer.layer]
+                f = counts.float() / max(tokens, 1)
+                balance.append(layer.n_experts * (f * probs.mean(dim=0)).sum())
             z.append(torch.logsumexp(logits, dim=-1).pow(2).mean())
-        self.live_logits, self.live_ids = {}, {}
+        self.live_logits, self.live_counts = {}, {}
         zero = torch.zeros(())
         return (torch.stack(balance).mean() if balance else zero, torch.stack(z).mean() if z else zero)
 
