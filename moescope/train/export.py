@@ -29,15 +29,15 @@ from moescope.errors import MoescopeError
 
 
 def domain_probe_file(corpus_dir: Path, out: Path, *, per_domain: int = 40, chars: int = 600, seed: int = 0,
-                      min_per_domain: int = 5) -> list[str]:
+                      min_per_domain: int = 5) -> tuple[list[str], list[str]]:
     """Write to `out` a JSONL of held-out texts, `per_domain` per domain, each ~`chars` characters cut at
     a line end, from the corpus validation split (never seen in training), with a `domain` field.
-    Domains with fewer than `min_per_domain` such texts (too few to cross-validate) are left out;
-    returns their names."""
+    Domains with fewer than `min_per_domain` such texts (too few to cross-validate) are left out.
+    Returns (domains written, domains left out)."""
     import random
 
     rng = random.Random(seed)
-    lines, left_out = [], []
+    lines, kept, left_out = [], [], []
     for path in sorted((corpus_dir / "text").glob("*.val.jsonl")):
         domain = path.name.split(".")[0]
         docs = [json.loads(x)["text"] for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
@@ -48,9 +48,10 @@ def domain_probe_file(corpus_dir: Path, out: Path, *, per_domain: int = 40, char
         if len(pieces) < min_per_domain:
             left_out.append(domain)
             continue
+        kept.append(domain)
         lines += [json.dumps({"text": p, "domain": domain}, ensure_ascii=False) for p in pieces[:per_domain]]
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return left_out
+    return kept, left_out
 
 
 def _pieces(docs: list[str], chars: int) -> list[str]:
@@ -102,8 +103,7 @@ def measure(out_dir: Path, run_dir: Path, *, threads: int = 2, permutations: int
         return result
     with tempfile.TemporaryDirectory() as tmp:
         probes = Path(tmp) / "domains.jsonl"
-        left_out = domain_probe_file(Path(cfg.data.corpus), probes)
-        kept = {json.loads(x)["domain"] for x in probes.read_text(encoding="utf-8").splitlines() if x.strip()}
+        kept, left_out = domain_probe_file(Path(cfg.data.corpus), probes)
         if len(kept) < 2:
             return result  # fewer than two domains with enough held-out text: nothing to separate
         capture_dataset(model, tokenizer, probes, Path(tmp) / "trace", run=RunOptions(batch_size=8, max_length=256))
