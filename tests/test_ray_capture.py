@@ -76,17 +76,22 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(tiny_dir, data, tmp_path_factory) -> Path:
     """The single-process trace, captured with one torch thread like each Ray worker."""
+    out = tmp_path_factory.mktemp("ray-ref") / "single"
+    capture_single_process(tiny_dir, data, out)
+    return out
+
+
+def capture_single_process(model_dir: Path, data: Path, out: Path) -> None:
+    """capture_dataset in this process with one torch thread, like each Ray worker (resumes `out`)."""
     from moescope.capture.loading import load_model
 
-    out = tmp_path_factory.mktemp("ray-ref") / "single"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model, tok = load_model(str(tiny_dir))
-        capture_dataset(model, tok, data, out, run=RUN, model_name=str(tiny_dir))
+        model, tok = load_model(str(model_dir))
+        capture_dataset(model, tok, data, out, run=RUN, model_name=str(model_dir))
     finally:
         torch.set_num_threads(threads)
-    return out
 
 
 def test_plan_chunks_cut_pending_ranges():
@@ -115,15 +120,7 @@ def test_killed_ray_run_resumes_in_one_process(cluster, tiny_dir, data, referenc
     # A worker wrote its chunk but the driver died before committing it: files on disk, not listed.
     lost = m["shards"].pop(1)
     save_manifest(out, m)
-    from moescope.capture.loading import load_model
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model, tok = load_model(str(tiny_dir))
-        capture_dataset(model, tok, data, out, run=RUN, model_name=str(tiny_dir))
-    finally:
-        torch.set_num_threads(threads)
+    capture_single_process(tiny_dir, data, out)
     assert_same_trace(reference, out)
     assert not (out / lost["files"]["routes"]["path"]).exists()  # the uncommitted chunk was redone, not mixed in
     trace = moescope.open_trace(out)
