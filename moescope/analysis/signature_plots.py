@@ -74,11 +74,7 @@ def per_layer(v: dict[str, Any]) -> Any:
         ax.axhline(v["token_id_control_accuracy_mean"], color="C3", linestyle="-.", label="token-id control (all layers)")
     ax.set_xticks(x, [str(layer) for layer in layers])
     ax.set_xlabel("MoE layer")
-    ax.set_ylabel(f"{v['folds']}-fold CV accuracy")
-    ax.set_ylim(0, 1.02)
-    ax.set_title("Label separability per layer", fontsize=10)
-    _legend(ax)
-    ax.grid(alpha=0.3)
+    _finish_accuracy_axes(ax, v, "Label separability per layer")
     return fig
 
 
@@ -90,12 +86,17 @@ def first_n(v: dict[str, Any]) -> Any:
     ax.set_xscale("log", base=2)
     ax.set_xlim(n.min() * 0.8, n.max() * 1.25)
     ax.set_xlabel("tokens seen per sequence (n; last point: all)")
+    _finish_accuracy_axes(ax, v, "Separability against the number of tokens seen")
+    return fig
+
+
+def _finish_accuracy_axes(ax: Any, v: dict[str, Any], title: str) -> None:
+    """Y axis as CV accuracy in [0, 1], title, legend and grid of an accuracy plot."""
     ax.set_ylabel(f"{v['folds']}-fold CV accuracy")
     ax.set_ylim(0, 1.02)
-    ax.set_title("Separability against the number of tokens seen", fontsize=10)
+    ax.set_title(title, fontsize=10)
     _legend(ax)
     ax.grid(alpha=0.3)
-    return fig
 
 
 def permutation_histogram(v: dict[str, Any]) -> Any | None:
