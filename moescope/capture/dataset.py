@@ -125,12 +125,14 @@ def trace_identity(model: Any, tokenizer: Any, dataset: TextDataset, options: Ca
         tokenizer.padding_side = "left"
     max_length = _max_length(tokenizer, model, run.max_length)
     model_info = describe_model(model, name)
+    captured = _captured_layers(model_info["moe_layers"], options.layers)
     capture_info = {
         "mode": "generate" if run.generate else "forward",
         **{k: v for k, v in asdict(run).items() if k != "shard_rows"},
         "max_length": max_length,
         **{f"option_{k}": v for k, v in asdict(options).items()},
         "has_weights": True,
+        "layers": captured,  # the MoE layers recorded (all of them unless `layers` chose some)
     }
     header = {
         "moescope_version": moescope.__version__,
@@ -146,6 +148,20 @@ def trace_identity(model: Any, tokenizer: Any, dataset: TextDataset, options: Ca
     }
     fp = fingerprint({"model": model_info, "capture": capture_info, "input_sha256": dataset.summary.sha256})
     return TraceIdentity(header, fp, max_length)
+
+
+def _captured_layers(moe_layers: list[int], wanted: tuple[int, ...] | None) -> list[int]:
+    """The MoE layers a capture records, in model order; MoescopeError (listing the model's
+    MoE layers) for a requested layer that is not one."""
+    if wanted is None:
+        return list(moe_layers)
+    bad = [x for x in wanted if x not in moe_layers]
+    if bad or not wanted:
+        raise MoescopeError(
+            f"--layers {','.join(map(str, wanted))}: layer(s) {', '.join(map(str, bad)) or '(none)'} are not MoE "
+            f"layers of this model; its MoE layers are {', '.join(map(str, moe_layers))}"
+        )
+    return [x for x in moe_layers if x in set(wanted)]
 
 
 class BatchCapture:
@@ -205,15 +221,26 @@ def capture_dataset(
     model_name: str | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int, int], None] | None = None,
+    **kwargs: Any,
 ) -> dict[str, Any]:
     """Capture the routing of every record of `data` into the trace directory `out`.
 
-    Returns the finished manifest. `progress(done_sequences, total_sequences, tokens)` is
-    called after each batch. Rerunning with the same arguments resumes an interrupted run
-    (also one started by the distributed engine: every input range not yet committed is done).
+    Options are keywords, as for :func:`moescope.record`:
+
+    - what to record (:class:`CaptureOptions`): ``layers``, ``router_scores``,
+      ``hidden_rate``, ``hidden_positions``, ``hidden_layers``, ``weights_dtype``;
+    - how to run (:class:`RunOptions`): ``batch_size``, ``max_length``, ``on_long``,
+      ``generate``, ``do_sample``, ``temperature``, ``top_p``, ``add_special_tokens``,
+      ``shard_rows``;
+    - ``seed`` seeds both sampling and the hidden-state sampler.
+
+    The option objects (``options=CaptureOptions(...)``, ``run=RunOptions(...)``) are still
+    accepted; keywords override their fields. Returns the finished manifest.
+    `progress(done_sequences, total_sequences, tokens)` is called after each batch.
+    Rerunning with the same arguments resumes an interrupted run (also one started by the
+    distributed engine: every input range not yet committed is done).
     """
-    options = options or CaptureOptions(seed=(run.seed if run else 0))
-    run = run or RunOptions()
+    options, run = capture_options(options, run, kwargs)
     dataset = data if isinstance(data, TextDataset) else TextDataset(data)
     ident = trace_identity(model, tokenizer, dataset, options, run, model_name)
     writer = TraceWriter(out, ident.header, ident.fingerprint, shard_rows=run.shard_rows, overwrite=overwrite)
@@ -248,6 +275,27 @@ def capture_dataset(
     if n_truncated:
         warnings.warn(f"{n_truncated} text(s) were longer than {ident.max_length} tokens and were truncated")
     return writer.finish({"run": {"truncated_texts": n_truncated}})
+
+
+def capture_options(options: CaptureOptions | None, run: RunOptions | None,
+                    kwargs: dict[str, Any]) -> tuple[CaptureOptions, RunOptions]:
+    """(CaptureOptions, RunOptions) from the option objects given (or defaults) with the
+    keyword arguments applied to whichever has the field (``seed`` to both). TypeError
+    naming every accepted keyword for an unknown one."""
+    from dataclasses import fields
+
+    from moescope.capture.recorder import merge_options
+
+    known = {f.name for f in fields(CaptureOptions)} | {f.name for f in fields(RunOptions)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise TypeError(f"capture_dataset() got unexpected keyword(s) {', '.join(unknown)}; "
+                        f"accepted: {', '.join(sorted(known))}")
+    run = merge_options(RunOptions, run, kwargs, strict=False)
+    if options is None and "seed" not in kwargs:
+        kwargs = {**kwargs, "seed": run.seed}  # one seed for sampling and the hidden sampler
+    options = merge_options(CaptureOptions, options, kwargs, strict=False)
+    return options, run
 
 
 def _tokenize(tokenizer: Any, batch: list[Record], max_length: int, on_long: str, *,

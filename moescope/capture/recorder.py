@@ -18,8 +18,9 @@ Hooks observe and never change a tensor: outputs with capture on equal those wit
 from __future__ import annotations
 
 import inspect
+import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -46,6 +47,8 @@ class CaptureOptions:
         hidden_layers: restrict hidden-state capture to these layer indices (None: all).
         weights_dtype: "float16" (default; the information bound) or "float32".
         seed: seed of the hidden-state sampling hash.
+        layers: record only these MoE layer indices (None: every MoE layer). The manifest
+            lists the layers captured, so analyses never read a missing layer as unused.
     """
 
     router_scores: str | None = None
@@ -54,8 +57,15 @@ class CaptureOptions:
     hidden_layers: tuple[int, ...] | None = None
     weights_dtype: str = "float16"
     seed: int = 0
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        # Lists are accepted for convenience (record(model, layers=[0, 7])); stored as tuples
+        # so the options stay hashable and serialise the same way.
+        for name in ("layers", "hidden_layers", "hidden_positions"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(int(x) for x in value))
         if self.router_scores not in (None, "logits", "probs"):
             raise MoescopeError(f"router_scores must be 'logits' or 'probs', not {self.router_scores!r}")
         if not 0.0 <= self.hidden_rate <= 1.0:
@@ -150,6 +160,7 @@ class Recorder:
                 f"{type(model).__name__} ({model.config.model_type}) has no MoE layers moescope can find; "
                 "is this a dense model?"
             )
+        self.layers = select_layers(self.layers, self.options.layers)
         self._by_path = {layer.path: layer for layer in self.layers}
         self._stacks = sorted({layer.stack for layer in self.layers})
         self._encoder_stack = next((s for s in self._stacks if "encoder" in s.split(".")), None)
@@ -158,6 +169,8 @@ class Recorder:
         self._current: dict[str, Step] = {}
         self._group: Group | None = None
         self._closed: list[Group] = []
+        self._kept: list[Group] = []  # groups tables() has assembled (it never empties the recorder)
+        self._tables: dict[str, Any] | None = None
         self._next_seq_id = first_seq_id
         self._pending: dict[str, Any] | None = None
         self._in_generate = False
@@ -243,10 +256,47 @@ class Recorder:
         return groups
 
     def tables(self) -> dict[str, Any]:
-        """Arrow tables (sequences, tokens, routes, hidden) of everything recorded so far."""
+        """Arrow tables of everything recorded so far: ``sequences``, ``tokens``, ``routes`` and
+        ``hidden`` (None unless router inputs were sampled with hidden_rate / hidden_positions).
+
+        Idempotent: calling it again (a rerun notebook cell) returns the same tables, plus
+        whatever was recorded in between. Groups taken with :meth:`take` are not included.
+        """
         from moescope.capture.assemble import assemble_groups
 
-        return assemble_groups(self.take(), self)
+        self._close_group()
+        if self._closed or self._tables is None:
+            self._kept += self._closed
+            self._closed = []
+            self._tables = assemble_groups(self._kept, self)
+        return dict(self._tables)
+
+    def save(self, out: str | os.PathLike, *, model_name: str | None = None, overwrite: bool = False) -> Any:
+        """Write what was recorded as a trace directory (Parquet shards + manifest) that
+        :func:`moescope.open_trace` and every analysis read. Returns the opened :class:`Trace`.
+
+        The manifest describes the model like `moescope capture` does, with capture mode
+        "record" and the layers recorded.
+        """
+        from moescope.capture.loading import describe_model
+        from moescope.store.reader import open_trace
+        from moescope.store.tables import write_trace
+
+        tables = self.tables()
+        if tables["routes"] is None or not tables["routes"].num_rows:
+            raise MoescopeError("nothing was recorded yet: run the model inside `with moescope.record(...)` first")
+        name = model_name or getattr(self.model, "name_or_path", None) or self.model.config._name_or_path
+        options = {f"option_{k}": v for k, v in asdict(self.options).items()}
+        capture = {"mode": "record", "has_weights": True, "layers": [layer.layer for layer in self.layers], **options}
+        extra: dict[str, Any] = {}
+        if self.tokenizer is not None:
+            extra["tokenizer"] = {"name_or_path": getattr(self.tokenizer, "name_or_path", name),
+                                  "vocab_size": len(self.tokenizer),
+                                  "padding_side": getattr(self.tokenizer, "padding_side", None)}
+        write_trace(out, sequences=tables["sequences"], tokens=tables["tokens"], routes=tables["routes"],
+                    hidden=tables["hidden"], model=describe_model(self.model, str(name)), capture=capture,
+                    header_extra=extra, overwrite=overwrite)
+        return open_trace(out)
 
     # -- groups --------------------------------------------------------------------------
     def _open_group(self, batch: int) -> Group:
@@ -513,12 +563,44 @@ def record(
 ) -> Recorder:
     """A recorder to use as a context manager around forward or generate calls of `model`.
 
-    Keyword arguments not named here are :class:`CaptureOptions` fields
-    (``router_scores``, ``hidden_rate``, ``hidden_positions``, ``hidden_layers``, ...).
+    Keyword arguments not named here are :class:`CaptureOptions` fields: ``layers``,
+    ``router_scores``, ``hidden_rate``, ``hidden_positions``, ``hidden_layers``,
+    ``weights_dtype``, ``seed`` (the same keywords :func:`moescope.capture_dataset` takes).
+
+    After the block, ``rec.tables()`` gives the Arrow tables and ``rec.save(dir)`` writes
+    them as a trace directory.
     """
-    if option_kwargs:
-        options = CaptureOptions(**option_kwargs)
+    options = merge_options(CaptureOptions, options, option_kwargs)
     return Recorder(model, tokenizer=tokenizer, options=options, first_seq_id=first_seq_id)
+
+
+def merge_options(cls: type, base: Any, kwargs: dict[str, Any], *, strict: bool = True) -> Any:
+    """`base` (an instance of the options dataclass `cls`, or None) with the fields named in
+    `kwargs` replaced. TypeError naming the accepted keywords for an unknown one (if strict)."""
+    from dataclasses import fields, replace
+
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(kwargs) - names)
+    if unknown and strict:
+        raise TypeError(f"unexpected keyword(s) {', '.join(unknown)}; accepted: {', '.join(sorted(names))}")
+    mine = {k: v for k, v in kwargs.items() if k in names}
+    base = base if base is not None else cls()
+    return replace(base, **mine) if mine else base
+
+
+def select_layers(layers: list[MoELayer], wanted: tuple[int, ...] | None) -> list[MoELayer]:
+    """The MoE layers whose index is in `wanted` (all when None); MoescopeError naming the
+    model's MoE layers when one is not an MoE layer (dense, or out of range)."""
+    if wanted is None:
+        return layers
+    have = [layer.layer for layer in layers]
+    bad = [x for x in wanted if x not in have]
+    if bad or not wanted:
+        raise MoescopeError(
+            f"layer(s) {', '.join(map(str, bad)) or '(none)'} are not MoE layers of this model; "
+            f"its MoE layers are {', '.join(map(str, have))}"
+        )
+    return [layer for layer in layers if layer.layer in set(wanted)]
 
 
 def iter_layer_records(group: Group) -> Iterator[tuple[Step, int, LayerRecord]]:
