@@ -5,7 +5,11 @@ fence (```text, ```console, ```json, ...) and any block preceded by a marker lin
 
     <!-- not run: why (e.g. needs a GPU, a hub model, a Ray cluster) -->
 
-which the test counts and reports. Run as a script, this module executes the blocks of
+which the test counts and reports. A block that runs but takes long is preceded by
+
+    <!-- slow: why -->
+
+and runs only in the slow test (``pytest -m slow``). Run as a script, this module executes the blocks of
 one JSON list in a single process (a `moescope` start costs seconds of imports):
 
 - each markdown file runs in a fresh copy of a prepared directory holding the paths the
@@ -33,6 +37,7 @@ from pathlib import Path
 RUN_LANGS = {"python": "python", "bash": "bash", "sh": "bash", "shell": "bash"}
 FENCE = re.compile(r"^(?P<indent>\s*)```(?P<lang>[\w+-]*)\s*$")
 NOT_RUN = re.compile(r"^\s*<!--\s*not run:\s*(?P<why>.+?)\s*-->\s*$")
+SLOW = re.compile(r"^\s*<!--\s*slow:\s*(?P<why>.+?)\s*-->\s*$")
 
 
 @dataclass
@@ -42,6 +47,7 @@ class Block:
     lang: str  # "python" or "bash", or the fence's own language if not run
     code: str
     not_run: str | None = None  # the marker's reason, or "fence <lang>" for other languages
+    slow: str | None = None  # the slow marker's reason: run only by the slow test
 
     @property
     def where(self) -> str:
@@ -72,9 +78,11 @@ def extract_blocks(path: Path, root: Path) -> list[Block]:
         while k >= 0 and not lines[k].strip():
             k -= 1
         marker = NOT_RUN.match(lines[k]) if k >= 0 else None
+        slow = SLOW.match(lines[k]) if k >= 0 else None
         runnable = RUN_LANGS.get(lang)
         reason = marker.group("why") if marker else (None if runnable else f"fence {lang or '(none)'}")
-        blocks.append(Block(str(path.relative_to(root)), i + 1, runnable or lang, "\n".join(body) + "\n", reason))
+        blocks.append(Block(str(path.relative_to(root)), i + 1, runnable or lang, "\n".join(body) + "\n", reason,
+                            slow.group("why") if slow else None))
         i = j + 1
     return blocks
 

@@ -32,6 +32,8 @@ def test_extractor_honours_markers_fences_and_indentation(tmp_path):
     blocks = extract_blocks(md, tmp_path)
     assert [(b.lang, b.not_run) for b in blocks] == [("python", None), ("bash", "needs a GPU"),
                                                        ("console", "fence console"), ("python", None)]
+    md.write_text("<!-- slow: 2 minutes -->\n```bash\nmoescope demo\n```\n")
+    assert [(b.not_run, b.slow) for b in extract_blocks(md, tmp_path)] == [(None, "2 minutes")]
     assert blocks[3].code == "x = 1\n" and blocks[0].line == 2
     assert moescope_commands("moescope a --x 1 \\\n  --y 2   # c\nmoescope b && moescope c\n") == \
         [["a", "--x", "1", "--y", "2"], ["b"], ["c"]]
@@ -40,8 +42,19 @@ def test_extractor_honours_markers_fences_and_indentation(tmp_path):
 
 
 def test_every_code_block_of_the_docs_runs(tmp_path):
+    """Every runnable block but those marked slow (about a minute on 2 quiet cores)."""
+    run_blocks(tmp_path, slow=False)
+
+
+@pytest.mark.slow
+def test_the_slow_code_blocks_of_the_docs_run(tmp_path):
+    """The blocks marked `<!-- slow: ... -->` (several minutes)."""
+    run_blocks(tmp_path, slow=True)
+
+
+def run_blocks(tmp_path: Path, *, slow: bool) -> None:
     blocks = all_blocks()
-    runnable = [b for b in blocks if b.not_run is None]
+    runnable = [b for b in blocks if b.not_run is None and bool(b.slow) == slow]
     marked = [b for b in blocks if b.not_run is not None and not b.not_run.startswith("fence")]
     assert runnable, "no runnable block found"
     listing = tmp_path / "blocks.json"
@@ -55,6 +68,8 @@ def test_every_code_block_of_the_docs_runs(tmp_path):
     outcome = json.loads(results.read_text())
     failed = [r for r in outcome if r["error"]]
     print(f"{len(outcome)} blocks run ({sum(r['seconds'] for r in outcome):.0f} s), {len(marked)} marked not run:")
+    for r in outcome:
+        print(f"  {r['seconds']:6.1f} s  {r['file']}:{r['line']}{'  FAILED' if r['error'] else ''}")
     for b in marked:
         print(f"  not run {b.where}: {b.not_run}")
     report = "\n\n".join(f"{r['file']}:{r['line']} ({r['lang']}):\n{r['code']}-> {r['error']}" for r in failed)
