@@ -3,7 +3,6 @@ layer selection, sequence selection (--where), sub-traces (moescope filter), tra
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,12 +17,26 @@ from moescope.errors import MoescopeError
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    import os
+class Done:
+    """What a `moescope` command run in this process did."""
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "moescope.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=300)
+    def __init__(self, returncode: int, stderr: str) -> None:
+        self.returncode, self.stderr = returncode, stderr
+
+
+def cli(*args, capsys) -> Done:
+    """Run `moescope ARGS` in this process (a subprocess would pay the imports again)."""
+    from moescope.cli import main
+
+    old, sys.argv = sys.argv, ["moescope", *map(str, args)]
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    finally:
+        sys.argv = old
+    return Done(code, capsys.readouterr().err)
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +75,14 @@ def test_capture_dataset_takes_keywords_like_record(tiny, prompts, tmp_path):
         moescope.capture_dataset(model, tok, prompts, tmp_path / "bad", batchsize=4)
 
 
-def test_layers_outside_the_moe_layers_are_refused_in_one_line(tiny, prompts, tmp_path):
+def test_layers_outside_the_moe_layers_are_refused_in_one_line(tiny, prompts, tmp_path, capsys):
     model, tok = tiny
     with pytest.raises(MoescopeError, match=r"layer\(s\) 7 are not MoE layers.*MoE layers are 0, 1, 2$"):
         moescope.record(model, tokenizer=tok, layers=[0, 7])
     with pytest.raises(MoescopeError, match="MoE layers are 0, 1, 2"):
         moescope.capture_dataset(model, tok, prompts, tmp_path / "x", layers=[5])
     assert not (tmp_path / "x").exists()  # refused before anything is written
-    res = cli("capture", "--model", tiny_model_dir(model), "--data", prompts, "--out", tmp_path / "c", "--layers", "9")
+    res = cli("capture", "--model", tiny_model_dir(model), "--data", prompts, "--out", tmp_path / "c", "--layers", "9", capsys=capsys)
     assert res.returncode != 0 and "its MoE layers are 0, 1, 2" in res.stderr
 
 
@@ -152,18 +165,18 @@ def test_analyses_from_one_place_with_pandas_and_html_views(labelled):
     assert sig.to_pandas().shape[0] >= 1 and sig.df("per_layer_accuracy").index.name == "layer"
 
 
-def test_where_on_analyze_commands_is_applied_and_recorded(labelled, tmp_path):
-    res = cli("analyze", "stats", labelled, "--out", tmp_path / "s", "--permutations", "0", "--where", "label = 'b'")
+def test_where_on_analyze_commands_is_applied_and_recorded(labelled, tmp_path, capsys):
+    res = cli("analyze", "stats", labelled, "--out", tmp_path / "s", "--permutations", "0", "--where", "label = 'b'", capsys=capsys)
     assert res.returncode == 0, res.stderr
     out = json.loads((tmp_path / "s" / "results.json").read_text())
     assert out["where"] == "label = 'b'"
     assert out["n_tokens"] == [12 * 12] * 3  # 12 sequences of 12 tokens kept, at each of 3 layers
-    res = cli("analyze", "stats", labelled, "--out", tmp_path / "t", "--where", "colour = 1")
+    res = cli("analyze", "stats", labelled, "--out", tmp_path / "t", "--where", "colour = 1", capsys=capsys)
     assert res.returncode != 0 and "its columns are" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_filter_writes_a_sub_trace_with_provenance(labelled, tmp_path):
-    res = cli("filter", labelled, "--where", "label = 'a' AND seq_id < 10", "--out", tmp_path / "sub")
+def test_filter_writes_a_sub_trace_with_provenance(labelled, tmp_path, capsys):
+    res = cli("filter", labelled, "--where", "label = 'a' AND seq_id < 10", "--out", tmp_path / "sub", capsys=capsys)
     assert res.returncode == 0, res.stderr
     sub = moescope.open_trace(tmp_path / "sub")
     src = moescope.open_trace(labelled, where="label = 'a' AND seq_id < 10")
