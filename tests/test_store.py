@@ -163,6 +163,9 @@ def test_writer_commits_files_written_elsewhere_and_tracks_done_ranges(tmp_path)
     with pytest.raises(TraceError, match="overlap"):
         writer.commit(part(2, 6), 2, 6, 4)
     leftover = part(4, 8)  # written, never committed (the driver died)
+    with pytest.raises(TraceError, match=f"pid {os.getpid()}"):  # the first writer still holds the lock
+        TraceWriter(tmp_path / "t", header, "fp")
+    writer.close()  # as the OS does when the driver dies
     reopened = TraceWriter(tmp_path / "t", header, "fp")
     assert not (tmp_path / "t" / leftover["routes"]["path"]).exists()
     assert reopened.pending(12) == [(4, 8)]
