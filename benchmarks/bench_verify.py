@@ -7,7 +7,8 @@ Builds the same synthetic trace as benchmarks/bench_analysis.py (E=64, top-8, 16
 weights stored) with moescope.testing.synthetic.stream_trace, then times, in fresh
 subprocesses (so the per-process cache of verified shards is cold): open_trace with
 verify=False, open_trace with verify=True, and one full read of the routes table (what any
-analysis does at least once), wall and CPU seconds. Prints a JSON line.
+analysis does at least once), wall and CPU seconds. Writes docs/results/verify/results.json
+(quoted in docs/trace-format.md by scripts/findings_verify.py) and prints it.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "results" / "verify" / "results.json"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 CHILD = r"""
@@ -48,6 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the results JSON")
     args = parser.parse_args()
     from bench_analysis import SPEC
 
@@ -59,7 +62,8 @@ def main() -> None:
         size = sum(p.stat().st_size for p in path.rglob("*.parquet"))
         plain, verified = timed(path, "plain", args.repeats), timed(path, "verify", args.repeats)
         read = timed(path, "read", args.repeats)
-        print(json.dumps({
+        result = {
+            "command": " ".join(["benchmarks/bench_verify.py", *sys.argv[1:]]),
             "rows": manifest["totals"]["rows"]["routes"], "shard_files": sum(len(s["files"]) for s in manifest["shards"]),
             "parquet_mb": round(size / 1e6, 1),
             "open_s": round(plain["wall"], 3), "open_verified_s": round(verified["wall"], 3),
@@ -67,7 +71,10 @@ def main() -> None:
             "verify_cpu_s": round(verified["cpu"] - plain["cpu"], 3),
             "verify_mb_per_s": round(size / 1e6 / max(verified["wall"] - plain["wall"], 1e-9)),
             "read_routes_s": round(read["wall"] - plain["wall"], 3),
-        }))
+        }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def register(app: typer.Typer, **_: object) -> None:
         generate: int = typer.Option(0, "--generate", help="Generate N new tokens per text and record them too (0: forward only)."),
         batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward / generate call."),
         max_length: Optional[int] = typer.Option(None, "--max-length", help="Longest prompt in tokens (default: the model's context)."),
-        on_long: str = typer.Option("truncate", "--on-long", help="Texts over --max-length: 'truncate' (warn) or 'refuse'."),
+        on_long: str = typer.Option("truncate", "--on-long", help="Texts over --max-length: 'truncate' (a note; flagged in sequences.truncated) or 'refuse'."),
         device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, mps, or auto (spread over devices)."),
         dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
         sample: bool = typer.Option(False, "--sample", help="Sample when generating (default: greedy)."),
