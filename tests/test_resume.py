@@ -135,8 +135,24 @@ def test_large_models_are_identified_by_sampled_values_and_files(tiny_dir, tmp_p
     weights = next(model_dir.glob("*.safetensors"))
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # rewritten file
     assert weights_identity(model, str(model_dir))["files"] != big["files"]
-    model.config._commit_hash = "abc123"  # a hub model keeps its commit
-    assert weights_identity(model, "org/some-model")["commit"] == "abc123"
+    # A hub model: its commit, and the cache's blobs, which are named by their content's SHA-256.
+    import huggingface_hub
+
+    snapshot = tmp_path / "hub/models--org--m/snapshots/abc123"
+    blobs = tmp_path / "hub/models--org--m/blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    blob = blobs / ("a" * 64)
+    shutil.copy(weights, blob)
+    (snapshot / "model.safetensors").symlink_to(blob)
+    (snapshot / "config.json").write_text("{}")
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache",
+                        lambda repo, name, revision=None: str(snapshot / name) if revision == "abc123" else None)
+    model.config._commit_hash = "abc123"
+    hub = weights_identity(model, "org/m")
+    assert hub["commit"] == "abc123" and hub["files"] == files_digest(snapshot)
+    os.utime(blob, ns=(0, 0))  # a blob's time does not matter: its name is its content
+    assert weights_identity(model, "org/m") == hub
 
 
 def test_a_second_writer_is_refused_naming_the_holder(tmp_path):

@@ -23,7 +23,7 @@ from moescope.capture.data import TRUNCATED, Record, TextDataset
 from moescope.capture.loading import describe_model
 from moescope.capture.recorder import CaptureOptions, Recorder
 from moescope.errors import DataError, MoescopeError
-from moescope.capture.identity import normalised_path, tokenizer_identity, weights_identity
+from moescope.capture.identity import model_directory, normalised_path, tokenizer_identity, weights_identity
 from moescope.store.manifest import fingerprint
 from moescope.store.writer import DEFAULT_SHARD_ROWS, TraceWriter
 
@@ -131,6 +131,9 @@ def trace_identity(model: Any, tokenizer: Any, dataset: TextDataset, options: Ca
     max_length = _max_length(tokenizer, model, run.max_length)
     model_info = describe_model(model, name)
     model_info["path"] = normalised_path(name)
+    snapshot = model_directory(model, name)
+    if snapshot is not None and not Path(str(name)).is_dir():  # a hub id: where its files really are
+        model_info["snapshot"] = str(snapshot)
     weights = weights_identity(model, name)
     model_info["weights"] = weights
     capture_info = {
@@ -161,7 +164,7 @@ def trace_identity(model: Any, tokenizer: Any, dataset: TextDataset, options: Ca
     if run.generate and run.do_sample:
         content_options["batch_size"] = run.batch_size
     identity = {
-        "model": {k: v for k, v in model_info.items() if k not in ("name_or_path", "path", "revision")},
+        "model": {k: v for k, v in model_info.items() if k not in ("name_or_path", "path", "snapshot", "revision")},
         "tokenizer": tokenizer_info,
         "input": {"sha256": dataset.summary.sha256, "text_field": dataset.text_field,
                   "n_records": dataset.summary.n_records},
