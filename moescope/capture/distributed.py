@@ -82,6 +82,7 @@ class WorkerSpec:
     threads: int
     out: str
     fingerprint: str | None = None  # None for the identity probe
+    identity: dict | None = None  # the driver's, to name what differs when a worker disagrees
 
 
 def plan_chunks(pending: list[tuple[int, int]], chunk_size: int) -> list[tuple[int, int]]:
@@ -157,8 +158,12 @@ class CaptureWorker:
         try:
             model, tokenizer, ident = _load(spec)
             if ident.fingerprint != spec.fingerprint:
-                raise TraceError("a worker loaded a different model or software than the driver's probe; "
-                                 "install the same moescope, torch and transformers on every node")
+                from moescope.store.manifest import identity_differences
+
+                diffs = identity_differences(ident.header.get("identity") or {}, spec.identity or {})
+                what = f" ({'; '.join(diffs[:3])}, 'here' being the worker)" if diffs else ""
+                raise TraceError(f"a worker loaded a different model or software than the driver's probe{what}; "
+                                 "give every node the same model files, moescope, torch and transformers")
         except MoescopeError as exc:
             self.error = exc
             return
@@ -278,7 +283,8 @@ def _drive(ray: Any, model: str | None, dataset: TextDataset, out: Path, load: L
         done = total - sum(end - start for start, end in pending)
         tokens = truncated = 0
         cpu_seconds = 0.0
-        for row in _results(ray, chunks, replace(spec, fingerprint=ident.fingerprint), ray_options):
+        for row in _results(ray, chunks, replace(spec, fingerprint=ident.fingerprint,
+                                                     identity=ident.header.get("identity")), ray_options):
             if row["error"]:
                 raise _error_from(row["error"])
             meta = json.loads(row["meta"])
