@@ -56,7 +56,7 @@ def setting(tiny_dir, tmp_path_factory):
     return root, model_dir, data
 
 
-def test_new_weights_at_the_same_path_are_refused_naming_the_weights(setting, tmp_path):
+def test_new_weights_at_the_same_path_are_refused_naming_the_weights(setting, tmp_path, capsys):
     root, model_dir, data = setting
     moved = tmp_path / "model"
     shutil.copytree(model_dir, moved)
@@ -69,9 +69,11 @@ def test_new_weights_at_the_same_path_are_refused_naming_the_weights(setting, tm
         capture_dataset(other, tok2, data, out, run=RunOptions(batch_size=4, shard_rows=300), model_name=str(moved))
     assert "\n" not in str(err.value) and "--overwrite" in str(err.value)
     # the CLI says the same in one line
-    r = subprocess.run(MOESCOPE + ["capture", "--model", str(moved), "--data", str(data), "--out", str(out),
-                                   "--batch-size", "4", "--shard-rows", "300"], capture_output=True, text=True)
-    assert r.returncode != 0 and "model.weights" in r.stderr and "Traceback" not in r.stderr
+    from test_cli_errors import assert_one_line_error, run_cli
+
+    code, err = run_cli(["capture", "--model", str(moved), "--data", str(data), "--out", str(out),
+                         "--batch-size", "4", "--shard-rows", "300"], capsys)
+    assert_one_line_error(code, err, "holds a different trace", "model.weights.digest", "--overwrite")
 
 
 def test_an_in_memory_model_changed_after_the_first_run_is_refused(setting, tmp_path):

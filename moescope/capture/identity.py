@@ -116,12 +116,15 @@ def weights_identity(model: Any, name_or_path: str | None = None) -> dict[str, A
     out: dict[str, Any] = {"bytes": size}
     if commit and not (name_or_path and Path(name_or_path).is_dir()):
         out["commit"] = commit
-    if size <= FULL_HASH_BYTES:
-        out.update(method="sha256 of all parameters", digest=parameters_digest(model))
-        return out
-    out.update(method=f"sha256 of {SAMPLE_VALUES} sampled values per tensor",
-               digest=parameters_digest(model, sample=SAMPLE_VALUES))
     directory = model_directory(model, name_or_path)
+    try:
+        if size <= FULL_HASH_BYTES:
+            out.update(method="sha256 of all parameters", digest=parameters_digest(model))
+            return out
+        out.update(method=f"sha256 of {SAMPLE_VALUES} sampled values per tensor",
+                   digest=parameters_digest(model, sample=SAMPLE_VALUES))
+    except (NotImplementedError, RuntimeError):  # weights offloaded to disk ("meta" tensors): files only
+        out.update(method="checkpoint files only (parameters offloaded)", digest=None)
     if directory is not None and weight_files(directory):
         out["files"] = files_digest(directory)
     return out
