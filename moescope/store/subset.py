@@ -46,18 +46,21 @@ def filter_trace(source: str | os.PathLike, out: str | os.PathLike, where: str, 
     fp = fingerprint({"source": provenance["source_fingerprint"], "where": trace.where})
     writer = TraceWriter(out, header, fp, shard_rows=shard_rows, overwrite=overwrite)
     if writer.complete:
+        writer.close()
         return writer.manifest
     if writer.manifest["shards"]:  # our own interrupted run (same fingerprint): start it again
+        writer.close()
         writer = TraceWriter(out, header, fp, shard_rows=shard_rows, overwrite=True)
-    done = 0
-    for files in _source_shards(trace):
-        part = {name: ds.dataset(path, format="parquet").to_table(filter=selected) for name, path in files.items()}
-        n = part["sequences"].num_rows if "sequences" in part else 0
-        if not any(t.num_rows for t in part.values()):
-            continue
-        writer.add(part, input_end=done + n, n_sequences=n, input_start=done)
-        done += n
-    return writer.finish()
+    with writer:
+        done = 0
+        for files in _source_shards(trace):
+            part = {name: ds.dataset(path, format="parquet").to_table(filter=selected) for name, path in files.items()}
+            n = part["sequences"].num_rows if "sequences" in part else 0
+            if not any(t.num_rows for t in part.values()):
+                continue
+            writer.add(part, input_end=done + n, n_sequences=n, input_start=done)
+            done += n
+        return writer.finish()
 
 
 def _source_shards(trace: Any) -> list[dict[str, Any]]:
