@@ -66,6 +66,11 @@ def test_capture_dataset_takes_keywords_like_record(tiny, prompts, tmp_path):
     trace = moescope.open_trace(tmp_path / "kw")
     assert trace.moe_layers == [0, 2]
     assert sorted(r[0] for r in trace.rows("SELECT DISTINCT layer FROM routes")) == [0, 2]
+    # the trap: layer 1 was not captured, so it must not show up as a layer whose experts all died
+    from moescope.analysis import routing_statistics
+
+    stats = routing_statistics(trace, permutations=0, figures=False)
+    assert stats.values["moe_layers"] == [0, 2] and list(stats.df().index) == [0, 2]
     # the option objects are still accepted, and keywords override their fields
     from moescope.capture.dataset import RunOptions
 
