@@ -8,7 +8,8 @@ import pyarrow as pa
 import pytest
 
 import moescope
-from moescope.analysis.signatures import cosine_stats, load_balanced_counts, routing_signatures
+from moescope.analysis.signature_controls import load_balanced_counts
+from moescope.analysis.signatures import cosine_stats, routing_signatures
 from moescope.errors import DataError
 from moescope.store.tables import write_trace
 from moescope.testing.synthetic import labelled_trace, null_trace, token_routed_trace
