@@ -1,7 +1,8 @@
 """Analysis benchmark: routing statistics + signatures vs a straightforward pandas implementation.
 
     .venv/bin/python benchmarks/bench_analysis.py            # 10M rows, writes benchmarks/results/analysis.md
-    .venv/bin/python benchmarks/bench_analysis.py --quick    # 1M rows (a smoke run)
+    .venv/bin/python benchmarks/bench_analysis.py --quick    # 1M rows
+    .venv/bin/python benchmarks/bench_analysis.py --rows 200000   # a smoke run (analysis-smoke.md)
 
 Data: synthetic traces written by the streaming generator (moescope.testing.synthetic.stream_trace):
 E=64 experts, top-8, 16 MoE layers, sequences of 1024 prompt tokens in 4 labels, a 4096-token
@@ -269,6 +270,7 @@ def make_trace(path: Path, rows: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1M / 0.5M rows instead of 10M / 5M")
+    parser.add_argument("--rows", type=int, default=None, help="rows of the big trace (the small one: half); a smoke run")
     parser.add_argument("--workdir", type=Path, default=None, help="where to write the traces (default: a temp dir)")
     parser.add_argument("--child", nargs=2, metavar=("IMPL", "TRACE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -276,6 +278,8 @@ def main() -> None:
         child(*args.child)
         return
     big, small = (1_000_000, 500_000) if args.quick else (10_000_000, 5_000_000)
+    if args.rows:
+        big, small = args.rows, args.rows // 2
     with tempfile.TemporaryDirectory(prefix="moescope-bench-", dir=args.workdir) as tmp:
         work = Path(tmp)
         load_before = os.getloadavg()
@@ -294,7 +298,8 @@ def main() -> None:
     report = render(info, mo, pdr, mem, problems, quick=args.quick)
     print(report)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / ("analysis-quick.md" if args.quick else "analysis.md")).write_text(report, encoding="utf-8")
+    name = "analysis-smoke.md" if args.rows else "analysis-quick.md" if args.quick else "analysis.md"
+    (RESULTS / name).write_text(report, encoding="utf-8")
 
 
 def render(info: dict, mo: dict, pdr: dict, mem: dict, problems: list[str], *, quick: bool) -> str:

@@ -221,3 +221,38 @@ def test_planted_layers_are_significant_after_holm_and_only_there(tmp_path):
                 "adds_over_token_id_control_ci_low", "cv_repeats", "group_field"):
         assert key in v
     assert v["cv_accuracy_ci_low"] <= v["cv_accuracy_mean"] <= v["cv_accuracy_ci_high"]
+
+
+def test_token_id_control_is_fitted_on_the_training_fold_only():
+    """Brute force: the map from the training sequences' counts, the fallback for unseen ids."""
+    from scipy.sparse import csr_matrix
+
+    from moescope.analysis.signature_controls import SequenceTokenExperts, TokenIdControl
+
+    rng = np.random.default_rng(0)
+    S, L, V, E, k = 6, 2, 5, 4, 2
+    per_seq = rng.integers(0, 3, size=(S, L, V, E))
+    per_seq[:2, :, 4, :] = 0
+    per_seq[2:, :, 4, :] = 0
+    per_seq[0, :, 4, :] = [3, 0, 1, 2]  # token 4 occurs in sequence 0 only
+    s, li, v, e = np.nonzero(per_seq)
+    ste = SequenceTokenExperts(s, (li * V + v) * E + e, per_seq[s, li, v, e], np.arange(V), (L, V, E))
+    occ = rng.integers(1, 4, size=(S, V)).astype(float)
+    occ[1:, 4] = 0
+    n_tok = occ.sum(axis=1, keepdims=True).repeat(L, axis=1)
+    ctrl = TokenIdControl(ste, csr_matrix(occ), n_tok, k)
+    train, test = np.array([1, 2, 3, 4, 5]), np.array([0])
+    feats, unseen = ctrl.fold(train, test)
+    counts = per_seq[train].sum(axis=0)  # (L, V, E)
+    expect = np.zeros((S, L, E))
+    for layer in range(L):
+        freq = counts[layer].sum(axis=0)
+        for tok in range(V):
+            if counts[layer, tok].sum() == 0:
+                row = k * freq / freq.sum()
+            else:
+                order = sorted(range(E), key=lambda x: (-counts[layer, tok, x], x))[:k]
+                row = np.isin(np.arange(E), order).astype(float)
+            expect[:, layer] += occ[:, [tok]] * row
+    np.testing.assert_allclose(feats, (expect / n_tok[:, :, None]).reshape(S, -1))
+    assert unseen == pytest.approx(occ[0, 4] / occ[0].sum())
