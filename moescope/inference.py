@@ -345,9 +345,12 @@ def _fit_fold(Z: np.ndarray, Zte: np.ndarray, T: np.ndarray, g_train: np.ndarray
     alphas = np.asarray(factors) * (s2.mean() if len(s2) else 1.0)
     buckets = _group_index(g_train)
     press = np.zeros((len(alphas), n_sets))
+    # The inner error is only compared across penalties: float32 products halve the main cost
+    # (n x r x M per penalty, M = classes x label sets) at a precision far below the differences.
+    U32, UT32, Tc32 = U.astype(np.float32), UT.astype(np.float32), (T - tbar).astype(np.float32)
     for ai, a in enumerate(alphas):
         h = s2 / (s2 + a)
-        E = T - (tbar + U @ (h[:, None] * UT))
+        E = Tc32 - U32 @ (h[:, None].astype(np.float32) * UT32)
         for idx in buckets:
             if idx.shape[1] == 1:
                 i = idx[:, 0]
