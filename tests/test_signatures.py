@@ -256,3 +256,11 @@ def test_token_id_control_is_fitted_on_the_training_fold_only():
             expect[:, layer] += occ[:, [tok]] * row
     np.testing.assert_allclose(feats, (expect / n_tok[:, :, None]).reshape(S, -1))
     assert unseen == pytest.approx(occ[0, 4] / occ[0].sum())
+
+
+def test_group_errors_name_the_fix(tmp_path):
+    trace = document_leak_trace(tmp_path / "t", n_docs=3, pieces=3, seq_len=8, layers=1)
+    with pytest.raises(DataError, match="fewer than 2 groups of 'doc_id'.*--group none"):
+        routing_signatures(trace, label="label", **FAST)
+    with pytest.raises(DataError, match="no field 'document'; available: .*doc_id"):
+        routing_signatures(trace, label="label", group="document", **FAST)

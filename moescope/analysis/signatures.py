@@ -366,7 +366,13 @@ def _evaluate(inputs: SignatureInputs, label: str, folds: int, repeats: int, per
         A = token_count_matrix(inputs.seq_tokens, seqc.seq_ids, ste.vocab)
         bag = cv(tfidf_fold_features(token_count_matrix(inputs.seq_tokens, seqc.seq_ids)), standardize=False)
         control = TokenIdControl(ste, A, n_tok, inputs.top_k)
-        fitted = [control.fold(tr, te) for rep in splits for tr, te in rep]
+        flat = [sp for rep in splits for sp in rep]
+        if n_jobs != 1:
+            from joblib import Parallel, delayed
+
+            fitted = Parallel(n_jobs=n_jobs, prefer="threads")(delayed(control.fold)(tr, te) for tr, te in flat)
+        else:
+            fitted = [control.fold(tr, te) for tr, te in flat]
         control_features = [f for f, _ in fitted]
         tcv = cv(lambda j, tr, te: (control_features[j][tr], control_features[j][te]))
         full_map = control.base_counts / np.maximum(n_tok[:, :, None], 1)
