@@ -13,7 +13,8 @@ What lives here (and nowhere else: analyses call these instead of keeping their 
   Nadeau-Bengio correction for overlapping training sets; :func:`paired_comparison` applies it
   to the per-fold difference of two feature sets evaluated on the same folds.
 - :func:`mcnemar`: exact McNemar test on paired per-item correctness.
-- :func:`group_permutations` (labels shuffled at the group level), :func:`permutation_p_value`
+- :func:`group_permutations` (labels shuffled at the group level), :func:`fold_permutations`
+  (the same within each test fold: the null of a cross-validated score), :func:`permutation_p_value`
   ((1 + #null >= observed) / (1 + n)) and :func:`format_p` (states the floor as "p ≤ 1/(n+1)").
 - :func:`holm`: Holm step-down adjusted p-values across layers / cells.
 - :func:`cluster_bootstrap_ci`: percentile CI of a mean resampling whole groups.
@@ -24,7 +25,7 @@ All functions are pure (numpy in, numpy/dicts out) and seeded; none reads a trac
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
