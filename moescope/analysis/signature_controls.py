@@ -86,25 +86,36 @@ class TokenIdControl:
 
     def fold(self, train_idx: np.ndarray, test_idx: np.ndarray) -> tuple[np.ndarray, float]:
         """((S, L * E) control signature vectors with the map of the training fold, share of the
-        test sequences' token occurrences whose id is unseen in the training fold)."""
+        test sequences' token occurrences whose id is unseen in the training fold).
+
+        Only (layer, token) rows that occur in the test sequences can differ from the whole-trace
+        map, so only those are refitted (the rest of the map is the whole trace's = the training
+        fold's); the control counts change by the token occurrences times the map's change."""
         L, V, E = self.ste.shape
         in_test = np.zeros(len(self.n_tokens), bool)
         in_test[test_idx] = True
         rows = in_test[self.ste.seq_idx]
-        test = np.bincount(self.ste.key[rows], weights=self.ste.n[rows], minlength=L * V * E).reshape(L, V, E)
-        train = self.total - test
-        fmap = top_k_map(train, self.k)
-        seen = train.sum(axis=2) > 0  # (L, V)
-        freq = train.sum(axis=1)  # (L, E)
+        key, n = self.ste.key[rows], self.ste.n[rows]
+        lv, e = key // E, key % E
+        touched, local = np.unique(lv, return_inverse=True)  # (layer, token) rows seen in the test fold
+        test = np.bincount(local * E + e, weights=n, minlength=len(touched) * E).reshape(len(touched), E)
+        flat_total = self.total.reshape(L * V, E)
+        train = flat_total[touched] - test
+        layer = touched // V
+        freq = self.total.sum(axis=1) - np.bincount(layer[local] * E + e, weights=n, minlength=L * E).reshape(L, E)
         fallback = self.k * freq / np.maximum(freq.sum(axis=1, keepdims=True), 1e-12)
-        fmap = np.where(seen[:, :, None], fmap, fallback[:, None, :])
+        new = top_k_map(train[None], self.k)[0]
+        unseen_rows = train.sum(axis=1) == 0
+        new[unseen_rows] = fallback[layer[unseen_rows]]
+        old = self.base_map.reshape(L * V, E)[touched]
+        changed = np.flatnonzero(np.any(new != old, axis=1))
         counts = self.base_counts.copy()
-        for li in range(L):
-            changed = np.flatnonzero(np.any(fmap[li] != self.base_map[li], axis=1))
-            if len(changed):
-                counts[:, li, :] += np.asarray(self.A[:, changed] @ (fmap[li, changed] - self.base_map[li, changed]))
+        for li in np.unique(layer[changed]):
+            sel = changed[layer[changed] == li]
+            counts[:, li, :] += np.asarray(self.A[:, touched[sel] % V] @ (new[sel] - old[sel]))
         occ = self.A[test_idx]
-        unseen = float(occ[:, ~seen[0]].sum() / max(occ.sum(), 1))
+        unseen_tokens = touched[unseen_rows & (layer == 0)] % V
+        unseen = float(occ[:, unseen_tokens].sum() / max(occ.sum(), 1))
         sig = np.divide(counts, self.n_tokens[:, :, None], out=np.zeros(counts.shape), where=self.n_tokens[:, :, None] > 0)
         return sig.reshape(len(sig), -1), unseen
 
