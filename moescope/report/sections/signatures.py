@@ -40,10 +40,6 @@ def _pm(mean: Any, sd: Any) -> str:
     return fv(mean) if sd is None else f"{fv(mean)} ± {fv(sd)}"
 
 
-def _signed(value: Any) -> str:
-    return "n/a" if value is None else f"{value:+.3f}"
-
-
 def _ci(r: dict[str, Any], prefix: str) -> str:
     """'0.912 [0.871, 0.953]' from prefix_mean (or prefix) and prefix_ci_low/high."""
     mean = r.get(f"{prefix}_mean", r.get(prefix))
