@@ -264,3 +264,14 @@ def test_group_errors_name_the_fix(tmp_path):
         routing_signatures(trace, label="label", **FAST)
     with pytest.raises(DataError, match="no field 'document'; available: .*doc_id"):
         routing_signatures(trace, label="label", group="document", **FAST)
+
+
+def test_token_id_control_falls_back_to_the_whole_trace_map_when_too_large(tmp_path, monkeypatch):
+    import moescope.analysis.signatures as sigmod
+
+    path = token_routed_trace(tmp_path / "t", layers=2, n_seq=40)
+    monkeypatch.setattr(sigmod, "MAX_SEQUENCE_TOKEN_EXPERT_ROWS", 0)
+    v = _run(path, repeats=2, permutations=5, control_draws=0)
+    assert v["token_id_control_fitted_per_fold"] is False and v["token_id_control_unseen_token_share"] == 0.0
+    assert any("whole-trace map" in n for n in v["notes"])
+    assert v["token_id_control_accuracy_mean"] >= 0.6

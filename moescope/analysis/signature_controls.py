@@ -75,12 +75,15 @@ class TokenIdControl:
         top_k: experts per token.
     """
 
-    def __init__(self, ste: SequenceTokenExperts, token_counts: Any, n_tokens: np.ndarray, top_k: int) -> None:
+    def __init__(self, ste: SequenceTokenExperts, token_counts: Any, n_tokens: np.ndarray, top_k: int,
+                 total: np.ndarray | None = None) -> None:
         self.ste, self.k = ste, top_k
         self.A = token_counts.tocsc()
         self.n_tokens = np.asarray(n_tokens, np.float64)
         L, V, E = ste.shape
-        self.total = np.bincount(ste.key, weights=ste.n, minlength=L * V * E).reshape(L, V, E)
+        self.per_fold = total is None
+        self.total = (np.bincount(ste.key, weights=ste.n, minlength=L * V * E).reshape(L, V, E) if total is None
+                      else np.asarray(total, np.float64))
         self.base_map = top_k_map(self.total, top_k)
         self.base_counts = np.stack([np.asarray(self.A @ self.base_map[li]) for li in range(L)], axis=1)  # (S, L, E)
 
@@ -92,6 +95,9 @@ class TokenIdControl:
         map, so only those are refitted (the rest of the map is the whole trace's = the training
         fold's); the control counts change by the token occurrences times the map's change."""
         L, V, E = self.ste.shape
+        if not self.per_fold:  # too large to keep per-sequence counts: the whole-trace map
+            base = self.base_counts / np.maximum(self.n_tokens[:, :, None], 1e-12)
+            return np.where(self.n_tokens[:, :, None] > 0, base, 0.0).reshape(len(base), -1), 0.0
         in_test = np.zeros(len(self.n_tokens), bool)
         in_test[test_idx] = True
         rows = in_test[self.ste.seq_idx]
@@ -118,6 +124,20 @@ class TokenIdControl:
         unseen = float(occ[:, unseen_tokens].sum() / max(occ.sum(), 1))
         sig = np.divide(counts, self.n_tokens[:, :, None], out=np.zeros(counts.shape), where=self.n_tokens[:, :, None] > 0)
         return sig.reshape(len(sig), -1), unseen
+
+
+def whole_trace_control(token_expert: dict[str, np.ndarray], token_counts: Any, vocab: np.ndarray,
+                        n_tokens: np.ndarray, n_layers: int, n_experts: int, top_k: int) -> TokenIdControl:
+    """The token-id control from whole-trace (layer, token, expert) counts: the fallback when the
+    per-sequence counts a per-fold fit needs are too large to hold. Every fold then uses the same
+    map, which has seen the test sequences' own routing (optimistic for the control)."""
+    keep = np.isin(token_expert["token_id"], vocab)
+    v_idx = np.searchsorted(vocab, token_expert["token_id"][keep])
+    total = np.zeros((n_layers, len(vocab), n_experts))
+    np.add.at(total, (token_expert["layer_index"][keep], v_idx, token_expert["expert"][keep]), token_expert["n"][keep])
+    empty = SequenceTokenExperts(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), vocab,
+                                 (n_layers, len(vocab), n_experts))
+    return TokenIdControl(empty, token_counts, n_tokens, top_k, total=total)
 
 
 def token_count_matrix(seq_tok: dict[str, np.ndarray], seq_ids: np.ndarray, vocab: np.ndarray | None = None) -> Any:
