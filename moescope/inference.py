@@ -362,7 +362,7 @@ def _fit_fold(Z: np.ndarray, Zte: np.ndarray, T: np.ndarray, g_train: np.ndarray
                 Hgg = 1.0 / n + np.einsum("gir,r,gjr->gij", Ug, h, Ug)
                 e = np.linalg.solve(np.eye(idx.shape[1])[None] - Hgg, E[idx])
                 e = e.reshape(-1, E.shape[1])
-            press[ai] += (e ** 2).reshape(len(e), n_sets, -1).sum(axis=(0, 2))
+            press[ai] += np.einsum("ij,ij->j", e, e).reshape(n_sets, -1).sum(axis=1)
     best = np.argmin(press[::-1], axis=0)  # ties -> the stronger penalty
     best = len(alphas) - 1 - best
     M = T.shape[1]
