@@ -163,7 +163,8 @@ def corrected_resampled_t(values: Sequence[float], n_train: float, n_test: float
     """Mean of per-fold values from repeated K-fold CV with a CI and a two-sided p (H0: mean 0)
     from the corrected resampled t-test (Nadeau & Bengio 2003): variance inflated by
     (1/J + n_test/n_train) for J fold values, J - 1 degrees of freedom. Returns mean, ci_low,
-    ci_high, p_value, se. A single value gives NaN for everything but the mean."""
+    ci_high, p_value, se. A single value gives NaN for everything but the mean; identical values
+    (zero variance) give a zero-width CI and p = 0 when they differ from 0 (every fold agrees), else 1."""
     from scipy import stats
 
     v = np.asarray(values, dtype=float)
