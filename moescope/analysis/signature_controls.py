@@ -41,15 +41,18 @@ def sequence_token_expert_counts(trace: Any, *, phase: str, seq_ids: np.ndarray)
         f"ON r.seq_id = t.seq_id AND r.pos = t.pos) "
         f"SELECT seq_id, layer, token_id, e AS expert, count(*)::INTEGER AS n FROM "
         f"(SELECT seq_id, layer, token_id, unnest(experts) AS e FROM x) GROUP BY ALL").fetchnumpy()
-    seq = np.asarray(res["seq_id"], np.int64)
+    seq = res.pop("seq_id")
     keep = np.isin(seq, seq_ids)
-    tok = np.asarray(res["token_id"], np.int64)[keep]
-    vocab, v_idx = np.unique(tok, return_inverse=True)
+    seq_idx = np.searchsorted(seq_ids, seq[keep]).astype(np.int32)
+    del seq
+    vocab, v_idx = np.unique(res.pop("token_id")[keep], return_inverse=True)
     L, E = len(trace.moe_layers), trace.n_experts
-    li = layer_index(trace)[np.asarray(res["layer"], np.int64)[keep]]
-    key = (li * len(vocab) + v_idx) * E + np.asarray(res["expert"], np.int64)[keep]
-    return SequenceTokenExperts(np.searchsorted(seq_ids, seq[keep]).astype(np.int64), key,
-                                np.asarray(res["n"], np.int64)[keep], vocab, (L, len(vocab), E))
+    # compact dtypes: tens of millions of rows on large traces
+    key_type = np.int32 if L * len(vocab) * E < 2 ** 31 else np.int64
+    key = layer_index(trace)[res.pop("layer")[keep]].astype(key_type) * len(vocab) + v_idx.astype(key_type)
+    del v_idx
+    key = key * E + res.pop("expert")[keep].astype(key_type)
+    return SequenceTokenExperts(seq_idx, key, res.pop("n")[keep].astype(np.int32), vocab, (L, len(vocab), E))
 
 
 def top_k_map(counts: np.ndarray, k: int) -> np.ndarray:

@@ -159,8 +159,8 @@ class SignatureInputs:
 
 
 #: Above this many (sequence, layer, token id, expert) rows (estimated as distinct (sequence, token
-#: id) pairs x layers x k), the token-id control falls back to one whole-trace map (noted).
-MAX_SEQUENCE_TOKEN_EXPERT_ROWS = 40_000_000
+#: id) pairs x layers x k; ~10 bytes each), the token-id control falls back to one whole-trace map (noted).
+MAX_SEQUENCE_TOKEN_EXPERT_ROWS = 100_000_000
 
 #: The sequences field that groups pieces of one document, used without --group when present
 #: (the built-in prompts and the default model's probe texts carry it).
