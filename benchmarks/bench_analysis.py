@@ -174,7 +174,7 @@ def pandas_inputs(trace_dir: Path):
     # per (sequence, layer, token, expert): what the fold-fitted token-id control needs
     ps = tl[tl["seq_id"].isin(seq_ids)].groupby(["seq_id", "li", "token_id", "experts"]).size().reset_index(name="n")
     vocab, v_idx = np.unique(ps["token_id"].to_numpy(np.int64), return_inverse=True)
-    ste = SequenceTokenExperts(np.searchsorted(seq_ids, ps["seq_id"].to_numpy(np.int64)),
+    ste = SequenceTokenExperts.from_rows(np.searchsorted(seq_ids, ps["seq_id"].to_numpy(np.int64)),
                                (ps["li"].to_numpy(np.int64) * len(vocab) + v_idx) * E + ps["experts"].to_numpy(np.int64),
                                ps["n"].to_numpy(np.int64), vocab, (L, len(vocab), E))
     stats_in = StatsInputs(scan, token_counts, token_text, counts.sum(axis=1), y, None)

@@ -158,8 +158,8 @@ class SignatureInputs:
     seq_token_experts: SequenceTokenExperts | None = None
 
 
-#: Above this many (sequence, layer, token id, expert) rows (estimated as distinct (sequence, token
-#: id) pairs x layers x k; ~10 bytes each), the token-id control falls back to one whole-trace map (noted).
+#: Above this many expert assignments (tokens x MoE layers x k; 4 bytes each, kept per sequence),
+#: the token-id control falls back to one whole-trace map (noted).
 MAX_SEQUENCE_TOKEN_EXPERT_ROWS = 100_000_000
 
 #: The sequences field that groups pieces of one document, used without --group when present
@@ -227,11 +227,11 @@ def gather_signature_inputs(trace: Trace, label: str, *, phase: str = "prompt", 
     tok_exp, seq_tok, ste = counts.token_experts, None, None
     if trace.has("tokens"):
         seq_tok = sequence_token_counts(trace, phase=phase)
-        rows = int(np.isin(seq_tok["seq_id"], seqc.seq_ids).sum()) * len(trace.moe_layers) * trace.top_k
+        rows = int(seq_tok["n"][np.isin(seq_tok["seq_id"], seqc.seq_ids)].sum()) * len(trace.moe_layers) * trace.top_k
         if rows <= MAX_SEQUENCE_TOKEN_EXPERT_ROWS:
             ste = sequence_token_expert_counts(trace, phase=phase, seq_ids=seqc.seq_ids)
         else:
-            notes.append(f"up to {rows:,} per-sequence token-expert counts are too many to hold, so the token-id "
+            notes.append(f"{rows:,} per-sequence token-expert assignments are too many to hold, so the token-id "
                          "control uses one whole-trace map for every fold: it has seen the test sequences' own routing "
                          "(optimistic for the control, conservative for 'routing adds')")
     else:
