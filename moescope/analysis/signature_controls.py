@@ -160,15 +160,15 @@ class TokenIdControl:
             base = self.base_counts / np.maximum(self.n_tokens[:, :, None], 1e-12)
             return np.where(self.n_tokens[:, :, None] > 0, base, 0.0).reshape(len(base), -1), 0.0
         rows = self.ste.rows_of(test_idx)
-        key = self.ste.key[rows].astype(np.int64)
-        n = np.ones(len(rows)) if self.ste.n is None else self.ste.n[rows]
-        lv, e = key // E, key % E
-        touched, local = np.unique(lv, return_inverse=True)  # (layer, token) rows seen in the test fold
-        test = np.bincount(local * E + e, weights=n, minlength=len(touched) * E).reshape(len(touched), E)
+        # dense bincount (no sort) of the test fold's assignments; only touched rows are refitted
+        test_all = self.ste.counts(rows, minlength=L * V * E).reshape(L * V, E)
+        touched = np.flatnonzero(test_all.any(axis=1))
+        test = test_all[touched]
+        del test_all
         flat_total = self.total.reshape(L * V, E)
         train = flat_total[touched] - test
         layer = touched // V
-        freq = self.total.sum(axis=1) - np.bincount(layer[local] * E + e, weights=n, minlength=L * E).reshape(L, E)
+        freq = self.total.sum(axis=1) - np.stack([test[layer == li].sum(axis=0) for li in range(L)])
         fallback = self.k * freq / np.maximum(freq.sum(axis=1, keepdims=True), 1e-12)
         new = top_k_map(train[None], self.k)[0]
         unseen_rows = train.sum(axis=1) == 0
