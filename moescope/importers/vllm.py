@@ -29,7 +29,6 @@ to name their decoder-layer ids (default 0..L-1).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -37,6 +36,8 @@ import numpy as np
 
 from moescope.errors import DataError
 from moescope.importers.common import Request
+from moescope.importers.engine_model import EngineModel
+from moescope.importers.responses import is_response, read_jsonl, vllm_requests
 
 SUFFIXES = (".jsonl", ".npz", ".npy")
 ROUTING = ("routed_experts", "prompt_routed_experts")
@@ -45,23 +46,44 @@ TEXT = {"prompt": "text", "text": "text", "generated_text": "generated_text", "o
 
 
 class VllmSource:
-    """vLLM routed-experts files (see the module docstring for the accepted forms)."""
+    """vLLM routed experts: engine responses (JSONL, needs the model) or the files of the
+    module docstring."""
 
     name = "vllm"
+    expert_ids = "logical"  # vLLM captures the router's choice before any EPLB mapping
 
-    def __init__(self, inputs: list[str | Path]) -> None:
+    def __init__(self, inputs: list[str | Path], model: EngineModel | None = None) -> None:
         self.paths = _expand(inputs)
+        self.model = model
         kinds = {p.suffix for p in self.paths}
         self.format = "+".join(sorted(k.lstrip(".") for k in kinds))
 
     def requests(self) -> Iterator[Request]:
         for path in self.paths:
             if path.suffix == ".jsonl":
-                yield from _jsonl(path)
+                for where, obj in read_jsonl(path):
+                    if is_response(obj):
+                        if self.model is None:
+                            raise DataError(f"{where}: a vLLM response; pass --model (the served model's directory "
+                                            "or hub id) so its decoder layers can be told from its MoE layers")
+                        yield from vllm_requests(where, obj, self.model)
+                    else:
+                        yield self._flat(where, obj)
             elif path.suffix == ".npz":
-                yield _npz(path)
+                yield self._with_model(_npz(path))
             else:
-                yield _request(path.name, {"routed_experts": _load_npy(path)})
+                yield self._with_model(_request(path.name, {"routed_experts": _load_npy(path)}))
+
+    def _flat(self, where: str, obj: dict[str, Any]) -> Request:
+        if "routed_experts" not in obj and "prompt_routed_experts" not in obj:
+            raise DataError(f"{where}: neither an engine response (with 'choices') nor a routed_experts record")
+        return self._with_model(_request(where, obj))
+
+    def _with_model(self, req: Request) -> Request:
+        """With --model, an array over every decoder layer keeps the MoE layers only."""
+        if self.model is not None:
+            req.experts = self.model.select_layers(req.where, req.experts)
+        return req
 
 
 def _expand(inputs: list[str | Path]) -> list[Path]:
@@ -79,20 +101,6 @@ def _expand(inputs: list[str | Path]) -> list[Path]:
         else:
             paths.append(item)
     return paths
-
-
-def _jsonl(path: Path) -> Iterator[Request]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path} line {lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path} line {lineno}: expected a JSON object with routed_experts")
-            yield _request(f"{path} line {lineno}", obj)
 
 
 def _npz(path: Path) -> Request:

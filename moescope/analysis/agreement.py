@@ -1,0 +1,269 @@
+"""Routing agreement of two traces of the same model over the same tokens.
+
+Typical pairs: a serving engine's import vs its transformers replay, bfloat16 vs float32,
+two engine versions. Sequences are aligned by their token ids (identical token sequences
+are paired, whatever their seq_id); tokens in sequences without a twin are counted as
+unaligned and reported. Then, per MoE layer, on every token routed in both traces:
+
+- exact top-k set agreement (same k experts, any order), top-1 agreement (same first
+  expert: weight order in captures, the engine's order in imports), mean overlap / k;
+- the same by phase (prompt / generated) and by position bucket;
+- where router logits were recorded (in A, else B): agreement as a function of the router's
+  margin between its k-th and (k+1)-th logit -- precision or kernel differences can only
+  flip near-ties, so mismatches should sit at small margins;
+- the tokens with the most disagreeing layers.
+
+Everything but the worst-token list is a count array (:class:`AgreementCounts`) summed over
+any partition of the aligned rows, so shards can be counted separately (e.g. on Ray) and
+merged with :meth:`AgreementCounts.merge`.
+
+Baselines: two independent uniform top-k draws among E experts agree on the whole set with
+probability 1 / C(E, k) and overlap k / E on average (``chance_*`` values); the reference for
+"the same computation" is agreement 1.0.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from moescope.errors import MoescopeError
+
+POSITION_EDGES = (0, 1, 4, 16, 64, 256, 1024)  # bucket b holds positions [edges[b], edges[b+1])
+MARGIN_EDGES = (0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # logit units, last bucket open
+PHASES = ("prompt", "generated")
+N_WORST = 20
+
+
+@dataclass
+class Alignment:
+    """Which sequence of B is the twin of which sequence of A (same token ids)."""
+
+    pairs: list[tuple[int, int]]  # (seq_id in A, seq_id in B)
+    n_tokens_aligned: int
+    n_tokens_unaligned_a: int
+    n_tokens_unaligned_b: int
+    n_sequences_unaligned_a: int
+    n_sequences_unaligned_b: int
+
+
+def _token_sequences(tokens: pa.Table) -> dict[int, np.ndarray]:
+    order = np.lexsort((tokens.column("pos").to_numpy(), tokens.column("seq_id").to_numpy()))
+    seq = tokens.column("seq_id").to_numpy()[order]
+    ids = tokens.column("token_id").to_numpy()[order].astype(np.uint32)
+    starts = np.flatnonzero(np.r_[True, seq[1:] != seq[:-1]]) if len(seq) else np.zeros(0, int)
+    ends = np.r_[starts[1:], len(seq)]
+    return {int(seq[a]): ids[a:b] for a, b in zip(starts, ends)}
+
+
+def align_sequences(tokens_a: pa.Table, tokens_b: pa.Table) -> Alignment:
+    """Pair sequences of A and B with identical token ids (duplicates paired in seq_id order)."""
+    seqs_a, seqs_b = _token_sequences(tokens_a), _token_sequences(tokens_b)
+    waiting: dict[bytes, list[int]] = {}
+    for sid in sorted(seqs_b):
+        waiting.setdefault(seqs_b[sid].tobytes(), []).append(sid)
+    pairs, used_b = [], set()
+    for sid in sorted(seqs_a):
+        twins = waiting.get(seqs_a[sid].tobytes())
+        if twins:
+            b = twins.pop(0)
+            pairs.append((sid, b))
+            used_b.add(b)
+    paired_a = {a for a, _ in pairs}
+    un_a = [s for s in seqs_a if s not in paired_a]
+    un_b = [s for s in seqs_b if s not in used_b]
+    return Alignment(pairs=pairs, n_tokens_aligned=sum(len(seqs_a[a]) for a, _ in pairs),
+                     n_tokens_unaligned_a=sum(len(seqs_a[s]) for s in un_a),
+                     n_tokens_unaligned_b=sum(len(seqs_b[s]) for s in un_b),
+                     n_sequences_unaligned_a=len(un_a), n_sequences_unaligned_b=len(un_b))
+
+
+@dataclass
+class AgreementCounts:
+    """Count arrays of the comparison (L = MoE layers). Sum two with :meth:`merge`."""
+
+    n: np.ndarray  # (L,) token-layer rows routed in both traces
+    set_equal: np.ndarray  # (L,) rows with the same top-k set
+    top1_equal: np.ndarray  # (L,)
+    overlap: np.ndarray  # (L,) sum over rows of |A ∩ B|
+    only_a: np.ndarray  # (L,) rows routed in A only (e.g. the last generated token, prefix-cache hits)
+    only_b: np.ndarray  # (L,)
+    phase_n: np.ndarray  # (2, L) prompt / generated
+    phase_set_equal: np.ndarray  # (2, L)
+    position_n: np.ndarray  # (P, L) position buckets
+    position_set_equal: np.ndarray  # (P, L)
+    margin_n: np.ndarray  # (M, L) margin buckets (zeros when no logits)
+    margin_set_equal: np.ndarray  # (M, L)
+    worst: list[dict[str, Any]] = field(default_factory=list)  # tokens with most disagreeing layers
+
+    @classmethod
+    def zeros(cls, n_layers: int) -> "AgreementCounts":
+        z = lambda *shape: np.zeros(shape, np.int64)  # noqa: E731
+        p, m = len(POSITION_EDGES), len(MARGIN_EDGES)
+        return cls(z(n_layers), z(n_layers), z(n_layers), z(n_layers), z(n_layers), z(n_layers),
+                   z(2, n_layers), z(2, n_layers), z(p, n_layers), z(p, n_layers), z(m, n_layers), z(m, n_layers))
+
+    def merge(self, other: "AgreementCounts") -> "AgreementCounts":
+        """The counts of both parts (arrays summed; worst tokens re-ranked)."""
+        arrays = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self) if f.name != "worst"}
+        return AgreementCounts(**arrays, worst=_top_worst(self.worst + other.worst))
+
+
+def _top_worst(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(rows, key=lambda r: (-r["n_layers_disagree"], r["seq_id_a"], r["pos"]))[:N_WORST]
+
+
+def _fixed_width(experts: pa.Array, k: int) -> np.ndarray:
+    """list<int> experts -> (N, k) int64, short rows padded with -1."""
+    experts = experts.combine_chunks() if isinstance(experts, pa.ChunkedArray) else experts
+    lengths = experts.value_lengths().to_numpy(zero_copy_only=False)
+    values = experts.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    if (lengths == k).all():
+        return values.reshape(-1, k)
+    out = np.full((len(lengths), k), -1, np.int64)
+    row = np.repeat(np.arange(len(lengths)), lengths)
+    col = np.arange(len(values)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    keep = col < k
+    out[row[keep], col[keep]] = values[keep]
+    return out
+
+
+def router_margins(logits: pa.Array, k: int) -> np.ndarray:
+    """(N,) k-th minus (k+1)-th largest router logit per row (float32; NaN when E <= k)."""
+    logits = logits.combine_chunks() if isinstance(logits, pa.ChunkedArray) else logits
+    lengths = logits.value_lengths().to_numpy(zero_copy_only=False)
+    if len(lengths) == 0 or lengths.min() != lengths.max() or lengths[0] <= k:
+        return np.full(len(lengths), np.nan, np.float32)
+    vals = logits.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(lengths), -1)
+    part = -np.partition(-vals, (k - 1, k), axis=1)
+    return part[:, k - 1] - part[:, k]
+
+
+def count_agreement(keys_a: np.ndarray, experts_a: np.ndarray, keys_b: np.ndarray, experts_b: np.ndarray, *,
+                    layer_index_a: np.ndarray, layer_index_b: np.ndarray, n_layers: int, pos_a: np.ndarray,
+                    phase_a: np.ndarray, margin_a: np.ndarray | None = None, margin_b: np.ndarray | None = None,
+                    token_of: Any = None) -> AgreementCounts:
+    """Counts over one part of the aligned rows.
+
+    keys_*: (N,) int64 keys of (aligned pair, position, layer) -- equal keys are the same
+    token at the same layer; experts_*: (N, k); layer_index_*: (N,) index into the MoE
+    layers; pos_a / phase_a (0 prompt, 1 generated) / margin_a: per row of A, margin_b per
+    row of B (used when margin_a is None; NaN or None: not recorded). token_of(key) -> dict describing a token, for the worst list.
+    """
+    c = AgreementCounts.zeros(n_layers)
+    common, ia, ib = np.intersect1d(keys_a, keys_b, assume_unique=True, return_indices=True)
+    c.only_a += np.bincount(np.delete(layer_index_a, ia), minlength=n_layers)
+    c.only_b += np.bincount(np.delete(layer_index_b, ib), minlength=n_layers)
+    if len(common) == 0:
+        return c
+    ea, eb, layer = experts_a[ia], experts_b[ib], layer_index_a[ia]
+    valid_a = ea >= 0
+    overlap = ((ea[:, :, None] == eb[:, None, :]) & valid_a[:, :, None]).any(axis=2).sum(axis=1)
+    k = ea.shape[1]
+    same = overlap == k
+    top1 = ea[:, 0] == eb[:, 0]
+    add = lambda target, mask=None, idx=layer: np.add.at(target, idx if mask is None else idx[mask], 1)  # noqa: E731
+    add(c.n)
+    add(c.set_equal, same)
+    add(c.top1_equal, top1)
+    np.add.at(c.overlap, layer, overlap)
+    ph = phase_a[ia]
+    for p in (0, 1):
+        add(c.phase_n[p], ph == p)
+        add(c.phase_set_equal[p], (ph == p) & same)
+    bucket = np.searchsorted(np.asarray(POSITION_EDGES), pos_a[ia], side="right") - 1
+    np.add.at(c.position_n, (bucket, layer), 1)
+    np.add.at(c.position_set_equal, (bucket[same], layer[same]), 1)
+    if margin_a is not None or margin_b is not None:
+        m = margin_a[ia] if margin_a is not None else margin_b[ib]
+        ok = np.isfinite(m)
+        mb = np.clip(np.searchsorted(np.asarray(MARGIN_EDGES), m[ok], side="right") - 1, 0, len(MARGIN_EDGES) - 1)
+        np.add.at(c.margin_n, (mb, layer[ok]), 1)
+        np.add.at(c.margin_set_equal, (mb[same[ok]], layer[ok][same[ok]]), 1)
+    token_key = common >> 12  # (pair, position): drop the layer bits
+    order = np.argsort(token_key, kind="stable")
+    tk, miss = token_key[order], (~same)[order]
+    starts = np.flatnonzero(np.r_[True, tk[1:] != tk[:-1]])
+    per_token = np.add.reduceat(miss.astype(np.int64), starts)
+    top = np.argsort(-per_token, kind="stable")[:N_WORST]
+    c.worst = [{**(token_of(int(tk[starts[t]])) if token_of else {}), "n_layers_disagree": int(per_token[t])}
+               for t in top if per_token[t] > 0]
+    c.worst = _top_worst(c.worst)
+    return c
+
+
+def chance_levels(n_experts: int, k: int) -> dict[str, float]:
+    """Agreement of two independent uniform top-k draws among E experts (the floor)."""
+    return {"chance_set_agreement": 1.0 / math.comb(n_experts, k), "chance_mean_overlap": k / n_experts,
+            "chance_top1_agreement": 1.0 / n_experts}
+
+
+def _rate(num: np.ndarray, den: np.ndarray) -> list[float | None]:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = num / den
+    return [None if not np.isfinite(x) else float(x) for x in np.atleast_1d(r)]
+
+
+def summarise(counts: AgreementCounts, *, layers: list[int], k: int, n_experts: int,
+              alignment: Alignment, margin_source: str | None) -> dict[str, Any]:
+    """results.json values from merged counts."""
+    n = counts.n
+    pooled = lambda a, b: _rate(np.asarray([a.sum()]), np.asarray([b.sum()]))[0]  # noqa: E731
+    values: dict[str, Any] = {
+        "moe_layers": layers, "top_k": k, "n_experts": n_experts,
+        "n_tokens_compared": alignment.n_tokens_aligned,
+        "n_tokens_unaligned": alignment.n_tokens_unaligned_a + alignment.n_tokens_unaligned_b,
+        "alignment": {"n_sequence_pairs": len(alignment.pairs), "n_tokens_unaligned_a": alignment.n_tokens_unaligned_a,
+                      "n_tokens_unaligned_b": alignment.n_tokens_unaligned_b,
+                      "n_sequences_unaligned_a": alignment.n_sequences_unaligned_a,
+                      "n_sequences_unaligned_b": alignment.n_sequences_unaligned_b},
+        "per_layer_n": n.tolist(),
+        "per_layer_set_agreement": _rate(counts.set_equal, n),
+        "per_layer_top1_agreement": _rate(counts.top1_equal, n),
+        "per_layer_mean_overlap": _rate(counts.overlap, n * k),
+        "per_layer_rows_only_a": counts.only_a.tolist(), "per_layer_rows_only_b": counts.only_b.tolist(),
+        "set_agreement": pooled(counts.set_equal, n), "top1_agreement": pooled(counts.top1_equal, n),
+        "mean_overlap": pooled(counts.overlap, n * k),
+        "share_rows_flipped": None if n.sum() == 0 else float(1 - counts.set_equal.sum() / n.sum()),
+        **chance_levels(n_experts, k),
+        "by_phase": {ph: {"per_layer_n": counts.phase_n[i].tolist(),
+                          "per_layer_set_agreement": _rate(counts.phase_set_equal[i], counts.phase_n[i]),
+                          "set_agreement": pooled(counts.phase_set_equal[i], counts.phase_n[i])}
+                     for i, ph in enumerate(PHASES)},
+        "by_position": {"edges": list(POSITION_EDGES), "n": counts.position_n.sum(axis=1).tolist(),
+                        "set_agreement": _rate(counts.position_set_equal.sum(axis=1), counts.position_n.sum(axis=1)),
+                        "per_layer_set_agreement": [_rate(counts.position_set_equal[b], counts.position_n[b])
+                                                    for b in range(len(POSITION_EDGES))]},
+        "worst_tokens": counts.worst,
+    }
+    if margin_source is not None and counts.margin_n.sum():
+        mn, me = counts.margin_n.sum(axis=1), counts.margin_set_equal.sum(axis=1)
+        mismatches = mn - me
+        total_mis = mismatches.sum()
+        values["margin"] = {
+            "source": margin_source, "unit": "router logit (k-th minus (k+1)-th)", "edges": list(MARGIN_EDGES),
+            "n": mn.tolist(), "set_agreement": _rate(me, mn), "mismatches": mismatches.tolist(),
+            "share_of_rows_below_edge": (np.cumsum(mn) / max(mn.sum(), 1)).tolist(),
+            "share_of_mismatches_below_edge": (np.cumsum(mismatches) / total_mis).tolist() if total_mis else None,
+            "per_layer_n": counts.margin_n.T.tolist(),
+            "per_layer_set_agreement": [_rate(counts.margin_set_equal[:, i], counts.margin_n[:, i])
+                                        for i in range(len(layers))],
+        }
+    return values
+
+
+def check_comparable(manifest_a: dict[str, Any], manifest_b: dict[str, Any]) -> None:
+    """MoescopeError unless both traces hold logical expert ids of the same E and k."""
+    for name, m in (("A", manifest_a), ("B", manifest_b)):
+        if m.get("capture", {}).get("expert_ids") == "physical":
+            raise MoescopeError(f"trace {name} holds physical expert slots (a dump without its physical-to-logical map); "
+                                "agreement compares logical expert ids: re-dump with the map")
+    ma, mb = manifest_a["model"], manifest_b["model"]
+    if ma.get("n_experts") != mb.get("n_experts") or ma.get("top_k") != mb.get("top_k"):
+        raise MoescopeError(f"the traces route differently (A: E={ma.get('n_experts')}, k={ma.get('top_k')}; "
+                            f"B: E={mb.get('n_experts')}, k={mb.get('top_k')}); agreement needs the same model")
+    if not set(ma["moe_layers"]) & set(mb["moe_layers"]):
+        raise MoescopeError("the traces share no MoE layer; agreement needs two traces of the same model")
