@@ -113,7 +113,7 @@ class AgreementCounts:
 
 
 def _top_worst(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return sorted(rows, key=lambda r: (-r["n_layers_disagree"], r["seq_id_a"], r["pos"]))[:N_WORST]
+    return sorted(rows, key=lambda r: (-r["n_layers_disagree"], r["token_key"]))[:N_WORST]
 
 
 def _fixed_width(experts: pa.Array, k: int) -> np.ndarray:
@@ -145,13 +145,15 @@ def router_margins(logits: pa.Array, k: int) -> np.ndarray:
 def count_agreement(keys_a: np.ndarray, experts_a: np.ndarray, keys_b: np.ndarray, experts_b: np.ndarray, *,
                     layer_index_a: np.ndarray, layer_index_b: np.ndarray, n_layers: int, pos_a: np.ndarray,
                     phase_a: np.ndarray, margin_a: np.ndarray | None = None, margin_b: np.ndarray | None = None,
-                    token_of: Any = None) -> AgreementCounts:
+                    token_of: Any = None, miss_sink: Any = None) -> AgreementCounts:
     """Counts over one part of the aligned rows.
 
     keys_*: (N,) int64 keys of (aligned pair, position, layer) -- equal keys are the same
     token at the same layer; experts_*: (N, k); layer_index_*: (N,) index into the MoE
     layers; pos_a / phase_a (0 prompt, 1 generated) / margin_a: per row of A, margin_b per
-    row of B (used when margin_a is None; NaN or None: not recorded). token_of(key) -> dict describing a token, for the worst list.
+    row of B (used when margin_a is None; NaN or None: not recorded). miss_sink(token keys,
+    mismatched) receives every compared row, for callers that count layers one call at a time
+    and rank tokens across layers themselves. token_of(key) -> dict describing a token, for the worst list.
     """
     c = AgreementCounts.zeros(n_layers)
     common, ia, ib = np.intersect1d(keys_a, keys_b, assume_unique=True, return_indices=True)
@@ -184,13 +186,15 @@ def count_agreement(keys_a: np.ndarray, experts_a: np.ndarray, keys_b: np.ndarra
         np.add.at(c.margin_n, (mb, layer[ok]), 1)
         np.add.at(c.margin_set_equal, (mb[same[ok]], layer[ok][same[ok]]), 1)
     token_key = common >> 12  # (pair, position): drop the layer bits
+    if miss_sink is not None:
+        miss_sink(token_key, ~same)
     order = np.argsort(token_key, kind="stable")
     tk, miss = token_key[order], (~same)[order]
     starts = np.flatnonzero(np.r_[True, tk[1:] != tk[:-1]])
     per_token = np.add.reduceat(miss.astype(np.int64), starts)
     top = np.argsort(-per_token, kind="stable")[:N_WORST]
-    c.worst = [{**(token_of(int(tk[starts[t]])) if token_of else {}), "n_layers_disagree": int(per_token[t])}
-               for t in top if per_token[t] > 0]
+    c.worst = [{"token_key": int(tk[starts[t]]), **(token_of(int(tk[starts[t]])) if token_of else {}),
+                "n_layers_disagree": int(per_token[t])} for t in top if per_token[t] > 0]
     c.worst = _top_worst(c.worst)
     return c
 

@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 
 from moescope.analysis.agreement import (
     MARGIN_EDGES,
+    N_WORST,
     AgreementCounts,
     _fixed_width,
     align_sequences,
@@ -51,6 +52,13 @@ def agreement(trace_a: Any, trace_b: Any, *, figures: bool = True) -> AnalysisRe
     margin_source = "a" if logit_a else ("b" if logit_b else None)
 
     counts = AgreementCounts.zeros(len(layers))
+    misses = np.zeros(len(tkeys), np.int64)  # per aligned token of A: layers that disagree
+
+    def sink(token_keys: np.ndarray, mismatched: np.ndarray) -> None:
+        at = np.searchsorted(tkeys, token_keys[mismatched])
+        ok = (at < len(tkeys)) & (tkeys[np.minimum(at, len(tkeys) - 1)] == token_keys[mismatched])
+        np.add.at(misses, at[ok], 1)
+
     for li, layer in enumerate(layers):
         ra = _layer_rows(trace_a, layer, pair_a, li, k, with_logits=logit_a)
         rb = _layer_rows(trace_b, layer, pair_b, li, k, with_logits=logit_b and not logit_a)
@@ -60,8 +68,10 @@ def agreement(trace_a: Any, trace_b: Any, *, figures: bool = True) -> AnalysisRe
         part = count_agreement(ra["key"], ra["experts"], rb["key"], rb["experts"],
                                layer_index_a=np.full(len(ra["key"]), li), layer_index_b=np.full(len(rb["key"]), li),
                                n_layers=len(layers), pos_a=ra["pos"], phase_a=phase,
-                               margin_a=ra.get("margin"), margin_b=rb.get("margin"), token_of=describe)
+                               margin_a=ra.get("margin"), margin_b=rb.get("margin"), miss_sink=sink)
         counts = counts.merge(part)
+    top = [int(i) for i in np.argsort(-misses, kind="stable")[:N_WORST] if misses[i] > 0]
+    counts.worst = [{**describe(int(tkeys[i])), "n_layers_disagree": int(misses[i])} for i in top]
     values = summarise(counts, layers=layers, k=k, n_experts=n_experts, alignment=align, margin_source=margin_source)
     values["notes"] = _notes(trace_a, trace_b, values)
     figs = _figures(values) if figures else {}
