@@ -76,7 +76,8 @@ class VllmSource:
 
     def _flat(self, where: str, obj: dict[str, Any]) -> Request:
         if "routed_experts" not in obj and "prompt_routed_experts" not in obj:
-            raise DataError(f"{where}: neither an engine response (with 'choices') nor a routed_experts record")
+            raise DataError(f"{where}: no routed_experts and no 'choices' (was vLLM started with "
+                            "--enable-return-routed-experts? save its responses as returned)")
         return self._with_model(_request(where, obj))
 
     def _with_model(self, req: Request) -> Request:
