@@ -250,8 +250,9 @@ def summarise(counts: AgreementCounts, *, layers: list[int], k: int, n_experts: 
         values["margin"] = {
             "source": margin_source, "unit": "router logit (k-th minus (k+1)-th)", "edges": list(MARGIN_EDGES),
             "n": mn.tolist(), "set_agreement": _rate(me, mn), "mismatches": mismatches.tolist(),
-            "share_of_rows_below_edge": (np.cumsum(mn) / max(mn.sum(), 1)).tolist(),
-            "share_of_mismatches_below_edge": (np.cumsum(mismatches) / total_mis).tolist() if total_mis else None,
+            # cumulative through bucket i, i.e. the share below edges[i + 1]
+            "cumulative_share_of_rows": (np.cumsum(mn) / max(mn.sum(), 1)).tolist(),
+            "cumulative_share_of_mismatches": (np.cumsum(mismatches) / total_mis).tolist() if total_mis else None,
             "per_layer_n": counts.margin_n.T.tolist(),
             "per_layer_set_agreement": [_rate(counts.margin_set_equal[:, i], counts.margin_n[:, i])
                                         for i in range(len(layers))],
