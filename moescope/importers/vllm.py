@@ -1,31 +1,24 @@
 """Import the routed experts that vLLM returns with ``--enable-return-routed-experts``.
 
-vLLM gives, per request, the expert ids each MoE layer's router chose for each token (int16;
-no weights). moescope reads them from files you write from vLLM's outputs, in one of three
-documented forms (docs/scale.md#vllm shows the few lines that write them):
+**Engine responses** (``--model`` needed): a JSONL of responses exactly as vLLM returned
+them, chat or completions form, any version with the output (see
+:mod:`moescope.importers.responses` and docs/scale.md#importing-routing-from-serving-engines).
 
-**JSONL**, one request per line, a JSON object with
-  - ``routed_experts``: ``[tokens][MoE layers][k]`` nested lists of expert ids;
-  - optionally ``prompt_routed_experts``: ``[prompt tokens][MoE layers][k]``. When present
-    (vLLM's split form: ``RequestOutput.prompt_routed_experts`` and
-    ``CompletionOutput.routed_experts``), the routing is the prompt's rows followed by
-    ``routed_experts``' rows; otherwise ``routed_experts`` alone covers the request's
-    tokens from the first;
-  - ``prompt_token_ids`` and ``output_token_ids`` (or ``token_ids``, vLLM's name on a
-    completion): the tokens, for the tokens table and the prompt / generated phases;
-  - optionally ``prompt`` (or ``text``) and ``generated_text`` (or ``output_text``), and any
-    other scalar field (``request_id``, ``label``, ...), kept as columns of the sequences table.
+**moescope's older flat forms** (without ``--model``; the layer axis is the MoE layers, named
+with --moe-layers):
 
-**.npz**, one request per file, arrays with the same names (``np.savez``; read without
-pickle: object arrays are refused). **.npy**, one request per file: the routing array alone
-(no tokens table). A directory is read as all its .jsonl / .npz / .npy files in name order.
+- JSONL, one request per line: ``routed_experts`` ([tokens][MoE layers][k]), optionally
+  ``prompt_routed_experts`` (vLLM 0.21's split form: the prompt's rows, then
+  ``routed_experts``' rows), ``prompt_token_ids`` and ``output_token_ids`` (or
+  ``token_ids``), and any scalar field (``prompt`` / ``text``, ``generated_text``,
+  ``request_id``, ``label``, ...) kept as sequence columns;
+- ``.npz``, one request per file, arrays with the same names (read without pickle);
+- ``.npy``, one request per file: the routing array alone (no tokens table).
 
-'tokens' is the request's prompt tokens followed by its generated tokens: row t of the
-routing is the t-th token of that sequence (position t). A row may be shorter than the
-tokens (the last generated token is never fed to the model); a row of -1 (vLLM's mark for
-positions served from the prefix cache) means the token was not routed in this request and
-gets no routes row. The layer axis is the model's MoE layers in order: pass --moe-layers
-to name their decoder-layer ids (default 0..L-1).
+Row t of the routing is the token at position t of prompt + generated tokens; a row may be
+missing for the last generated token (never fed to the model); a row of -1 (prefix-cache
+hits in vLLM 0.21) gets no routes row. A directory is read as all its .jsonl / .npz / .npy
+files in name order.
 """
 from __future__ import annotations
 
