@@ -254,3 +254,28 @@ def test_agreement_refuses_physical_ids(round_trip, tmp_path):
     write_manifest(copy, m)
     with pytest.raises(MoescopeError, match="physical"):
         agreement(moescope.open_trace(copy), moescope.open_trace(round_trip / "replay"), figures=False)
+
+
+def test_sglang_dump_forward_mode_labels_mixed_passes_and_replay_refuses_segments(tmp_path):
+    """SGLang's ForwardMode (forward_batch_info.py: EXTEND=1, DECODE=2, MIXED=3): a mixed pass
+    appends the running decode requests, one token each, after the prefill chunk."""
+    import torch
+
+    from moescope.capture.replay import source_sequences
+    from test_importers import sglang_dump
+
+    dump = sglang_dump()
+    mixed = dump["records"][2]
+    mixed.update(forward_mode=3, extend_seq_lens=[2, 1, 1], positions=[0, 1, 17, 9])
+    torch.save(dump, tmp_path / "d.pt")
+    import_requests(SglangSource([tmp_path / "d.pt"]), tmp_path / "t", used_slots_only=True, n_experts=8)
+    trace = moescope.open_trace(tmp_path / "t")
+    got = trace.rows("SELECT s.segment, t.phase FROM tokens t JOIN sequences s USING (seq_id) "
+                     "WHERE s.forward_pass_id = 2 ORDER BY s.segment, t.pos")
+    assert got == [(0, "prompt"), (0, "prompt"), (1, "generated"), (2, "generated")]
+    with pytest.raises(DataError, match="positions 0"):
+        source_sequences(tmp_path / "t")  # decode segments start mid-request: nothing to replay them from
+    dump["records"][1]["forward_mode"] = 5  # TARGET_VERIFY: speculative tokens that may never be accepted
+    torch.save(dump, tmp_path / "spec.pt")
+    with pytest.raises(DataError, match="speculative"):
+        import_requests(SglangSource([tmp_path / "spec.pt"]), tmp_path / "t2", used_slots_only=True, n_experts=8)
