@@ -166,9 +166,16 @@ def round_trip(tiny_dir, tmp_path_factory):
         sglang_lines.append(sglang_generate_line(f"r{i}", s["prompt"], s["output"], full))
     _write(work / "vllm.jsonl", vllm_lines)
     _write(work / "sglang.jsonl", sglang_lines)
-    r = subprocess.run(MOESCOPE + ["import", "vllm", str(work / "vllm.jsonl"), "--model", str(tiny_dir),
-                                   "--out", str(work / "vllm")], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    from moescope.cli import main
+
+    argv, sys.argv = sys.argv, ["moescope", "import", "vllm", str(work / "vllm.jsonl"), "--model", str(tiny_dir),
+                                "--out", str(work / "vllm")]
+    try:  # the command line, in this process (a new interpreter costs seconds)
+        main()
+    except SystemExit as exc:
+        assert exc.code in (0, None)
+    finally:
+        sys.argv = argv
     import_requests(SglangSource([work / "sglang.jsonl"], model), work / "sglang", model=model)
     replay_trace(hf_model, tokenizer, work / "vllm", work / "replay", options=logits)
     return work
@@ -194,10 +201,12 @@ def test_round_trip_agreement_is_one(round_trip):
     assert "margin" in v
 
 
-def test_agreement_cli_and_report_section(round_trip, tmp_path):
-    r = subprocess.run(MOESCOPE + ["analyze", "agreement", str(round_trip / "vllm"), str(round_trip / "replay"),
-                                   "--out", str(tmp_path / "agr")], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+def test_agreement_cli_and_report_section(round_trip, tmp_path, capsys):
+    from test_cli_errors import run_cli
+
+    code, err = run_cli(["analyze", "agreement", str(round_trip / "vllm"), str(round_trip / "replay"),
+                         "--out", str(tmp_path / "agr")], capsys)
+    assert code in (0, None), err
     values = json.loads((tmp_path / "agr" / "results.json").read_text())
     for key in ("moe_layers", "n_tokens_compared", "n_tokens_unaligned", "per_layer_set_agreement",
                 "per_layer_top1_agreement", "per_layer_mean_overlap"):
@@ -279,3 +288,23 @@ def test_sglang_dump_forward_mode_labels_mixed_passes_and_replay_refuses_segment
     torch.save(dump, tmp_path / "spec.pt")
     with pytest.raises(DataError, match="speculative"):
         import_requests(SglangSource([tmp_path / "spec.pt"]), tmp_path / "t2", used_slots_only=True, n_experts=8)
+
+
+def test_cli_errors_of_replay_and_agreement(round_trip, tiny_dir, tmp_path, capsys):
+    from test_cli_errors import assert_one_line_error, run_cli
+
+    from moescope.capture.dataset import capture_dataset
+    from moescope.capture.loading import load_model
+
+    code, err = run_cli(["capture", "--out", str(tmp_path / "x")], capsys)
+    assert_one_line_error(code, err, "--data", "--replay")
+    code, err = run_cli(["capture", "--replay", str(round_trip / "vllm"), "--data", str(round_trip / "p.txt"),
+                         "--out", str(tmp_path / "x")], capsys)
+    assert_one_line_error(code, err, "either")
+    other = tmp_path / "other.txt"
+    other.write_text("Completely different words here\n")
+    model, tok = load_model(str(tiny_dir))
+    capture_dataset(model, tok, other, tmp_path / "other")
+    code, err = run_cli(["analyze", "agreement", str(round_trip / "vllm"), str(tmp_path / "other"),
+                         "--out", str(tmp_path / "agr")], capsys)
+    assert_one_line_error(code, err, "same token ids")
