@@ -21,11 +21,14 @@ def render() -> dict:
     n_rows = sum(bf16["per_layer_n"])
     flipped = round(bf16["share_rows_flipped"] * n_rows)
     lo, hi = min(bf16["per_layer_set_agreement"]), max(bf16["per_layer_set_agreement"])
+    ci_lo, ci_hi = bf16["set_agreement_ci"]
     headline = (
         f"Over {bf16['n_tokens_compared']:,} tokens ({bf16['alignment']['n_sequence_pairs']} built-in prompts with "
         f"their generated continuations; {bf16['n_tokens_unaligned']} unaligned), running the built-in model in "
         f"bfloat16 instead of float32 changes the top-{bf16['top_k']} expert set of "
-        f"**{_pct(bf16['share_rows_flipped'])}** of token-layer routing decisions ({flipped:,} of {n_rows:,}); "
+        f"**{_pct(bf16['share_rows_flipped'])}** of token-layer routing decisions ({flipped:,} of {n_rows:,}; set "
+        f"agreement {_pct(1 - bf16['share_rows_flipped'])}, 95% CI {_pct(ci_lo)}–{_pct(ci_hi)} resampling whole "
+        f"sequences); "
         f"per layer, set agreement is {_pct(lo)}–{_pct(hi)}, top-1 agreement {_pct(bf16['top1_agreement'])} overall, "
         f"mean overlap/k {_pct(bf16['mean_overlap'])}. Chance (independent uniform draws) is "
         f"{_pct(bf16['chance_set_agreement'])} for the set.\n\n"
@@ -34,10 +37,12 @@ def render() -> dict:
         f"**{_pct(fp32['set_agreement'], 3)}** of {sum(fp32['per_layer_n']):,} token-layer decisions: the flips "
         f"above are precision, not the replay.\n"
     )
-    rows = ["| MoE layer | rows | top-k set | top-1 | overlap / k | prompt set | generated set |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| MoE layer | rows | top-k set | 95% CI | top-1 | overlap / k | prompt set | generated set |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for i, layer in enumerate(layers):
+        lo, hi = bf16["per_layer_set_agreement_ci"][i]
         rows.append(f"| {layer} | {bf16['per_layer_n'][i]:,} | {_pct(bf16['per_layer_set_agreement'][i])} | "
+                    f"{_pct(lo)}–{_pct(hi)} | "
                     f"{_pct(bf16['per_layer_top1_agreement'][i])} | {_pct(bf16['per_layer_mean_overlap'][i])} | "
                     f"{_pct(bf16['by_phase']['prompt']['per_layer_set_agreement'][i])} | "
                     f"{_pct(bf16['by_phase']['generated']['per_layer_set_agreement'][i])} |")

@@ -97,14 +97,17 @@ class AgreementCounts:
     position_set_equal: np.ndarray  # (P, L)
     margin_n: np.ndarray  # (M, L) margin buckets (zeros when no logits)
     margin_set_equal: np.ndarray  # (M, L)
+    pair_n: np.ndarray  # (G, L) per aligned sequence pair: the clusters of the bootstrap CIs
+    pair_set_equal: np.ndarray  # (G, L)
     worst: list[dict[str, Any]] = field(default_factory=list)  # tokens with most disagreeing layers
 
     @classmethod
-    def zeros(cls, n_layers: int) -> "AgreementCounts":
+    def zeros(cls, n_layers: int, n_pairs: int = 0) -> "AgreementCounts":
         z = lambda *shape: np.zeros(shape, np.int64)  # noqa: E731
         p, m = len(POSITION_EDGES), len(MARGIN_EDGES)
         return cls(z(n_layers), z(n_layers), z(n_layers), z(n_layers), z(n_layers), z(n_layers),
-                   z(2, n_layers), z(2, n_layers), z(p, n_layers), z(p, n_layers), z(m, n_layers), z(m, n_layers))
+                   z(2, n_layers), z(2, n_layers), z(p, n_layers), z(p, n_layers), z(m, n_layers), z(m, n_layers),
+                   z(n_pairs, n_layers), z(n_pairs, n_layers))
 
     def merge(self, other: "AgreementCounts") -> "AgreementCounts":
         """The counts of both parts (arrays summed; worst tokens re-ranked)."""
@@ -145,7 +148,7 @@ def router_margins(logits: pa.Array, k: int) -> np.ndarray:
 def count_agreement(keys_a: np.ndarray, experts_a: np.ndarray, keys_b: np.ndarray, experts_b: np.ndarray, *,
                     layer_index_a: np.ndarray, layer_index_b: np.ndarray, n_layers: int, pos_a: np.ndarray,
                     phase_a: np.ndarray, margin_a: np.ndarray | None = None, margin_b: np.ndarray | None = None,
-                    token_of: Any = None, miss_sink: Any = None) -> AgreementCounts:
+                    token_of: Any = None, miss_sink: Any = None, n_pairs: int = 0) -> AgreementCounts:
     """Counts over one part of the aligned rows.
 
     keys_*: (N,) int64 keys of (aligned pair, position, layer) -- equal keys are the same
@@ -153,9 +156,10 @@ def count_agreement(keys_a: np.ndarray, experts_a: np.ndarray, keys_b: np.ndarra
     layers; pos_a / phase_a (0 prompt, 1 generated) / margin_a: per row of A, margin_b per
     row of B (used when margin_a is None; NaN or None: not recorded). miss_sink(token keys,
     mismatched) receives every compared row, for callers that count layers one call at a time
-    and rank tokens across layers themselves. token_of(key) -> dict describing a token, for the worst list.
+    and rank tokens across layers themselves. n_pairs: the number of aligned sequence pairs
+    (key >> 32 is the pair), for per-pair counts (the clusters of the bootstrap CIs). token_of(key) -> dict describing a token, for the worst list.
     """
-    c = AgreementCounts.zeros(n_layers)
+    c = AgreementCounts.zeros(n_layers, n_pairs)
     common, ia, ib = np.intersect1d(keys_a, keys_b, assume_unique=True, return_indices=True)
     c.only_a += np.bincount(np.delete(layer_index_a, ia), minlength=n_layers)
     c.only_b += np.bincount(np.delete(layer_index_b, ib), minlength=n_layers)
@@ -172,6 +176,10 @@ def count_agreement(keys_a: np.ndarray, experts_a: np.ndarray, keys_b: np.ndarra
     add(c.set_equal, same)
     add(c.top1_equal, top1)
     np.add.at(c.overlap, layer, overlap)
+    if n_pairs:
+        pair = common >> 32
+        np.add.at(c.pair_n, (pair, layer), 1)
+        np.add.at(c.pair_set_equal, (pair[same], layer[same]), 1)
     ph = phase_a[ia]
     for p in (0, 1):
         add(c.phase_n[p], ph == p)
@@ -232,6 +240,7 @@ def summarise(counts: AgreementCounts, *, layers: list[int], k: int, n_experts: 
         "set_agreement": pooled(counts.set_equal, n), "top1_agreement": pooled(counts.top1_equal, n),
         "mean_overlap": pooled(counts.overlap, n * k),
         "share_rows_flipped": None if n.sum() == 0 else float(1 - counts.set_equal.sum() / n.sum()),
+        **_intervals(counts),
         **chance_levels(n_experts, k),
         "by_phase": {ph: {"per_layer_n": counts.phase_n[i].tolist(),
                           "per_layer_set_agreement": _rate(counts.phase_set_equal[i], counts.phase_n[i]),
@@ -258,6 +267,22 @@ def summarise(counts: AgreementCounts, *, layers: list[int], k: int, n_experts: 
                                         for i in range(len(layers))],
         }
     return values
+
+
+def _intervals(counts: AgreementCounts, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """95% CIs of set agreement resampling whole aligned sequences (tokens of one sequence are
+    not independent); empty when per-pair counts were not kept."""
+    from moescope.inference import cluster_bootstrap_ratio_ci
+
+    if counts.pair_n.shape[0] < 2:
+        return {}
+    per_layer = cluster_bootstrap_ratio_ci(counts.pair_set_equal, counts.pair_n, n_boot=n_boot, seed=seed)
+    pooled = cluster_bootstrap_ratio_ci(counts.pair_set_equal.sum(axis=1), counts.pair_n.sum(axis=1),
+                                        n_boot=n_boot, seed=seed)
+    clean = lambda xs: [None if not np.isfinite(x) else x for x in xs]  # noqa: E731
+    return {"per_layer_set_agreement_ci": [list(p) for p in zip(clean(per_layer["ci_low"]), clean(per_layer["ci_high"]))],
+            "set_agreement_ci": [pooled["ci_low"], pooled["ci_high"]],
+            "ci_method": f"percentile cluster bootstrap over aligned sequences ({n_boot} resamples, 95%)"}
 
 
 def check_comparable(manifest_a: dict[str, Any], manifest_b: dict[str, Any]) -> None:

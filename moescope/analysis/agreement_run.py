@@ -25,7 +25,7 @@ from moescope.analysis.agreement import (
 from moescope.analysis.result import AnalysisResult
 from moescope.errors import MoescopeError
 
-_POS_BITS, _LAYER_BITS = 20, 12
+_POS_BITS, _LAYER_BITS = 20, 12  # key = pair << 32 | pos << 12 | layer index
 
 
 def agreement(trace_a: Any, trace_b: Any, *, figures: bool = True) -> AnalysisResult:
@@ -51,7 +51,7 @@ def agreement(trace_a: Any, trace_b: Any, *, figures: bool = True) -> AnalysisRe
     logit_b = "router_logits" in trace_b.columns("routes")
     margin_source = "a" if logit_a else ("b" if logit_b else None)
 
-    counts = AgreementCounts.zeros(len(layers))
+    counts = AgreementCounts.zeros(len(layers), len(align.pairs))
     misses = np.zeros(len(tkeys), np.int64)  # per aligned token of A: layers that disagree
 
     def sink(token_keys: np.ndarray, mismatched: np.ndarray) -> None:
@@ -68,7 +68,8 @@ def agreement(trace_a: Any, trace_b: Any, *, figures: bool = True) -> AnalysisRe
         part = count_agreement(ra["key"], ra["experts"], rb["key"], rb["experts"],
                                layer_index_a=np.full(len(ra["key"]), li), layer_index_b=np.full(len(rb["key"]), li),
                                n_layers=len(layers), pos_a=ra["pos"], phase_a=phase,
-                               margin_a=ra.get("margin"), margin_b=rb.get("margin"), miss_sink=sink)
+                               margin_a=ra.get("margin"), margin_b=rb.get("margin"), miss_sink=sink,
+                               n_pairs=len(align.pairs))
         counts = counts.merge(part)
     top = [int(i) for i in np.argsort(-misses, kind="stable")[:N_WORST] if misses[i] > 0]
     counts.worst = [{**describe(int(tkeys[i])), "n_layers_disagree": int(misses[i])} for i in top]

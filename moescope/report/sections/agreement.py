@@ -14,7 +14,7 @@ experts: set agreement {{ chance_set }}, overlap/k {{ chance_overlap }}.</p>
 <p>{{ n_compared }} tokens compared in {{ n_pairs }} sequence pairs aligned by token ids; {{ n_unaligned }} tokens
 unaligned. Overall: set agreement <strong>{{ set_agreement }}</strong>, top-1 {{ top1 }}, overlap/k {{ overlap }}.</p>
 <table class="values">
-<thead><tr><th>MoE layer</th><th>rows</th><th>top-k set</th><th>top-1</th><th>overlap / k</th>
+<thead><tr><th>MoE layer</th><th>rows</th><th>top-k set</th><th>95% CI (sequences resampled)</th><th>top-1</th><th>overlap / k</th>
 <th>prompt set</th><th>generated set</th><th>rows in A only</th><th>rows in B only</th></tr></thead>
 <tbody>{% for r in rows %}<tr>{% for cell in r %}<td class="num">{{ cell }}</td>{% endfor %}</tr>{% endfor %}</tbody>
 </table>
@@ -34,7 +34,9 @@ def render(results: dict[str, Any], out_dir: Path, env: Any) -> Section:
     col = lambda key, i: format_value((results.get(key) or [None] * len(layers))[i])  # noqa: E731
     phase = lambda ph, i: format_value(((results.get("by_phase") or {}).get(ph) or {}).get(  # noqa: E731
         "per_layer_set_agreement", [None] * len(layers))[i])
-    rows = [[layer, col("per_layer_n", i), col("per_layer_set_agreement", i), col("per_layer_top1_agreement", i),
+    cis = results.get("per_layer_set_agreement_ci") or [[None, None]] * len(layers)
+    ci = lambda i: f"{format_value(cis[i][0])} – {format_value(cis[i][1])}"  # noqa: E731
+    rows = [[layer, col("per_layer_n", i), col("per_layer_set_agreement", i), ci(i), col("per_layer_top1_agreement", i),
              col("per_layer_mean_overlap", i), phase("prompt", i), phase("generated", i),
              col("per_layer_rows_only_a", i), col("per_layer_rows_only_b", i)] for i, layer in enumerate(layers)]
     margin = results.get("margin") or {}
