@@ -308,3 +308,22 @@ def test_cli_errors_of_replay_and_agreement(round_trip, tiny_dir, tmp_path, caps
     code, err = run_cli(["analyze", "agreement", str(round_trip / "vllm"), str(tmp_path / "other"),
                          "--out", str(tmp_path / "agr")], capsys)
     assert_one_line_error(code, err, "same token ids")
+
+
+def test_sglang_openai_form_routing_of_the_first_choice(tmp_path, dense_model):
+    """SGLang serving_chat.py: ``sglext.routed_experts`` at the response level, from ret[0] only."""
+    from engine_responses import b64_raw_int32
+
+    rng = np.random.default_rng(5)
+    prompt, outs = rng.integers(5, 90, 4).tolist(), [rng.integers(5, 90, 3).tolist() for _ in range(2)]
+    moe = _random_moe_rows(rng, 7, dense_model)
+    line = {"id": "chatcmpl-s", "object": "chat.completion", "input_ids": prompt,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": "x"}, "token_ids": o,
+                         "finish_reason": "length"} for i, o in enumerate(outs)],
+            "sglext": {"routed_experts": b64_raw_int32(engine_array(moe, 4, [0, 2, 3])[:6])}}
+    with pytest.warns(UserWarning, match="first choice only"):
+        import_requests(SglangSource([_write(tmp_path / "o.jsonl", [line])], dense_model), tmp_path / "t",
+                        model=dense_model)
+    trace = moescope.open_trace(tmp_path / "t")
+    assert trace.rows("SELECT seq_id, request_id, choice_index FROM sequences") == [(0, "chatcmpl-s", 0)]
+    assert _routes(trace)[(0, 5, 3)] == sorted(moe[5, 2].tolist())

@@ -19,8 +19,9 @@ SGLang (``--enable-return-routed-experts``, request ``return_routed_experts: tru
 routed_experts_start_len, num_hidden_layers, num_experts_per_tok]``, with no shape: it is
 reshaped with the model's config. ``/generate`` lines carry ``output_ids`` and ``meta_info``
 (``id``, ``prompt_tokens``, ``completion_tokens``); the prompt's ids are the request's
-``input_ids``, saved in the same line. The OpenAI endpoints put the same string on
-``choices[i].routed_experts``.
+``input_ids``, saved in the same line. The OpenAI endpoints (serving_chat.py,
+serving_completions.py) put the same string at the response level, ``sglext.routed_experts``,
+for the first choice only (``choices[i].routed_experts`` is read too, where present).
 
 Each completion (choice) becomes one sequence: prompt then completion tokens, phases
 'prompt' / 'generated', the request id and choice index kept as sequence columns.
@@ -256,7 +257,16 @@ def _sglang_openai(where: str, obj: dict[str, Any], model: EngineModel) -> Itera
                        obj.get("input_ids", obj.get("prompt_token_ids", choice.get("prompt_token_ids"))))
         output = _ints(here, "token_ids / output_ids of the choice",
                        choice.get("token_ids", choice.get("output_ids", obj.get("output_ids"))))
-        rows = decode_routing(here, choice.get("routed_experts"), model)
+        payload = choice.get("routed_experts")
+        if payload is None and isinstance(obj.get("sglext"), dict):
+            # serving_chat / serving_completions put the FIRST choice's routing on the response
+            # (sglext.routed_experts, from ret[0]); later choices of n > 1 have none
+            if i > 0:
+                warnings.warn(f"{here}: SGLang's OpenAI endpoints return routing for the first choice only; "
+                              "this choice is skipped (use /generate for n > 1)")
+                continue
+            payload = obj["sglext"].get("routed_experts")
+        rows = decode_routing(here, payload, model)
         meta = {"request_id": obj.get("id"), "choice_index": choice.get("index", i),
                 "finish_reason": _finish(choice.get("finish_reason")), "generated_text": _completion_text(choice)}
         yield sequence(here, rows, prompt, output, _offset(here, choice, obj), meta)
