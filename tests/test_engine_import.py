@@ -215,8 +215,12 @@ def test_agreement_cli_and_report_section(round_trip, tmp_path, capsys):
 
     from moescope.report.sections import renderer
 
+    values["worst_tokens"] = [{"seq_id_a": 0, "seq_id_b": 0, "pos": 1, "phase": "prompt",
+                               "token": "<script>alert(1)</script>", "n_layers_disagree": 2}]
+    values["notes"] = ["<b>hostile</b>"]
     section = renderer("agreement")(values, tmp_path / "agr", Environment(autoescape=True))
     assert "Routing agreement" in section.title and "<table" in section.html
+    assert "<script>" not in section.html and "<b>hostile" not in section.html  # every text escaped
 
 
 def test_agreement_known_answers():
@@ -327,3 +331,15 @@ def test_sglang_openai_form_routing_of_the_first_choice(tmp_path, dense_model):
     trace = moescope.open_trace(tmp_path / "t")
     assert trace.rows("SELECT seq_id, request_id, choice_index FROM sequences") == [(0, "chatcmpl-s", 0)]
     assert _routes(trace)[(0, 5, 3)] == sorted(moe[5, 2].tolist())
+
+
+def test_unwritten_rows_are_left_out_with_a_warning(tmp_path, dense_model):
+    rng = np.random.default_rng(6)
+    prompt, out = rng.integers(5, 90, 4).tolist(), rng.integers(5, 90, 2).tolist()
+    full = engine_array(_random_moe_rows(rng, 6, dense_model), 4, [0, 2, 3])
+    full[1, 2] = 0  # MoE layer 2 at position 1: the buffer's zeros, never written
+    src = _write(tmp_path / "r.jsonl", [vllm_line("a", prompt, [(out, full)])])
+    with pytest.warns(UserWarning, match="unwritten engine buffer"):
+        import_requests(VllmSource([src], dense_model), tmp_path / "t", model=dense_model)
+    got = _routes(moescope.open_trace(tmp_path / "t"))
+    assert (0, 1, 2) not in got and (0, 1, 3) in got and (0, 2, 2) in got

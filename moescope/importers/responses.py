@@ -168,17 +168,19 @@ def sequence(where: str, rows: np.ndarray, prompt: np.ndarray, output: np.ndarra
     if start > len(prompt):
         raise DataError(f"{where}: routing offset {start} is past the prompt ({len(prompt)} tokens)")
     experts = np.concatenate([np.full((start, *rows.shape[1:]), -1, np.int64), rows]) if start else rows
-    return Request(experts=_unrouted_as_missing(experts), token_ids=np.concatenate([prompt, output]),
+    return Request(experts=_unrouted_as_missing(where, experts), token_ids=np.concatenate([prompt, output]),
                    n_prompt=len(prompt), metadata={**metadata, "routing_start": start}, where=where)
 
 
-def _unrouted_as_missing(experts: np.ndarray) -> np.ndarray:
+def _unrouted_as_missing(where: str, experts: np.ndarray) -> np.ndarray:
     """Rows whose k ids are all equal (k > 1) were never written by the engine (its buffers
-    start as zeros): mark them -1 so they get no routes row instead of a fake route."""
+    start as zeros): mark them -1 so they get no routes row instead of a fake route, and say so."""
     if experts.shape[2] < 2 or experts.size == 0:
         return experts
     blank = (experts == experts[:, :, :1]).all(axis=2) & (experts[:, :, 0] >= 0)
     if blank.any():
+        warnings.warn(f"{where}: {int(blank.sum())} token-layer row(s) of an MoE layer hold {experts.shape[2]} equal "
+                      "ids (an unwritten engine buffer); they are left out as not routed")
         experts = experts.copy()
         experts[blank] = -1
     return experts
