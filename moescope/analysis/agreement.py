@@ -119,7 +119,7 @@ def _top_worst(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (-r["n_layers_disagree"], r["token_key"]))[:N_WORST]
 
 
-def _fixed_width(experts: pa.Array, k: int) -> np.ndarray:
+def fixed_width(experts: pa.Array, k: int) -> np.ndarray:
     """list<int> experts -> (N, k) int64, short rows padded with -1."""
     experts = experts.combine_chunks() if isinstance(experts, pa.ChunkedArray) else experts
     lengths = experts.value_lengths().to_numpy(zero_copy_only=False)

@@ -15,7 +15,7 @@ from moescope.analysis.agreement import (
     MARGIN_EDGES,
     N_WORST,
     AgreementCounts,
-    _fixed_width,
+    fixed_width,
     align_sequences,
     check_comparable,
     count_agreement,
@@ -132,7 +132,7 @@ def _layer_rows(trace: Any, layer: int, lookup: tuple[np.ndarray, np.ndarray], l
     pair, ok = _map_pairs(seq, lookup) if len(seq) else (seq, np.zeros(0, bool))
     token_key = (pair[ok] << _POS_BITS) | pos[ok]
     rows = {"token_key": token_key, "key": (token_key << _LAYER_BITS) | li, "pos": pos[ok],
-            "experts": _fixed_width(table.column("experts"), k)[ok]}
+            "experts": fixed_width(table.column("experts"), k)[ok]}
     if with_logits:
         rows["margin"] = router_margins(table.column("router_logits"), k)[ok]
     return rows
