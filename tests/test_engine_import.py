@@ -343,3 +343,34 @@ def test_unwritten_rows_are_left_out_with_a_warning(tmp_path, dense_model):
         import_requests(VllmSource([src], dense_model), tmp_path / "t", model=dense_model)
     got = _routes(moescope.open_trace(tmp_path / "t"))
     assert (0, 1, 2) not in got and (0, 1, 3) in got and (0, 2, 2) in got
+
+
+def test_agreement_aligns_by_token_ids_and_stops_where_generations_diverge(tmp_path):
+    """The trap: same routing on the shared prefix, different tokens (hence routing) after it, and
+    different seq_ids. Aligning by seq_id and position would report disagreements that are only
+    different contexts; aligning by token ids compares the prefix alone, and it agrees."""
+    from moescope.store.tables import write_trace
+
+    k, e = 2, 8
+    rng = np.random.default_rng(7)
+    shared = [3, 1, 4, 1, 5, 9]
+
+    def trace(path, seq_id, ids, experts):
+        n = len(ids)
+        model = {"n_experts": e, "top_k": k, "moe_layers": [0, 1], "n_layers": 2}
+        routes = {"seq_id": np.full(2 * n, seq_id, np.uint32), "pos": np.repeat(np.arange(n), 2).astype(np.uint32),
+                  "layer": np.tile([0, 1], n).astype(np.uint16), "experts": [list(map(int, x)) for x in experts]}
+        tokens = {"seq_id": np.full(n, seq_id, np.uint32), "pos": np.arange(n, dtype=np.uint32),
+                  "token_id": np.asarray(ids, np.uint32), "phase": ["prompt"] * 4 + ["generated"] * (n - 4)}
+        write_trace(path, routes=routes, tokens=tokens, model=model, capture={"expert_ids": "logical"})
+        return moescope.open_trace(path)
+
+    ex_a = [rng.choice(e, k, replace=False) for _ in range(2 * 10)]
+    ex_b = ex_a[: 2 * 6] + [(x + 1) % e for x in ex_a[2 * 6: 2 * 9]]  # diverged: other tokens, other routes
+    a = trace(tmp_path / "a", 0, shared + [2, 6, 5, 3], ex_a)
+    b = trace(tmp_path / "b", 7, shared + [7, 7, 7], ex_b)
+    v = agreement(a, b, figures=False).values
+    assert v["alignment"]["n_pairs_prefix_only"] == 1
+    assert v["n_tokens_compared"] == 6 and v["n_tokens_unaligned"] == (10 - 6) + (9 - 6)
+    assert v["per_layer_n"] == [6, 6] and v["per_layer_set_agreement"] == [1.0, 1.0]
+    assert v["per_layer_rows_only_a"] == [0, 0]  # rows past the divergence are unaligned, not "only in A"

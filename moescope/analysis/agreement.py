@@ -40,45 +40,87 @@ N_WORST = 20
 
 @dataclass
 class Alignment:
-    """Which sequence of B is the twin of which sequence of A (same token ids)."""
+    """Which sequence of B is the twin of which sequence of A, and over how many tokens.
+
+    A pair of identical token sequences is compared whole; a pair that shares only a prefix
+    (two runs whose generations diverged) is compared over that prefix: later tokens saw
+    different contexts and count as unaligned.
+    """
 
     pairs: list[tuple[int, int]]  # (seq_id in A, seq_id in B)
+    lengths: list[int]  # tokens compared per pair (from each sequence's first position)
+    first_pos_a: list[int]
+    first_pos_b: list[int]
     n_tokens_aligned: int
     n_tokens_unaligned_a: int
     n_tokens_unaligned_b: int
     n_sequences_unaligned_a: int
     n_sequences_unaligned_b: int
+    n_pairs_prefix_only: int = 0
 
 
-def _token_sequences(tokens: pa.Table) -> dict[int, np.ndarray]:
-    order = np.lexsort((tokens.column("pos").to_numpy(), tokens.column("seq_id").to_numpy()))
+PREFIX_HEAD = 4  # a prefix-only pair shares at least its first PREFIX_HEAD tokens
+
+
+def _token_sequences(tokens: pa.Table) -> dict[int, tuple[int, np.ndarray]]:
+    """seq_id -> (first position, token ids in position order)."""
+    pos_all = tokens.column("pos").to_numpy()
+    order = np.lexsort((pos_all, tokens.column("seq_id").to_numpy()))
     seq = tokens.column("seq_id").to_numpy()[order]
+    pos = pos_all[order]
     ids = tokens.column("token_id").to_numpy()[order].astype(np.uint32)
     starts = np.flatnonzero(np.r_[True, seq[1:] != seq[:-1]]) if len(seq) else np.zeros(0, int)
     ends = np.r_[starts[1:], len(seq)]
-    return {int(seq[a]): ids[a:b] for a, b in zip(starts, ends)}
+    return {int(seq[a]): (int(pos[a]), ids[a:b]) for a, b in zip(starts, ends)}
+
+
+def _common_prefix(x: np.ndarray, y: np.ndarray) -> int:
+    n = min(len(x), len(y))
+    diff = np.flatnonzero(x[:n] != y[:n])
+    return int(diff[0]) if len(diff) else n
 
 
 def align_sequences(tokens_a: pa.Table, tokens_b: pa.Table) -> Alignment:
-    """Pair sequences of A and B with identical token ids (duplicates paired in seq_id order)."""
+    """Pair sequences of A and B by their token ids: identical sequences first (duplicates in
+    seq_id order), then, among the rest, the B sequence sharing the longest common prefix
+    (at least PREFIX_HEAD tokens) with each A sequence."""
     seqs_a, seqs_b = _token_sequences(tokens_a), _token_sequences(tokens_b)
     waiting: dict[bytes, list[int]] = {}
     for sid in sorted(seqs_b):
-        waiting.setdefault(seqs_b[sid].tobytes(), []).append(sid)
-    pairs, used_b = [], set()
+        waiting.setdefault(seqs_b[sid][1].tobytes(), []).append(sid)
+    matched: dict[int, tuple[int, int]] = {}  # a -> (b, length)
+    used_b: set[int] = set()
     for sid in sorted(seqs_a):
-        twins = waiting.get(seqs_a[sid].tobytes())
+        twins = waiting.get(seqs_a[sid][1].tobytes())
         if twins:
             b = twins.pop(0)
-            pairs.append((sid, b))
+            matched[sid] = (b, len(seqs_a[sid][1]))
             used_b.add(b)
-    paired_a = {a for a, _ in pairs}
-    un_a = [s for s in seqs_a if s not in paired_a]
-    un_b = [s for s in seqs_b if s not in used_b]
-    return Alignment(pairs=pairs, n_tokens_aligned=sum(len(seqs_a[a]) for a, _ in pairs),
-                     n_tokens_unaligned_a=sum(len(seqs_a[s]) for s in un_a),
-                     n_tokens_unaligned_b=sum(len(seqs_b[s]) for s in un_b),
-                     n_sequences_unaligned_a=len(un_a), n_sequences_unaligned_b=len(un_b))
+    heads: dict[bytes, list[int]] = {}
+    for sid in sorted(seqs_b):
+        ids = seqs_b[sid][1]
+        if sid not in used_b and len(ids) >= PREFIX_HEAD:
+            heads.setdefault(ids[:PREFIX_HEAD].tobytes(), []).append(sid)
+    n_prefix = 0
+    for sid in sorted(seqs_a):
+        ids = seqs_a[sid][1]
+        if sid in matched or len(ids) < PREFIX_HEAD:
+            continue
+        cands = [b for b in heads.get(ids[:PREFIX_HEAD].tobytes(), []) if b not in used_b]
+        if cands:
+            best = max(cands, key=lambda b: (_common_prefix(ids, seqs_b[b][1]), -b))
+            matched[sid] = (best, _common_prefix(ids, seqs_b[best][1]))
+            used_b.add(best)
+            n_prefix += 1
+    pairs = sorted(matched.items())
+    aligned = sum(n for _, (_, n) in pairs)
+    return Alignment(pairs=[(a, b) for a, (b, _) in pairs], lengths=[n for _, (_, n) in pairs],
+                     first_pos_a=[seqs_a[a][0] for a, _ in pairs], first_pos_b=[seqs_b[b][0] for _, (b, _) in pairs],
+                     n_tokens_aligned=aligned,
+                     n_tokens_unaligned_a=sum(len(v[1]) for v in seqs_a.values()) - aligned,
+                     n_tokens_unaligned_b=sum(len(v[1]) for v in seqs_b.values()) - aligned,
+                     n_sequences_unaligned_a=len(seqs_a) - len(pairs), n_sequences_unaligned_b=len(seqs_b) - len(pairs),
+                     n_pairs_prefix_only=n_prefix)
 
 
 @dataclass
@@ -228,7 +270,8 @@ def summarise(counts: AgreementCounts, *, layers: list[int], k: int, n_experts: 
         "moe_layers": layers, "top_k": k, "n_experts": n_experts,
         "n_tokens_compared": alignment.n_tokens_aligned,
         "n_tokens_unaligned": alignment.n_tokens_unaligned_a + alignment.n_tokens_unaligned_b,
-        "alignment": {"n_sequence_pairs": len(alignment.pairs), "n_tokens_unaligned_a": alignment.n_tokens_unaligned_a,
+        "alignment": {"n_sequence_pairs": len(alignment.pairs), "n_pairs_prefix_only": alignment.n_pairs_prefix_only,
+                      "n_tokens_unaligned_a": alignment.n_tokens_unaligned_a,
                       "n_tokens_unaligned_b": alignment.n_tokens_unaligned_b,
                       "n_sequences_unaligned_a": alignment.n_sequences_unaligned_a,
                       "n_sequences_unaligned_b": alignment.n_sequences_unaligned_b},

@@ -44,8 +44,10 @@ def agreement(trace_a: Any, trace_b: Any, *, figures: bool = True) -> AnalysisRe
                             "over the same tokens (replay one trace's tokens with `moescope capture --replay`)")
     layers = sorted(set(trace_a.moe_layers) & set(trace_b.moe_layers))
     k, n_experts = int(trace_a.top_k), int(trace_a.n_experts)
-    pair_a = _pair_lookup([a for a, _ in align.pairs])
-    pair_b = _pair_lookup([b for _, b in align.pairs])
+    limit_a = np.asarray(align.first_pos_a, np.int64) + np.asarray(align.lengths, np.int64)
+    limit_b = np.asarray(align.first_pos_b, np.int64) + np.asarray(align.lengths, np.int64)
+    pair_a = _pair_lookup([a for a, _ in align.pairs], limit_a)
+    pair_b = _pair_lookup([b for _, b in align.pairs], limit_b)
     tkeys, phase_codes, describe = _token_index(tokens_a, pair_a, align)
     logit_a = "router_logits" in trace_a.columns("routes")
     logit_b = "router_logits" in trace_b.columns("routes")
@@ -80,25 +82,26 @@ def agreement(trace_a: Any, trace_b: Any, *, figures: bool = True) -> AnalysisRe
                           figures=figs, trace=str(trace_a.path))
 
 
-def _pair_lookup(seq_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted seq ids, their pair index) for a vectorised seq_id -> pair lookup."""
+def _pair_lookup(seq_ids: list[int], limits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sorted seq ids, their pair index, their first position past the aligned prefix), for a
+    vectorised seq_id -> pair lookup."""
     ids = np.asarray(seq_ids, np.int64)
     order = np.argsort(ids)
-    return ids[order], order.astype(np.int64)
+    return ids[order], order.astype(np.int64), limits[order]
 
 
-def _map_pairs(seq: np.ndarray, lookup: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(pair index, row is in an aligned sequence) for seq ids."""
-    ids, pairs = lookup
+def _map_pairs(seq: np.ndarray, pos: np.ndarray, lookup: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """(pair index, row is in the aligned part of a paired sequence) for (seq id, pos) rows."""
+    ids, pairs, limits = lookup
     at = np.minimum(np.searchsorted(ids, seq), len(ids) - 1)
-    ok = ids[at] == seq
+    ok = (ids[at] == seq) & (pos < limits[at])
     return pairs[at], ok
 
 
-def _token_index(tokens_a: Any, pair_a: tuple[np.ndarray, np.ndarray], align: Any) -> tuple[np.ndarray, np.ndarray, Any]:
+def _token_index(tokens_a: Any, pair_a: tuple, align: Any) -> tuple[np.ndarray, np.ndarray, Any]:
     seq = tokens_a.column("seq_id").to_numpy().astype(np.int64)
     pos = tokens_a.column("pos").to_numpy().astype(np.int64)
-    pair, ok = _map_pairs(seq, pair_a)
+    pair, ok = _map_pairs(seq, pos, pair_a)
     key = (pair[ok] << _POS_BITS) | pos[ok]
     phase = (np.asarray(tokens_a.column("phase").to_pylist(), dtype=object)[ok] == "generated").astype(np.int8)
     ids = tokens_a.column("token_id").to_numpy()[ok]
@@ -121,7 +124,7 @@ def _token_index(tokens_a: Any, pair_a: tuple[np.ndarray, np.ndarray], align: An
     return key, phase, describe
 
 
-def _layer_rows(trace: Any, layer: int, lookup: tuple[np.ndarray, np.ndarray], li: int, k: int, *,
+def _layer_rows(trace: Any, layer: int, lookup: tuple, li: int, k: int, *,
                 with_logits: bool) -> dict[str, np.ndarray]:
     cols = ["seq_id", "pos", "experts"] + (["router_logits"] if with_logits else [])
     table = trace.table("routes", cols, filter=pc.field("layer") == layer)
@@ -129,7 +132,7 @@ def _layer_rows(trace: Any, layer: int, lookup: tuple[np.ndarray, np.ndarray], l
     pos = table.column("pos").to_numpy().astype(np.int64)
     if len(pos) and pos.max() >= 1 << _POS_BITS:
         raise MoescopeError(f"{trace.path}: positions of {1 << _POS_BITS} tokens or more are not supported by agreement")
-    pair, ok = _map_pairs(seq, lookup) if len(seq) else (seq, np.zeros(0, bool))
+    pair, ok = _map_pairs(seq, pos, lookup) if len(seq) else (seq, np.zeros(0, bool))
     token_key = (pair[ok] << _POS_BITS) | pos[ok]
     rows = {"token_key": token_key, "key": (token_key << _LAYER_BITS) | li, "pos": pos[ok],
             "experts": fixed_width(table.column("experts"), k)[ok]}
@@ -145,8 +148,8 @@ def _notes(trace_a: Any, trace_b: Any, values: dict[str, Any]) -> list[str]:
             notes.append(f"trace {name} records no weights: its 'top-1' is the first id as its source returned it "
                          "(the engine's order), not the highest-weight expert")
     if values["n_tokens_unaligned"]:
-        notes.append(f"{values['n_tokens_unaligned']:,} tokens are in sequences without an identical twin in the "
-                     "other trace and were not compared")
+        notes.append(f"{values['n_tokens_unaligned']:,} tokens are in sequences without a twin in the other trace, "
+                     "or after the point where a pair's tokens diverge, and were not compared")
     if "margin" not in values:
         notes.append("neither trace recorded router logits: no margin analysis (capture with --router-scores logits)")
     return notes
