@@ -10,7 +10,8 @@ Which engine code each writer follows (vLLM-project/vllm and sgl-project/sglang,
   ``request.num_tokens - 1`` rows (the last generated token is never fed).
 - :func:`vllm_line`: the OpenAI server (``vllm/entrypoints/openai/chat_completion/protocol.py``,
   ``completion/protocol.py``, 0.22+): ``choices[i].routed_experts`` as base64 of ``np.save``
-  bytes, or nested lists (``.tolist()``, older servers and the offline ``CompletionOutput``);
+  bytes ("shape (num_tokens - 1, num_layers, num_experts_per_tok), dtype uint8/uint16" in the
+  newest protocol comment), or nested lists (``.tolist()``, older servers and the offline ``CompletionOutput``);
   chat puts ``prompt_token_ids`` on the response, completions on each choice.
 - :func:`vllm_split_line`: vLLM 0.21.x, ``RequestOutput.prompt_routed_experts`` (int16, one row
   per prompt token, -1 at prefix-cache hits) plus the completion's rows on the choice.
@@ -66,12 +67,13 @@ def trace_sequences(trace: Any) -> list[dict[str, Any]]:
 
 
 def vllm_line(rid: str, prompt: list[int], choices: list[tuple[list[int], np.ndarray]], *, form: str = "chat",
-              encoding: str = "npy", prompt_start: int | None = None) -> dict[str, Any]:
+              encoding: str = "npy", prompt_start: int | None = None, dtype: Any = np.int32) -> dict[str, Any]:
     """A vLLM response. choices: (completion ids, engine array over all layers incl. the last token's row,
-    cut here to num_tokens - 1 rows and from prompt_start)."""
+    cut here to num_tokens - 1 rows and from prompt_start). Newer servers compact the ids to
+    uint8 / uint16 before np.save (``# dtype uint8/uint16`` on ``routed_experts`` in the protocol)."""
     out_choices = []
     for i, (output, full) in enumerate(choices):
-        rows = full[: len(prompt) + len(output) - 1][prompt_start or 0:]
+        rows = full[: len(prompt) + len(output) - 1][prompt_start or 0:].astype(dtype)
         payload = b64_npy(rows) if encoding == "npy" else rows.tolist()
         choice = {"index": i, "logprobs": None, "finish_reason": "length", "stop_reason": None,
                   "token_ids": output, "routed_experts": payload}

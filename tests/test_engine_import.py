@@ -64,7 +64,7 @@ def test_vllm_forms_dense_layers_offsets_and_n_choices(tmp_path, dense_model):
     outs = [rng.integers(5, 90, 4).tolist(), rng.integers(5, 90, 3).tolist()]
     moe = [_random_moe_rows(rng, len(prompt) + len(o), dense_model) for o in outs]
     full = [engine_array(m, 4, dense_model.moe_layers) for m in moe]
-    lines = [vllm_line("chat-1", prompt, list(zip(outs, full)), form="chat"),  # n = 2, base64 .npy
+    lines = [vllm_line("chat-1", prompt, list(zip(outs, full)), form="chat", dtype=np.uint8),  # n = 2, .npy
              vllm_line("cmpl-2", prompt, [(outs[0], full[0])], form="completions", encoding="lists"),
              vllm_line("chat-3", prompt, [(outs[0], full[0])], prompt_start=2),
              vllm_split_line("v021-4", prompt, outs[0], full[0], cached=2)]
