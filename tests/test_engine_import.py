@@ -185,6 +185,8 @@ def test_round_trip_agreement_is_one(round_trip):
     work = round_trip
     imported = moescope.open_trace(work / "vllm")
     assert imported.scalar("SELECT count(*) FROM tokens WHERE token IS NULL") == 0  # texts from the tokenizer
+    captured_texts = moescope.open_trace(work / "cap").rows("SELECT text FROM sequences ORDER BY seq_id")
+    assert imported.rows("SELECT text FROM sequences ORDER BY seq_id") == captured_texts  # the decoded prompts
     replay = moescope.open_trace(work / "replay")
     assert replay.manifest["capture"]["mode"] == "replay"
     # phases kept: the replay labels exactly the tokens the capture generated as generated

@@ -293,9 +293,17 @@ class _TableBuilder:
             cols["token"] = pa.array(self.token_texts(ids), pa.string())
         return pa.table(cols)
 
+    def _text(self, req: Request) -> str | None:
+        """The request's text: as given, else its prompt decoded by the model's tokenizer."""
+        text = _as_str(req.metadata.get("text"))
+        tokenizer = getattr(self.token_texts, "tokenizer", None)
+        if text is None and tokenizer is not None and req.token_ids is not None and req.n_prompt:
+            text = tokenizer.decode([int(t) for t in req.token_ids[:req.n_prompt]], skip_special_tokens=True)
+        return text
+
     def _sequences(self, seq_ids: np.ndarray, reqs: list[Request]) -> pa.Table:
         cols: dict[str, pa.Array] = {"seq_id": pa.array(seq_ids, pa.uint32()),
-                                     "text": pa.array([_as_str(r.metadata.get("text")) for r in reqs], pa.string())}
+                                     "text": pa.array([self._text(r) for r in reqs], pa.string())}
         for key, kind in self.summary.fields.items():
             if key == "text":
                 continue
