@@ -376,3 +376,36 @@ def test_agreement_aligns_by_token_ids_and_stops_where_generations_diverge(tmp_p
     assert v["n_tokens_compared"] == 6 and v["n_tokens_unaligned"] == (10 - 6) + (9 - 6)
     assert v["per_layer_n"] == [6, 6] and v["per_layer_set_agreement"] == [1.0, 1.0]
     assert v["per_layer_rows_only_a"] == [0, 0]  # rows past the divergence are unaligned, not "only in A"
+
+
+def test_dense_layer_model_round_trip_keeps_decoder_layer_numbers(tmp_path):
+    """Qwen2-MoE with decoder layer 1 dense (mlp_only_layers): transformers routing -> the engine's
+    [tokens, num_hidden_layers, k] buffer (zeros at the dense layer) -> import -> agreement 1.0 at
+    decoder layers 0, 2, 3."""
+    import torch
+
+    from moescope.capture.recorder import record
+    from moescope.store.tables import write_trace
+    from moescope.testing.tiny import tiny_model
+
+    model = tiny_model("qwen2_moe", num_hidden_layers=4, mlp_only_layers=[1])
+    model.config.save_pretrained(tmp_path / "cfg")
+    served = describe_engine_model(str(tmp_path / "cfg"), with_tokenizer=False)
+    ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    with record(model) as rec, torch.inference_mode():
+        model(input_ids=ids)
+    tables = rec.tables()
+    write_trace(tmp_path / "hf", routes=tables["routes"], tokens=tables["tokens"], sequences=tables["sequences"],
+                model={"n_experts": served.n_experts, "top_k": served.top_k, "moe_layers": [0, 2, 3]},
+                capture={"expert_ids": "logical"})
+    hf = moescope.open_trace(tmp_path / "hf")
+    assert hf.moe_layers == [0, 2, 3]
+    lines = []
+    for i, s in enumerate(trace_sequences(hf)):
+        prompt, output = s["prompt"][:6], s["prompt"][6:]  # call the last 3 tokens a completion
+        lines.append(vllm_line(f"r{i}", prompt, [(output, engine_array(s["routing"], 4, [0, 2, 3]))]))
+    src = _write(tmp_path / "r.jsonl", lines)
+    import_requests(VllmSource([src], served), tmp_path / "imp", model=served)
+    v = agreement(hf, moescope.open_trace(tmp_path / "imp"), figures=False).values
+    assert v["moe_layers"] == [0, 2, 3] and v["per_layer_set_agreement"] == [1.0, 1.0, 1.0]
+    assert v["per_layer_rows_only_a"] == [2, 2, 2]  # each sequence's last token: never fed to an engine
