@@ -202,7 +202,7 @@ def count_agreement(keys_a: np.ndarray, experts_a: np.ndarray, keys_b: np.ndarra
     (key >> 32 is the pair), for per-pair counts (the clusters of the bootstrap CIs). token_of(key) -> dict describing a token, for the worst list.
     """
     c = AgreementCounts.zeros(n_layers, n_pairs)
-    common, ia, ib = np.intersect1d(keys_a, keys_b, assume_unique=True, return_indices=True)
+    common, ia, ib = np.intersect1d(keys_a, keys_b, return_indices=True)  # a trace's keys are unique when valid
     c.only_a += np.bincount(np.delete(layer_index_a, ia), minlength=n_layers)
     c.only_b += np.bincount(np.delete(layer_index_b, ib), minlength=n_layers)
     if len(common) == 0:

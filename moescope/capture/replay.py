@@ -115,6 +115,11 @@ def replay_trace(
     top = max(int(s.token_ids.max(initial=0)) for s in seqs)
     if vocab and top >= vocab:
         raise DataError(f"{source} has token id {top} but the model's vocabulary has {vocab}; is it the same model?")
+    longest = max(len(s.token_ids) for s in seqs)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and longest > context:
+        raise DataError(f"{source} has a sequence of {longest} tokens but the model's context is {context}; "
+                        "is it the same model?")
     name = model_name or getattr(model, "name_or_path", None) or model.config._name_or_path
     header = {
         "moescope_version": moescope.__version__,

@@ -75,6 +75,10 @@ def register(app: typer.Typer, **_: object) -> None:
         if replay is not None:
             from moescope.commands.replay import run_replay
 
+            if generate or engine != "local" or hidden_rate or hidden_positions:
+                raise MoescopeError("--replay runs the trace's own tokens in this process: it takes no --generate, "
+                                    "--engine ray or hidden-state options")
+
             run_replay(replay, out, model=model, device=device, dtype=dtype, router_scores=router_scores,
                        batch_size=batch_size, revision=revision, trust_remote_code=trust_remote_code,
                        allow_pickle=allow_pickle, overwrite=overwrite, shard_rows=shard_rows)
