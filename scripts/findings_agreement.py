@@ -8,6 +8,7 @@ from __future__ import annotations
 from findings_common import REPO, load_results, main_for
 
 DOC = REPO / "docs" / "analyses" / "agreement.md"
+GENERATE = 16  # new tokens per prompt: a setting of scripts/study_agreement_precision.sh (its default), not a result
 
 
 def _pct(x: float | None, digits: int = 2) -> str:
@@ -68,8 +69,20 @@ def render() -> dict:
         f"agree alike ({_pct(bf16['by_phase']['prompt']['set_agreement'])} vs "
         f"{_pct(bf16['by_phase']['generated']['set_agreement'])}).\n"
     )
+    gen = load_results("agreement", "bf16_generate/results.json")
+    al = gen["alignment"]
+    g_lo, g_hi = gen["set_agreement_ci"]
+    generate_text = (
+        f"Generating in bfloat16 instead of float32 (greedy, same prompts) changed the continuation of "
+        f"**{al['n_pairs_prefix_only']} of {al['n_sequence_pairs']}** prompts within "
+        f"{GENERATE} generated tokens: those pairs are compared up to the first differing token ({al['n_tokens_unaligned_a']:,} float32 and "
+        f"{al['n_tokens_unaligned_b']:,} bfloat16 tokens after a divergence are left out). On the "
+        f"{gen['n_tokens_compared']:,} tokens both runs share, set agreement is {_pct(gen['set_agreement'])} "
+        f"(95% CI {_pct(g_lo)}–{_pct(g_hi)}), as in the replay comparison; generated tokens "
+        f"{_pct(gen['by_phase']['generated']['set_agreement'])}.\n"
+    )
     return {DOC: {"agreement-headline": headline, "agreement-layers": "\n".join(rows) + "\n",
-                  "agreement-margin": margin_text}}
+                  "agreement-margin": margin_text, "agreement-generate": generate_text}}
 
 
 if __name__ == "__main__":
