@@ -409,3 +409,19 @@ def test_dense_layer_model_round_trip_keeps_decoder_layer_numbers(tmp_path):
     v = agreement(hf, moescope.open_trace(tmp_path / "imp"), figures=False).values
     assert v["moe_layers"] == [0, 2, 3] and v["per_layer_set_agreement"] == [1.0, 1.0, 1.0]
     assert v["per_layer_rows_only_a"] == [2, 2, 2]  # each sequence's last token: never fed to an engine
+
+
+def test_replay_resumes_and_refuses_other_weights(round_trip, tiny_dir):
+    import torch
+
+    from moescope.capture.loading import load_model
+    from moescope.capture.recorder import CaptureOptions
+    from moescope.capture.replay import replay_trace
+
+    model, tok = load_model(str(tiny_dir))
+    again = replay_trace(model, tok, round_trip / "vllm", round_trip / "replay", options=CaptureOptions(router_scores="logits"))
+    assert again["complete"]  # the same replay: nothing to do
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if n.endswith("gate.weight")).add_(1.0)
+    with pytest.raises(MoescopeError):
+        replay_trace(model, tok, round_trip / "vllm", round_trip / "replay", options=CaptureOptions(router_scores="logits"))

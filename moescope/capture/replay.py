@@ -28,6 +28,7 @@ import torch
 
 import moescope
 from moescope.capture.assemble import TokenTexts, assemble_group
+from moescope.capture.identity import weights_identity
 from moescope.capture.loading import describe_model
 from moescope.capture.recorder import CaptureOptions, Recorder
 from moescope.errors import DataError
@@ -121,28 +122,44 @@ def replay_trace(
         raise DataError(f"{source} has a sequence of {longest} tokens but the model's context is {context}; "
                         "is it the same model?")
     name = model_name or getattr(model, "name_or_path", None) or model.config._name_or_path
+    model_info = describe_model(model, name)
+    model_info["weights"] = weights_identity(model, name)  # a resume must use the same weights, by content
+    source_info = {"path": str(source), "fingerprint": src_manifest.get("fingerprint"),
+                   "mode": src_manifest.get("capture", {}).get("mode"),
+                   "source": src_manifest.get("capture", {}).get("source")}
+    content = {"mode": "replay", "teacher_forced": True, **{f"option_{k}": v for k, v in asdict(options).items()}}
     header = {
         "moescope_version": moescope.__version__,
         "software": {"torch": torch.__version__, "python": platform.python_version()},
-        "model": describe_model(model, name),
-        "capture": {"mode": "replay", "has_weights": True, "expert_ids": "logical",
-                    "replay_of": {"path": str(source), "fingerprint": src_manifest.get("fingerprint"),
-                                  "mode": src_manifest.get("capture", {}).get("mode"),
-                                  "source": src_manifest.get("capture", {}).get("source")},
-                    "batch_size": batch_size, "teacher_forced": True,
-                    **{f"option_{k}": v for k, v in asdict(options).items()}},
+        "model": model_info,
+        "capture": {**content, "has_weights": True, "expert_ids": "logical", "replay_of": source_info,
+                    "batch_size": batch_size},
         "input": {"paths": [str(source)], "format": "moescope-trace", "n_records": len(seqs)},
     }
-    fp = fingerprint({"header": {k: v for k, v in header.items() if k not in ("moescope_version", "software")}})
-    writer = TraceWriter(out, header, fp, shard_rows=shard_rows, overwrite=overwrite)
-    if writer.complete:
-        return writer.manifest
+    # What the recorded content depends on: the weights' content, the source's tokens and the
+    # options; not paths nor the batch size (a resume may change it).
+    header["identity"] = {
+        "model": {k: v for k, v in model_info.items() if k not in ("name_or_path", "revision")},
+        "input": {"source_fingerprint": source_info["fingerprint"], "n_records": len(seqs)},
+        "capture": content,
+    }
+    fp = fingerprint(header["identity"])
+    with TraceWriter(out, header, fp, shard_rows=shard_rows, overwrite=overwrite) as writer:  # releases its lock
+        if writer.complete:
+            return writer.manifest
+        _replay_into(writer, model, tokenizer, seqs, options, batch_size, progress)
+        return writer.finish()
+
+
+def _replay_into(writer: TraceWriter, model: Any, tokenizer: Any, seqs: list[ReplaySequence],
+                 options: CaptureOptions, batch_size: int, progress: Callable[[int, int, int], None] | None) -> None:
+    """Run the pending sequences through the model and add their tables to `writer`."""
     recorder = Recorder(model, tokenizer=tokenizer, options=options)
     texts = TokenTexts(tokenizer)
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = 0 if pad is None else int(pad)
     device = _input_device(model)
-    total, done, n_tokens = len(seqs), 0, 0
+    total, n_tokens = len(seqs), 0
 
     def write(groups: list, batch: list[ReplaySequence], first: int) -> None:
         tables = _assemble(groups, recorder, texts, batch)
@@ -173,7 +190,6 @@ def replay_trace(
                 progress(done, total, n_tokens)
         for fut in futures:
             fut.result()
-    return writer.finish()
 
 
 def _assemble(groups: list, recorder: Recorder, texts: TokenTexts, batch: list[ReplaySequence]) -> dict[str, pa.Table]:

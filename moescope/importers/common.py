@@ -196,19 +196,20 @@ def import_requests(
                   "sha256": _combined_sha(source.paths), "fields": summary.fields},
     }
     fp = fingerprint({"header": {k: v for k, v in header.items() if k != "moescope_version"}})
-    writer = TraceWriter(out, header, fp, shard_rows=shard_rows, overwrite=overwrite)
-    if writer.complete:
-        return writer.manifest
     texts = None
     if model is not None and model.tokenizer is not None:
         from moescope.capture.assemble import TokenTexts
 
         texts = TokenTexts(model.tokenizer)
     builder = _TableBuilder(np.asarray(slots), np.asarray(layers), summary, n_experts, texts)
-    pending = writer.pending(summary.n_requests)
-    for start, reqs in _chunks(source.requests(), pending, rows=max(1, shard_rows // 4)):
-        writer.add(builder.tables(start, reqs), input_end=start + len(reqs), n_sequences=len(reqs), input_start=start)
-    return writer.finish()
+    with TraceWriter(out, header, fp, shard_rows=shard_rows, overwrite=overwrite) as writer:  # releases its lock
+        if writer.complete:
+            return writer.manifest
+        pending = writer.pending(summary.n_requests)
+        for start, reqs in _chunks(source.requests(), pending, rows=max(1, shard_rows // 4)):
+            writer.add(builder.tables(start, reqs), input_end=start + len(reqs), n_sequences=len(reqs),
+                       input_start=start)
+        return writer.finish()
 
 
 def _combined_sha(paths: Iterable[Path]) -> str:
