@@ -190,6 +190,8 @@ def _unrouted_as_missing(where: str, experts: np.ndarray) -> np.ndarray:
 
 def vllm_requests(where: str, obj: dict[str, Any], model: EngineModel) -> Iterator[Request]:
     """The sequences of one vLLM response line (chat or completions form, any version)."""
+    if "meta_info" in obj and "choices" not in obj:
+        raise DataError(f"{where}: an SGLang /generate response (meta_info); import it with `moescope import sglang`")
     choices = obj.get("choices")
     if not isinstance(choices, list) or not choices:
         raise DataError(f"{where}: 'choices' must be a non-empty list of completions")
