@@ -48,7 +48,7 @@ def import_vllm(
     trust_remote_code: bool = TRUST,
     overwrite: bool = OVERWRITE,
 ) -> None:
-    """Import vLLM's routed experts (--enable-return-routed-experts); see docs/scale.md#serving-engines."""
+    """Import vLLM's routed experts (--enable-return-routed-experts); see docs/scale.md (serving engines)."""
     from moescope.errors import MoescopeError
     from moescope.importers.common import import_requests, parse_layers
     from moescope.importers.vllm import VllmSource

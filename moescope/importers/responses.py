@@ -1,6 +1,6 @@
 """Responses of vLLM and SGLang, saved one JSON object a line exactly as the engine returned them.
 
-What the engines return (read from their source; docs/scale.md#serving-engines cites the files):
+What the engines return (read from their source; docs/scale.md#importing-routing-from-serving-engines cites the files):
 
 vLLM (``--enable-return-routed-experts``; ``vllm/model_executor/layers/fused_moe/
 routed_experts_capturer.py``, ``vllm/v1/core/sched/scheduler.py::_get_routed_experts``,
