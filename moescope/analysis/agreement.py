@@ -199,7 +199,8 @@ def count_agreement(keys_a: np.ndarray, experts_a: np.ndarray, keys_b: np.ndarra
     row of B (used when margin_a is None; NaN or None: not recorded). miss_sink(token keys,
     mismatched) receives every compared row, for callers that count layers one call at a time
     and rank tokens across layers themselves. n_pairs: the number of aligned sequence pairs
-    (key >> 32 is the pair), for per-pair counts (the clusters of the bootstrap CIs). token_of(key) -> dict describing a token, for the worst list.
+    (key >> 32 is the pair), for per-pair counts (the clusters of the bootstrap CIs).
+    token_of(token key) -> dict describing a token, for the worst list.
     """
     c = AgreementCounts.zeros(n_layers, n_pairs)
     common, ia, ib = np.intersect1d(keys_a, keys_b, return_indices=True)  # a trace's keys are unique when valid

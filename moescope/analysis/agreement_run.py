@@ -35,9 +35,8 @@ def agreement(trace_a: Any, trace_b: Any, *, figures: bool = True) -> AnalysisRe
     for name, t in (("A", trace_a), ("B", trace_b)):
         if not t.has("tokens"):
             raise MoescopeError(f"trace {name} ({t.path}) has no tokens table; agreement aligns sequences by token ids")
-    tok_cols = lambda t: [c for c in ("seq_id", "pos", "token_id", "phase", "token") if c in t.columns("tokens")]  # noqa: E731
-    tokens_a = trace_a.table("tokens", tok_cols(trace_a))
-    tokens_b = trace_b.table("tokens", tok_cols(trace_b))
+    tokens_a = trace_a.table("tokens", _token_columns(trace_a))
+    tokens_b = trace_b.table("tokens", _token_columns(trace_b))
     align = align_sequences(tokens_a, tokens_b)
     if not align.pairs:
         raise MoescopeError("no sequence of A has the same token ids as a sequence of B; agreement needs two runs "
@@ -80,6 +79,10 @@ def agreement(trace_a: Any, trace_b: Any, *, figures: bool = True) -> AnalysisRe
     figs = _figures(values) if figures else {}
     return AnalysisResult("agreement", values, params={"trace_a": str(trace_a.path), "trace_b": str(trace_b.path)},
                           figures=figs, trace=str(trace_a.path))
+
+
+def _token_columns(trace: Any) -> list[str]:
+    return [c for c in ("seq_id", "pos", "token_id", "phase", "token") if c in trace.columns("tokens")]
 
 
 def _pair_lookup(seq_ids: list[int], limits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
