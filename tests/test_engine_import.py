@@ -52,7 +52,7 @@ def _routes(trace) -> dict:
     return {(s, p, layer): sorted(e) for s, p, layer, e in trace.rows("SELECT seq_id, pos, layer, experts FROM routes")}
 
 
-def _write(path: Path, lines: list[dict]) -> Path:
+def _write(path: Path, lines: list) -> Path:
     path.write_text("".join(json.dumps(obj) + "\n" for obj in lines))
     return path
 
@@ -99,15 +99,15 @@ def test_sglang_generate_form_with_start_len(tmp_path, dense_model):
         moe = _random_moe_rows(rng, 8, dense_model)
         moe_all.append(moe)
         lines.append(sglang_generate_line(f"rid-{i}", prompt, out, engine_array(moe, 4, [0, 2, 3]), start_len=start))
-    src = _write(tmp_path / "gen.jsonl", lines)
+    src = _write(tmp_path / "gen.jsonl", [lines[0], [lines[1], lines[0]]])  # a batch request answers with a list
     import_requests(SglangSource([src], dense_model), tmp_path / "t", model=dense_model)
     trace = moescope.open_trace(tmp_path / "t")
     got = _routes(trace)
-    for s, start in enumerate((0, 3)):
-        want = {(s, p, layer): sorted(moe_all[s][p, li].tolist()) for p in range(start, 7)
+    for s, (which, start) in enumerate(((0, 0), (1, 3), (0, 0))):
+        want = {(s, p, layer): sorted(moe_all[which][p, li].tolist()) for p in range(start, 7)
                 for li, layer in enumerate([0, 2, 3])}
         assert {key: v for key, v in got.items() if key[0] == s} == want
-    assert trace.rows("SELECT request_id FROM sequences ORDER BY seq_id") == [("rid-0",), ("rid-1",)]
+    assert trace.rows("SELECT request_id FROM sequences ORDER BY seq_id") == [("rid-0",), ("rid-1",), ("rid-0",)]
 
 
 @pytest.mark.parametrize("mutate, message", [
