@@ -137,6 +137,11 @@ def test_sglang_raw_bytes_that_do_not_fit_and_cli_errors(tmp_path, dense_model):
     with pytest.raises(DataError, match="line 1"):
         import_requests(SglangSource([_write(tmp_path / "g.jsonl", [line])], dense_model), tmp_path / "t",
                         model=dense_model)
+    wrong = sglang_generate_line("y", [5, 6, 7], [8, 9], np.zeros((4, 4, 3), np.int32))
+    wrong["meta_info"]["prompt_tokens"] = 4  # the saved input_ids are not the request's
+    with pytest.raises(DataError, match="line 1: meta_info.prompt_tokens is 4"):
+        import_requests(SglangSource([_write(tmp_path / "w.jsonl", [wrong])], dense_model), tmp_path / "tw",
+                        model=dense_model)
     with pytest.raises(DataError, match="--model"):
         SglangSource([tmp_path / "g.jsonl"])
     r = subprocess.run(MOESCOPE + ["import", "sglang", str(tmp_path / "g.jsonl"), "--out", str(tmp_path / "u")],
