@@ -22,6 +22,7 @@ from moescope.capture.assemble import TokenTexts, assemble_group
 from moescope.capture.data import TRUNCATED, Record, TextDataset
 from moescope.capture.loading import describe_model
 from moescope.capture.recorder import CaptureOptions, Recorder
+from moescope.capture.recording import check_layers, merge_options
 from moescope.errors import DataError, MoescopeError
 from moescope.capture.identity import model_directory, normalised_path, tokenizer_identity, weights_identity
 from moescope.store.manifest import fingerprint
@@ -137,7 +138,7 @@ def trace_identity(model: Any, tokenizer: Any, dataset: TextDataset, options: Ca
     weights = weights_identity(model, name)
     model_info["weights"] = weights
 
-    captured = _captured_layers(model_info["moe_layers"], options.layers)
+    captured = check_layers(model_info["moe_layers"], options.layers)
     capture_info = {
         "mode": "generate" if run.generate else "forward",
         **{k: v for k, v in asdict(run).items() if k != "shard_rows"},
@@ -176,20 +177,6 @@ def trace_identity(model: Any, tokenizer: Any, dataset: TextDataset, options: Ca
     header["identity"] = identity
     fp = fingerprint(identity)
     return TraceIdentity(header, fp, max_length)
-
-
-def _captured_layers(moe_layers: list[int], wanted: tuple[int, ...] | None) -> list[int]:
-    """The MoE layers a capture records, in model order; MoescopeError (listing the model's
-    MoE layers) for a requested layer that is not one."""
-    if wanted is None:
-        return list(moe_layers)
-    bad = [x for x in wanted if x not in moe_layers]
-    if bad or not wanted:
-        raise MoescopeError(
-            f"--layers {','.join(map(str, wanted))}: layer(s) {', '.join(map(str, bad)) or '(none)'} are not MoE "
-            f"layers of this model; its MoE layers are {', '.join(map(str, moe_layers))}"
-        )
-    return [x for x in moe_layers if x in set(wanted)]
 
 
 class BatchCapture:
@@ -348,8 +335,6 @@ def capture_options(options: CaptureOptions | None, run: RunOptions | None,
     keyword arguments applied to whichever has the field (``seed`` to both). TypeError
     naming every accepted keyword for an unknown one."""
     from dataclasses import fields
-
-    from moescope.capture.recorder import merge_options
 
     known = {f.name for f in fields(CaptureOptions)} | {f.name for f in fields(RunOptions)}
     unknown = sorted(set(kwargs) - known)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -29,6 +29,7 @@ from torch import nn
 
 from moescope.adapters.base import Family, MoELayer
 from moescope.adapters.registry import family_for_model
+from moescope.capture.recording import check_layers, merge_options
 from moescope.errors import MoescopeError, UnsupportedModelError
 
 PROMPT, GENERATED = "prompt", "generated"
@@ -160,7 +161,8 @@ class Recorder:
                 f"{type(model).__name__} ({model.config.model_type}) has no MoE layers moescope can find; "
                 "is this a dense model?"
             )
-        self.layers = select_layers(self.layers, self.options.layers)
+        chosen = set(check_layers([layer.layer for layer in self.layers], self.options.layers))
+        self.layers = [layer for layer in self.layers if layer.layer in chosen]
         self._by_path = {layer.path: layer for layer in self.layers}
         self._stacks = sorted({layer.stack for layer in self.layers})
         self._encoder_stack = next((s for s in self._stacks if "encoder" in s.split(".")), None)
@@ -278,25 +280,9 @@ class Recorder:
         The manifest describes the model like `moescope capture` does, with capture mode
         "record" and the layers recorded.
         """
-        from moescope.capture.loading import describe_model
-        from moescope.store.reader import open_trace
-        from moescope.store.tables import write_trace
+        from moescope.capture.recording import save_recording
 
-        tables = self.tables()
-        if tables["routes"] is None or not tables["routes"].num_rows:
-            raise MoescopeError("nothing was recorded yet: run the model inside `with moescope.record(...)` first")
-        name = model_name or getattr(self.model, "name_or_path", None) or self.model.config._name_or_path
-        options = {f"option_{k}": v for k, v in asdict(self.options).items()}
-        capture = {"mode": "record", "has_weights": True, "layers": [layer.layer for layer in self.layers], **options}
-        extra: dict[str, Any] = {}
-        if self.tokenizer is not None:
-            extra["tokenizer"] = {"name_or_path": getattr(self.tokenizer, "name_or_path", name),
-                                  "vocab_size": len(self.tokenizer),
-                                  "padding_side": getattr(self.tokenizer, "padding_side", None)}
-        write_trace(out, sequences=tables["sequences"], tokens=tables["tokens"], routes=tables["routes"],
-                    hidden=tables["hidden"], model=describe_model(self.model, str(name)), capture=capture,
-                    header_extra=extra, overwrite=overwrite)
-        return open_trace(out)
+        return save_recording(self, out, model_name=model_name, overwrite=overwrite)
 
     # -- groups --------------------------------------------------------------------------
     def _open_group(self, batch: int) -> Group:
@@ -572,35 +558,6 @@ def record(
     """
     options = merge_options(CaptureOptions, options, option_kwargs)
     return Recorder(model, tokenizer=tokenizer, options=options, first_seq_id=first_seq_id)
-
-
-def merge_options(cls: type, base: Any, kwargs: dict[str, Any], *, strict: bool = True) -> Any:
-    """`base` (an instance of the options dataclass `cls`, or None) with the fields named in
-    `kwargs` replaced. TypeError naming the accepted keywords for an unknown one (if strict)."""
-    from dataclasses import fields, replace
-
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(kwargs) - names)
-    if unknown and strict:
-        raise TypeError(f"unexpected keyword(s) {', '.join(unknown)}; accepted: {', '.join(sorted(names))}")
-    mine = {k: v for k, v in kwargs.items() if k in names}
-    base = base if base is not None else cls()
-    return replace(base, **mine) if mine else base
-
-
-def select_layers(layers: list[MoELayer], wanted: tuple[int, ...] | None) -> list[MoELayer]:
-    """The MoE layers whose index is in `wanted` (all when None); MoescopeError naming the
-    model's MoE layers when one is not an MoE layer (dense, or out of range)."""
-    if wanted is None:
-        return layers
-    have = [layer.layer for layer in layers]
-    bad = [x for x in wanted if x not in have]
-    if bad or not wanted:
-        raise MoescopeError(
-            f"layer(s) {', '.join(map(str, bad)) or '(none)'} are not MoE layers of this model; "
-            f"its MoE layers are {', '.join(map(str, have))}"
-        )
-    return [layer for layer in layers if layer.layer in set(wanted)]
 
 
 def iter_layer_records(group: Group) -> Iterator[tuple[Step, int, LayerRecord]]:
