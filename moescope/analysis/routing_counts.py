@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from moescope.analysis import route_pass as rp
+from moescope.analysis.engine import current_engine
 
 from moescope.errors import MoescopeError
 from moescope.store.reader import Trace
@@ -73,6 +74,9 @@ def layer_index(trace: Trace) -> np.ndarray:
 def expert_load(trace: Trace, *, phase: str = "all") -> tuple[np.ndarray, np.ndarray]:
     """Expert assignments per MoE layer: (load (L, E) int64, token rows per layer (L,) int64),
     layers in trace.moe_layers order. load[l, e] counts the tokens whose top-k holds e."""
+    if current_engine() is not None:
+        scan = current_engine().count_routes(trace, phase=phase, transitions=False).scan
+        return scan.load, scan.n_rows
     src = routes_relation(trace, phase, ["layer", "experts"])
     rows = trace.rows(f"SELECT layer, e, count(*) FROM (SELECT layer, unnest(experts) AS e FROM {src}) GROUP BY ALL")
     tokens = trace.rows(f"SELECT layer, count(*) FROM {src} GROUP BY layer")
@@ -244,6 +248,10 @@ def count_routes(trace: Trace, *, phase: str = "all", scan: bool = True, transit
     """
     from threadpoolctl import threadpool_limits
 
+    engine = current_engine()
+    if engine is not None:  # e.g. --engine ray: the same counts from a map over the shards
+        return engine.count_routes(trace, phase=phase, scan=scan, transitions=transitions, weight_bins=weight_bins,
+                                   sequences=sequences, bucket_edges=bucket_edges, token_experts=token_experts)
     E, k, L = trace.n_experts, trace.top_k, len(trace.moe_layers)
     li_of = layer_index(trace)
     has_w = scan and trace.has_weights and "weights" in trace.columns("routes")

@@ -10,6 +10,12 @@ from rich.table import Table
 
 console = Console()
 PHASES = ("prompt", "generated", "all")
+ENGINE_HELP = {  # --engine ray: the counting pass on Ray (moescope.analysis.ray_counts)
+    "engine": "'local' (this process) or 'ray' (the counting pass as Ray tasks, one per shard).",
+    "num_workers": "Ray: shards counted at once (one CPU each).",
+    "address": "Ray: cluster address (default: the running cluster, else a local one).",
+    "shards_at": "Ray: where workers read the trace's shards, if not at its path (shared mount, s3://, gs://, file://).",
+}
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -103,16 +109,24 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None
         min_token_count: int = typer.Option(20, "--min-token-count", help="Only tokens seen this often are listed."),
         permutations: int = typer.Option(100, "--permutations", help="Label shuffles for the label-specialisation baseline."),
         seed: int = typer.Option(0, "--seed"),
+        engine: str = typer.Option("local", "--engine", help=ENGINE_HELP["engine"]),
+        num_workers: int = typer.Option(1, "--num-workers", help=ENGINE_HELP["num_workers"]),
+        ray_address: Optional[str] = typer.Option(None, "--ray-address", help=ENGINE_HELP["address"]),
+        shards_at: Optional[str] = typer.Option(None, "--shards-at", help=ENGINE_HELP["shards_at"]),
     ) -> None:
         """Expert load, entropy and KL from uniform, dead/rare experts, co-activation of every pair,
         layer-to-layer transitions, token and label specialisation, weights, prompt vs generated."""
+        from moescope.analysis.engine import use_engine
+        from moescope.analysis.ray_counts import engine_for
         from moescope.analysis.stats import routing_statistics
         from moescope.store.reader import open_trace
 
         _check_phase(phase)
+        counting = engine_for(engine, num_workers, ray_address, shards_at)
         trace = open_trace(trace_dir)
-        result = routing_statistics(trace, label=label, phase=phase, focus_layer=focus_layer, top_tokens=top_tokens,
-                                    min_token_count=min_token_count, permutations=permutations, seed=seed)
+        with use_engine(counting):
+            result = routing_statistics(trace, label=label, phase=phase, focus_layer=focus_layer, top_tokens=top_tokens,
+                                        min_token_count=min_token_count, permutations=permutations, seed=seed)
         path = result.save(out)
         console.print(stats_table(result.values))
         _notes(result.values["notes"])
@@ -128,9 +142,15 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None
         seed: int = typer.Option(0, "--seed"),
         phase: str = typer.Option("prompt", "--phase", help="Tokens in the signature: prompt, generated or all."),
         control_draws: int = typer.Option(3, "--control-draws", help="Re-draws of the load-balancing control."),
+        engine: str = typer.Option("local", "--engine", help=ENGINE_HELP["engine"]),
+        num_workers: int = typer.Option(1, "--num-workers", help=ENGINE_HELP["num_workers"]),
+        ray_address: Optional[str] = typer.Option(None, "--ray-address", help=ENGINE_HELP["address"]),
+        shards_at: Optional[str] = typer.Option(None, "--shards-at", help=ENGINE_HELP["shards_at"]),
     ) -> None:
         """Per-sequence routing signatures: do they separate the labels, and by more than chance,
         load balance and token identity?"""
+        from moescope.analysis.engine import use_engine
+        from moescope.analysis.ray_counts import engine_for
         from moescope.analysis.signatures import routing_signatures
         from moescope.errors import MoescopeError
         from moescope.store.reader import open_trace
@@ -140,9 +160,11 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None
             raise MoescopeError(f"--folds must be at least 2, not {folds}")
         if permutations < 0 or control_draws < 0:
             raise MoescopeError("--permutations and --control-draws cannot be negative")
+        counting = engine_for(engine, num_workers, ray_address, shards_at)
         trace = open_trace(trace_dir)
-        result = routing_signatures(trace, label=label, folds=folds, permutations=permutations, seed=seed, phase=phase,
-                                    control_draws=control_draws)
+        with use_engine(counting):
+            result = routing_signatures(trace, label=label, folds=folds, permutations=permutations, seed=seed,
+                                        phase=phase, control_draws=control_draws)
         path = result.save(out)
         console.print(signatures_table(result.values))
         _notes(result.values["notes"])

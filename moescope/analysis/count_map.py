@@ -1,0 +1,286 @@
+"""The counting pass of stats and signatures as a map over shards (on Ray) and a reduce.
+
+:func:`count_shard` is pure: one shard's routes (and its tokens, for the phase and the token
+ids) in, :class:`PartialCounts` out, every array of which adds up across shards
+(:func:`merge_counts`). :class:`RayCounting` runs it as Ray tasks, at most ``num_workers``
+at a time, merging results in the driver as they arrive (driver memory: the merged arrays plus
+the partials in flight), then builds the same :class:`~routing_counts.RouteCounts` as the
+in-process pass. Counts are equal exactly; weight means to float64 rounding.
+
+Shards are read with pyarrow's filesystems, so workers may read them from a shared
+filesystem (the default: the trace's own directory) or from object storage
+(``location="s3://bucket/trace"``, ``gs://…``, ``file:///…``), where the trace's shard
+files sit under the same relative paths as in its manifest.
+
+What stays in the driver: the manifest, the distinct sequence ids and their first generated
+positions (one small DuckDB aggregation each), and the merge. Transitions need each token's
+rows together: a shard whose rows are out of (seq_id, pos, layer) order is sorted by its
+worker, and if shards' token key ranges overlap (a token split across shards, which
+moescope's writers never do) the transitions are recounted in process.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from moescope.analysis import route_pass as rp
+from moescope.errors import MoescopeError
+
+BATCH_ROWS = 1 << 16
+
+
+@dataclass(frozen=True)
+class ShardFiles:
+    """One unit of work: a routes file and the tokens file(s) holding its tokens (paths or URIs)."""
+
+    routes: str
+    tokens: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CountSpec:
+    """What to count (pickled to every task). seq_ids/offsets/edges: the sequence counter's
+    sorted sequence ids, first positions of the phase and bucket edges (None: no sequences)."""
+
+    n_experts: int
+    top_k: int
+    layer_index: np.ndarray
+    phase: str
+    phase_filter: bool
+    scan: bool
+    transitions: bool
+    weights: bool
+    weight_bins: int
+    token_experts: bool
+    seq_ids: np.ndarray | None = None
+    offsets: np.ndarray | None = None
+    edges: np.ndarray | None = None
+    max_tokens: int = 1 << 31
+
+    @property
+    def n_layers(self) -> int:
+        return int((self.layer_index >= 0).sum())
+
+
+@dataclass
+class PartialCounts:
+    """Mergeable counts of some shards (None: not counted). tok_*: sparse (layer index,
+    token id, expert, n) of the token-expert counts; seq_*: per-sequence counts of the
+    sequences seen (seq_ids ascending). key_ranges: (first, last) token key of each shard."""
+
+    n_rows: np.ndarray | None = None
+    pairs: np.ndarray | None = None
+    transitions: np.ndarray | None = None
+    transition_tokens: np.ndarray | None = None
+    weight_hist: np.ndarray | None = None
+    weight_sum_hist: np.ndarray | None = None
+    weight_total: np.ndarray | None = None
+    seq_ids: np.ndarray | None = None
+    seq_counts: np.ndarray | None = None
+    seq_n_tokens: np.ndarray | None = None
+    tok_layer: np.ndarray | None = None
+    tok_id: np.ndarray | None = None
+    tok_expert: np.ndarray | None = None
+    tok_n: np.ndarray | None = None
+    key_ranges: list[tuple[int, int]] = field(default_factory=list)
+
+
+# -- reading one shard ----------------------------------------------------------------------------
+def _filesystem(path: str) -> tuple[Any, str]:
+    """(pyarrow filesystem, path within it) for a local path or a URI (file://, s3://, gs://, ...)."""
+    from pyarrow import fs
+
+    if "://" in path:
+        return fs.FileSystem.from_uri(path)
+    return fs.LocalFileSystem(), os.path.abspath(path)
+
+
+def read_parquet(path: str, columns: list[str]) -> pa.Table:
+    """The `columns` of one Parquet file that it has (others are simply absent)."""
+    filesystem, inner = _filesystem(path)
+    with filesystem.open_input_file(inner) as handle:
+        parquet = pq.ParquetFile(handle)
+        have = [c for c in columns if c in parquet.schema_arrow.names]
+        return parquet.read(columns=have)
+
+
+def _keys(table: pa.Table) -> np.ndarray:
+    return (table.column("seq_id").to_numpy().astype(np.int64) << 32) | table.column("pos").to_numpy().astype(np.int64)
+
+
+def _tokens(files: ShardFiles, spec: CountSpec) -> tuple[np.ndarray, np.ndarray] | None:
+    """Sorted token keys of the phase and their token ids (None when no tokens are needed)."""
+    if not (spec.phase_filter or spec.token_experts) or not files.tokens:
+        return None
+    parts = [read_parquet(f, ["seq_id", "pos", "token_id", "phase"]) for f in files.tokens]
+    table = pa.concat_tables(parts, promote_options="default")
+    keys = _keys(table)
+    ids = table.column("token_id").to_numpy().astype(np.int64)
+    if spec.phase != "all":
+        keep = np.asarray(table.column("phase").to_pylist(), dtype=object) == spec.phase
+        keys, ids = keys[keep], ids[keep]
+    order = np.argsort(keys, kind="stable")
+    return keys[order], ids[order]
+
+
+def _lookup(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(index in sorted_keys, found) of each key."""
+    if len(sorted_keys) == 0:
+        return np.zeros(len(keys), np.int64), np.zeros(len(keys), bool)
+    at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return at, sorted_keys[at] == keys
+
+
+def _chunks(table: pa.Table, spec: CountSpec) -> Iterator[rp.Chunk]:
+    for batch in table.to_batches(max_chunksize=BATCH_ROWS):
+        yield rp.decode(batch, spec.layer_index, spec.top_k, spec.n_experts)
+
+
+# -- the map: one shard -> PartialCounts ----------------------------------------------------------
+def count_shard(files: ShardFiles, spec: CountSpec) -> PartialCounts:
+    """Count one shard's routes rows of the phase as `spec` asks. Pure: reads, never writes."""
+    from threadpoolctl import threadpool_limits
+
+    E, k, L = spec.n_experts, spec.top_k, spec.n_layers
+    columns = ["seq_id", "pos", "layer", "experts"] + (["weights"] if spec.weights else [])
+    table = read_parquet(files.routes, columns)
+    tokens = _tokens(files, spec)
+    if spec.phase_filter and tokens is not None:
+        table = table.filter(pa.array(_lookup(tokens[0], _keys(table))[1]))
+    out = PartialCounts()
+    keys = _keys(table)
+    if len(keys):
+        out.key_ranges = [(int(keys.min()), int(keys.max()))]
+    pairs = rp.PairCounter(L, E) if spec.scan else None
+    trans = rp.TransitionCounter(L, E) if spec.scan and spec.transitions else None
+    weights = rp.WeightCounter(L, k, spec.weight_bins) if spec.scan and spec.weights and "weights" in table.column_names else None
+    seqs = _shard_sequence_counter(np.unique(keys >> 32), spec, L, E)
+    tok_codes: list[tuple[np.ndarray, np.ndarray]] = []
+    vocab = np.unique(tokens[1]) if spec.token_experts and tokens is not None else None
+    ordered = True
+    with threadpool_limits(limits=1):
+        for chunk, in_order in rp.whole_tokens(_chunks(table, spec)):
+            blocks = rp.LayerBlocks(chunk, L, E) if spec.scan else None
+            if pairs is not None:
+                pairs.add(chunk, blocks)
+            ordered = ordered and in_order
+            if trans is not None and ordered:
+                trans.add(chunk, blocks)
+            if weights is not None:
+                weights.add(chunk)
+            if seqs is not None:
+                seqs.add(chunk)
+            if vocab is not None:
+                tok_codes.append(_token_codes(chunk, tokens, vocab, E))
+        if trans is not None and not ordered:  # this shard's rows are not grouped by token: sort them
+            trans = rp.TransitionCounter(L, E)
+            order = np.lexsort((table.column("layer").to_numpy(), keys & 0xFFFFFFFF, keys >> 32))
+            for chunk, _ in rp.whole_tokens(_chunks(table.take(pa.array(order)), spec)):
+                trans.add(chunk, rp.LayerBlocks(chunk, L, E))
+    if pairs is not None:
+        out.n_rows, out.pairs = pairs.n_rows, pairs.pairs
+    if trans is not None:
+        out.transitions, out.transition_tokens = trans.counts, trans.tokens
+    if weights is not None:
+        out.weight_hist, out.weight_sum_hist, out.weight_total = weights.hist, weights.sum_hist, weights.total
+    if seqs is not None:
+        out.seq_ids, out.seq_counts, out.seq_n_tokens = seqs.seq_ids, seqs.counts, seqs.n_tokens
+    if vocab is not None:
+        out.tok_layer, out.tok_id, out.tok_expert, out.tok_n = _sparse_tokens(tok_codes, vocab, L, E)
+    return out
+
+
+def _shard_sequence_counter(shard_seqs: np.ndarray, spec: CountSpec, L: int, E: int) -> rp.SequenceCounter | None:
+    """A sequence counter over the shard's own sequences only (its arrays stay shard-sized)."""
+    if spec.seq_ids is None:
+        return None
+    at, found = _lookup(spec.seq_ids, shard_seqs)
+    at = at[found]
+    return rp.SequenceCounter(spec.seq_ids[at], spec.offsets[at], spec.edges, L, E, max_tokens=spec.max_tokens)
+
+
+def _token_codes(chunk: rp.Chunk, tokens: tuple[np.ndarray, np.ndarray], vocab: np.ndarray, E: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unique codes (layer * U + token index) * E + expert of a chunk's rows and their counts."""
+    at, known = _lookup(tokens[0], chunk.key)
+    token_index = np.searchsorted(vocab, tokens[1][at[known]])
+    cell = chunk.li[known] * len(vocab) + token_index
+    codes = rp._expert_codes(cell, chunk.ex[known], E)
+    return np.unique(codes, return_counts=True)
+
+
+def _sparse_tokens(parts: list[tuple[np.ndarray, np.ndarray]], vocab: np.ndarray, L: int, E: int) -> tuple[np.ndarray, ...]:
+    codes = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+    counts = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
+    uniq, inverse = np.unique(codes, return_inverse=True)
+    n = np.bincount(inverse, weights=counts, minlength=len(uniq)).astype(np.int64)
+    cell, expert = np.divmod(uniq, E)
+    li, tok = np.divmod(cell, len(vocab))
+    return li.astype(np.int64), vocab[tok].astype(np.int64), expert.astype(np.int64), n
+
+
+# -- the reduce -----------------------------------------------------------------------------------
+_SUMMED = ("n_rows", "pairs", "transitions", "transition_tokens", "weight_hist", "weight_sum_hist", "weight_total")
+
+
+def merge_counts(a: PartialCounts, b: PartialCounts) -> PartialCounts:
+    """The counts of a's shards and b's shards together (associative and commutative up to
+    float64 rounding of the weight sums)."""
+    out = PartialCounts(key_ranges=a.key_ranges + b.key_ranges)
+    for name in _SUMMED:
+        x, y = getattr(a, name), getattr(b, name)
+        setattr(out, name, y if x is None else x if y is None else x + y)
+    if a.seq_ids is None or b.seq_ids is None:
+        out.seq_ids, out.seq_counts, out.seq_n_tokens = (a.seq_ids, a.seq_counts, a.seq_n_tokens) if b.seq_ids is None \
+            else (b.seq_ids, b.seq_counts, b.seq_n_tokens)
+    else:
+        ids = np.union1d(a.seq_ids, b.seq_ids)
+        counts = np.zeros((len(ids),) + a.seq_counts.shape[1:], np.result_type(a.seq_counts, b.seq_counts))
+        n_tokens = np.zeros((len(ids),) + a.seq_n_tokens.shape[1:], counts.dtype)
+        for part in (a, b):
+            at = np.searchsorted(ids, part.seq_ids)
+            counts[at] += part.seq_counts
+            n_tokens[at] += part.seq_n_tokens
+        out.seq_ids, out.seq_counts, out.seq_n_tokens = ids, counts, n_tokens
+    if a.tok_n is None or b.tok_n is None:
+        src = a if b.tok_n is None else b
+        out.tok_layer, out.tok_id, out.tok_expert, out.tok_n = src.tok_layer, src.tok_id, src.tok_expert, src.tok_n
+    else:
+        cols = [np.concatenate([getattr(a, c), getattr(b, c)]) for c in ("tok_layer", "tok_id", "tok_expert")]
+        rows, inverse = np.unique(np.stack(cols, axis=1), axis=0, return_inverse=True)
+        n = np.bincount(inverse.reshape(-1), weights=np.concatenate([a.tok_n, b.tok_n]), minlength=len(rows))
+        out.tok_layer, out.tok_id, out.tok_expert = rows[:, 0], rows[:, 1], rows[:, 2]
+        out.tok_n = n.astype(np.int64)
+    return out
+
+
+def shards_overlap(key_ranges: list[tuple[int, int]]) -> bool:
+    """Whether any two shards' token key ranges overlap (then a token may be split between them)."""
+    ranges = sorted(key_ranges)
+    return any(b[0] <= a[1] for a, b in zip(ranges, ranges[1:]))
+
+
+def map_reduce(fn: Callable[..., Any], units: list[Any], spec: Any, add: Callable[[Any, Any], Any], initial: Any,
+               submit: Callable[[Any, Any], Any] | None = None, wait: Callable[[list], tuple[list, list]] | None = None,
+               in_flight: int = 1) -> Any:
+    """add(...add(initial, fn(unit_1, spec))..., fn(unit_n, spec)) with at most `in_flight` units
+    running (submit/wait: e.g. Ray's remote call and ray.wait returning values; None: in this
+    process, one unit after the other). Results are added in the order they finish."""
+    total = initial
+    if submit is None:
+        for unit in units:
+            total = add(total, fn(unit, spec))
+        return total
+    pending: list = []
+    queue = list(units)
+    while queue or pending:
+        while queue and len(pending) < in_flight:
+            pending.append(submit(queue.pop(0), spec))
+        done, pending = wait(pending)
+        for part in done:
+            total = add(total, part)
+    return total
