@@ -113,11 +113,11 @@ class ShardCounting:
     # -- the counting pass of stats and signatures ---------------------------------------------------
     def count_routes(self, trace: Trace, *, phase: str = "all", scan: bool = True, transitions: bool = True,
                      weight_bins: int = 20, sequences: bool = False, bucket_edges: list[int] | None = None,
-                     token_experts: bool = False) -> rc.RouteCounts:
+                     token_experts: bool = False, sequence_ids: np.ndarray | None = None) -> rc.RouteCounts:
         """What :func:`routing_counts.count_routes` returns for the same arguments."""
         E, k, L = trace.n_experts, trace.top_k, len(trace.moe_layers)
         has_w = scan and trace.has_weights and "weights" in trace.columns("routes")
-        seq_counter = rc._sequence_counter(trace, phase, bucket_edges) if sequences else None
+        seq_counter = rc._sequence_counter(trace, phase, bucket_edges, sequence_ids) if sequences else None
         use_tokens = token_experts and trace.has("tokens")
         spec = CountSpec(
             n_experts=E, top_k=k, layer_index=rc.layer_index(trace), phase=phase,

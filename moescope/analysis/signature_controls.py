@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from moescope.analysis.routing_counts import layer_index, routes_relation
+from moescope.analysis.routing_counts import layer_index, only_sequences, routes_relation
 
 
 @dataclass
@@ -36,11 +36,12 @@ def sequence_token_expert_counts(trace: Any, *, phase: str, seq_ids: np.ndarray)
     """One DuckDB aggregation over routes x tokens of `phase`, rows of sequences in `seq_ids`
     (ascending) only. Needs the tokens table."""
     src = routes_relation(trace, phase, ["seq_id", "pos", "layer", "experts"])
-    res = trace.con.sql(
-        f"WITH x AS (SELECT r.seq_id, r.layer, t.token_id, r.experts FROM {src} r JOIN tokens t "
-        f"ON r.seq_id = t.seq_id AND r.pos = t.pos) "
-        f"SELECT seq_id, layer, token_id, e AS expert, count(*)::INTEGER AS n FROM "
-        f"(SELECT seq_id, layer, token_id, unnest(experts) AS e FROM x) GROUP BY ALL").fetchnumpy()
+    with only_sequences(trace, seq_ids, "r.seq_id") as cond:  # aggregate the sequences analysed only
+        res = trace.con.sql(
+            f"WITH x AS (SELECT r.seq_id, r.layer, t.token_id, r.experts FROM {src} r JOIN tokens t "
+            f"ON r.seq_id = t.seq_id AND r.pos = t.pos WHERE {cond or True}) "
+            f"SELECT seq_id, layer, token_id, e AS expert, count(*)::INTEGER AS n FROM "
+            f"(SELECT seq_id, layer, token_id, unnest(experts) AS e FROM x) GROUP BY ALL").fetchnumpy()
     seq = np.asarray(res["seq_id"], np.int64)
     keep = np.isin(seq, seq_ids)
     tok = np.asarray(res["token_id"], np.int64)[keep]

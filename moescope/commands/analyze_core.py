@@ -166,6 +166,8 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None
         phase: str = typer.Option("prompt", "--phase", help="Tokens in the signature: prompt, generated or all."),
         control_draws: int = typer.Option(3, "--control-draws", help="Re-draws of the load-balancing control."),
         jobs: int = typer.Option(1, "--jobs", help="Threads over the cross-validation folds."),
+        max_sequences: Optional[int] = typer.Option(None, "--max-sequences", help="Analyse a sample of about N "
+                                                    "labelled sequences (stratified by label, whole groups, seeded)."),
         engine: str = typer.Option("local", "--engine", help=ENGINE_HELP["engine"]),
         num_workers: int = typer.Option(1, "--num-workers", help=ENGINE_HELP["num_workers"]),
         ray_address: Optional[str] = typer.Option(None, "--ray-address", help=ENGINE_HELP["address"]),
@@ -191,7 +193,7 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None
         with use_engine(counting):
             result = routing_signatures(trace, label=label, group=group, folds=folds, repeats=repeats,
                                         permutations=permutations, seed=seed, phase=phase,
-                                        control_draws=control_draws, n_jobs=jobs)
+                                        control_draws=control_draws, n_jobs=jobs, max_sequences=max_sequences)
         path = result.save(out)
         console.print(signatures_table(result.values))
         _notes(result.values["notes"])
