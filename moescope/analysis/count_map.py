@@ -12,8 +12,8 @@ filesystem (the default: the trace's own directory) or from object storage
 (``location="s3://bucket/trace"``, ``gs://…``, ``file:///…``), where the trace's shard
 files sit under the same relative paths as in its manifest.
 
-What stays in the driver: the manifest, the distinct sequence ids and their first generated
-positions (one small DuckDB aggregation each), and the merge. Transitions need each token's
+The driver reads only the manifest for the pass (each task finds its own sequences and
+their first generated positions in its shard) and merges. Transitions need each token's
 rows together: a shard whose rows are out of (seq_id, pos, layer) order is sorted by its
 worker, and if shards' token key ranges overlap (a token split across shards, which
 moescope's writers never do) the transitions are recounted in process.
@@ -44,8 +44,8 @@ class ShardFiles:
 
 @dataclass(frozen=True)
 class CountSpec:
-    """What to count (pickled to every task). seq_ids/offsets/edges: the sequence counter's
-    sorted sequence ids, first positions of the phase and bucket edges (None: no sequences)."""
+    """What to count (pickled to every task). sequences: expert counts per sequence, split at
+    `edges` (positions within the phase), of the sequences in `only` (None: all of them)."""
 
     n_experts: int
     top_k: int
@@ -57,10 +57,9 @@ class CountSpec:
     weights: bool
     weight_bins: int
     token_experts: bool
-    seq_ids: np.ndarray | None = None
-    offsets: np.ndarray | None = None
+    sequences: bool = False
     edges: np.ndarray | None = None
-    max_tokens: int = 1 << 31
+    only: np.ndarray | None = None
 
     @property
     def n_layers(self) -> int:
@@ -115,7 +114,8 @@ def _keys(table: pa.Table) -> np.ndarray:
 
 def _tokens(files: ShardFiles, spec: CountSpec) -> tuple[np.ndarray, np.ndarray] | None:
     """Sorted token keys of the phase and their token ids (None when no tokens are needed)."""
-    if not (spec.phase_filter or spec.token_experts) or not files.tokens:
+    generated_offsets = spec.sequences and spec.phase == "generated"
+    if not (spec.phase_filter or spec.token_experts or generated_offsets) or not files.tokens:
         return None
     parts = [read_parquet(f, ["seq_id", "pos", "token_id", "phase"]) for f in files.tokens]
     table = pa.concat_tables(parts, promote_options="default")
@@ -159,7 +159,7 @@ def count_shard(files: ShardFiles, spec: CountSpec) -> PartialCounts:
     pairs = rp.PairCounter(L, E) if spec.scan else None
     trans = rp.TransitionCounter(L, E) if spec.scan and spec.transitions else None
     weights = rp.WeightCounter(L, k, spec.weight_bins) if spec.scan and spec.weights and "weights" in table.column_names else None
-    seqs = _shard_sequence_counter(np.unique(keys >> 32), spec, L, E)
+    seqs = _shard_sequence_counter(keys, tokens, spec, L, E)
     tok_codes: list[tuple[np.ndarray, np.ndarray]] = []
     vocab = np.unique(tokens[1]) if spec.token_experts and tokens is not None else None
     ordered = True
@@ -173,7 +173,7 @@ def count_shard(files: ShardFiles, spec: CountSpec) -> PartialCounts:
                 trans.add(chunk, blocks)
             if weights is not None:
                 weights.add(chunk)
-            if seqs is not None:
+            if seqs is not None and len(seqs.seq_ids):
                 seqs.add(chunk)
             if vocab is not None:
                 tok_codes.append(_token_codes(chunk, tokens, vocab, E))
@@ -195,13 +195,25 @@ def count_shard(files: ShardFiles, spec: CountSpec) -> PartialCounts:
     return out
 
 
-def _shard_sequence_counter(shard_seqs: np.ndarray, spec: CountSpec, L: int, E: int) -> rp.SequenceCounter | None:
-    """A sequence counter over the shard's own sequences only (its arrays stay shard-sized)."""
-    if spec.seq_ids is None:
+def _shard_sequence_counter(keys: np.ndarray, tokens: tuple[np.ndarray, np.ndarray] | None, spec: CountSpec,
+                            L: int, E: int) -> rp.SequenceCounter | None:
+    """A sequence counter over the shard's own sequences (its arrays stay shard-sized), set up
+    as routing_counts._sequence_counter sets up the whole trace's: positions from each
+    sequence's first token of the phase when the phase is 'generated', cells as narrow as
+    the longest position allows."""
+    if not spec.sequences:
         return None
-    at, found = _lookup(spec.seq_ids, shard_seqs)
-    at = at[found]
-    return rp.SequenceCounter(spec.seq_ids[at], spec.offsets[at], spec.edges, L, E, max_tokens=spec.max_tokens)
+    seq_ids = np.unique(keys >> 32)
+    if spec.only is not None:
+        seq_ids = seq_ids[np.isin(seq_ids, spec.only)]
+    offsets = np.zeros(len(seq_ids), np.int64)
+    if spec.phase == "generated" and tokens is not None and len(tokens[0]):
+        tok_seq = tokens[0] >> 32  # sorted keys: the first of each sequence is its first generated position
+        first = np.r_[True, tok_seq[1:] != tok_seq[:-1]]
+        at, found = _lookup(seq_ids, tok_seq[first])
+        offsets[at[found]] = (tokens[0][first] & 0xFFFFFFFF)[found]
+    longest = int((keys & 0xFFFFFFFF).max()) + 1 if len(keys) else 1
+    return rp.SequenceCounter(seq_ids, offsets, spec.edges, L, E, max_tokens=longest)
 
 
 def _token_codes(chunk: rp.Chunk, tokens: tuple[np.ndarray, np.ndarray], vocab: np.ndarray, E: int) -> tuple[np.ndarray, np.ndarray]:

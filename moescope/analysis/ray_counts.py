@@ -56,9 +56,9 @@ class _Reducer:
     """Adds partial counts into the driver's arrays in place (sequence counts into the global
     (S, B, L, E) array; sparse token counts buffered and folded)."""
 
-    def __init__(self, seq_counter: Any) -> None:
+    def __init__(self) -> None:
         self.total = PartialCounts()
-        self.seq_counter = seq_counter
+        self._sequences: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._tokens: list[tuple[np.ndarray, ...]] = []
         self._token_rows = 0
 
@@ -70,10 +70,8 @@ class _Reducer:
             if value is not None:
                 setattr(t, name, value.copy() if getattr(t, name) is None else getattr(t, name) + value)
         t.key_ranges = t.key_ranges + part.key_ranges
-        if part.seq_ids is not None and len(part.seq_ids):
-            at = np.searchsorted(self.seq_counter.seq_ids, part.seq_ids)
-            self.seq_counter.counts[at] += part.seq_counts.astype(self.seq_counter.counts.dtype)
-            self.seq_counter.n_tokens[at] += part.seq_n_tokens.astype(self.seq_counter.n_tokens.dtype)
+        if part.seq_ids is not None:
+            self._sequences.append((part.seq_ids, part.seq_counts, part.seq_n_tokens))
         if part.tok_n is not None:
             self._tokens.append((part.tok_layer, part.tok_id, part.tok_expert, part.tok_n))
             self._token_rows += len(part.tok_n)
@@ -81,6 +79,25 @@ class _Reducer:
                 self._tokens = [self.token_table_columns()]
                 self._token_rows = len(self._tokens[0][3])
         return self
+
+    def sequence_counts(self, edges: np.ndarray, L: int, E: int) -> rc.SequenceCounts:
+        """The shards' per-sequence counts as one SequenceCounts (seq_ids ascending; a sequence
+        found in several shards is summed; cells of the widest type any shard needed)."""
+        parts = self._sequences
+        dtype = np.result_type(*[p[1].dtype for p in parts]) if parts else np.dtype(np.uint16)
+        ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+        shape = (len(edges), L)
+        counts = np.concatenate([p[1].astype(dtype) for p in parts]) if parts else np.zeros((0,) + shape + (E,), dtype)
+        n_tokens = np.concatenate([p[2].astype(dtype) for p in parts]) if parts else np.zeros((0,) + shape, dtype)
+        uniq, inverse = np.unique(ids, return_inverse=True)
+        if len(uniq) == len(ids):  # the usual case: each sequence in one shard
+            order = np.argsort(ids, kind="stable")
+            return rc.SequenceCounts(ids[order], counts[order], n_tokens[order], edges)
+        summed = np.zeros((len(uniq),) + counts.shape[1:], dtype)
+        summed_n = np.zeros((len(uniq),) + n_tokens.shape[1:], dtype)
+        np.add.at(summed, inverse.reshape(-1), counts)
+        np.add.at(summed_n, inverse.reshape(-1), n_tokens)
+        return rc.SequenceCounts(uniq, summed, summed_n, edges)
 
     def token_table_columns(self) -> tuple[np.ndarray, ...]:
         """The summed sparse token counts: (layer_index, token_id, expert, n)."""
@@ -117,19 +134,17 @@ class ShardCounting:
         """What :func:`routing_counts.count_routes` returns for the same arguments."""
         E, k, L = trace.n_experts, trace.top_k, len(trace.moe_layers)
         has_w = scan and trace.has_weights and "weights" in trace.columns("routes")
-        seq_counter = rc._sequence_counter(trace, phase, bucket_edges, sequence_ids) if sequences else None
+        edges = np.asarray(sorted(set([0] + [int(e) for e in bucket_edges or []])), dtype=np.int64)
         use_tokens = token_experts and trace.has("tokens")
         spec = CountSpec(
             n_experts=E, top_k=k, layer_index=rc.layer_index(trace), phase=phase,
             phase_filter=rc.needs_phase_filter(trace, phase), scan=scan, transitions=transitions, weights=has_w,
             weight_bins=weight_bins, token_experts=use_tokens,
-            seq_ids=None if seq_counter is None else seq_counter.seq_ids,
-            offsets=None if seq_counter is None else seq_counter.offsets,
-            edges=None if seq_counter is None else seq_counter.edges,
-            # the same cell type as the driver's counter (uint16 below 65,535 tokens a sequence)
-            max_tokens=0 if seq_counter is not None and seq_counter.counts.dtype == np.uint16 else 1 << 31)
+            sequences=sequences, edges=edges,
+            only=None if sequence_ids is None else np.asarray(sequence_ids, np.int64))
+        # The driver reads only the manifest here: each task finds its own sequences.
         reducer = self.map_shards(shard_units(trace, self.location), count_shard, spec,
-                                  lambda total, part: total.add(part), _Reducer(seq_counter))
+                                  lambda total, part: total.add(part), _Reducer())
         total = reducer.total
         if scan and transitions and shards_overlap(total.key_ranges):  # a token may be split between shards
             with use_engine(None):
@@ -138,9 +153,8 @@ class ShardCounting:
         result = rc.RouteCounts(None, None, None)
         if scan:
             result.scan = _scan(trace, total, has_w, transitions, weight_bins)
-        if seq_counter is not None:
-            result.sequences = rc.SequenceCounts(seq_counter.seq_ids, seq_counter.counts, seq_counter.n_tokens,
-                                                 seq_counter.edges)
+        if sequences:
+            result.sequences = reducer.sequence_counts(edges, L, E)
         if use_tokens:
             li, tok, ex, n = reducer.token_table_columns()
             order = np.lexsort((ex, -n, tok, li))
