@@ -96,3 +96,17 @@ def test_a_trace_written_with_the_format_1_options_still_reads(tmp_path, monkeyp
     assert back.select(["seq_id", "pos", "layer", "experts"]).equals(routes.select(["seq_id", "pos", "layer", "experts"]))
     assert np.array_equal(_bits(back.column("weights")), _bits(routes.column("weights")))
     assert trace.scalar("SELECT count(*) FROM routes") == routes.num_rows
+
+
+def test_options_follow_the_columns_a_writer_gave():
+    """Another tool's routes table: int64 ids, no weights, a float `layer` (out of spec but
+    written): delta only on integer columns, nothing asked of absent ones."""
+    table = pa.table({"seq_id": pa.array([0, 0, 1], pa.int64()), "pos": pa.array([0, 1, 0], pa.uint32()),
+                      "layer": pa.array([0.0, 0.0, 0.0]), "experts": pa.array([[1, 2]] * 3, pa.list_(pa.uint8()))})
+    opts = writer_mod.parquet_options("routes", table)
+    assert opts["column_encoding"] == {"seq_id": "DELTA_BINARY_PACKED", "pos": "DELTA_BINARY_PACKED"}
+    assert "layer" in opts["use_dictionary"] and "experts.list.element" in opts["use_dictionary"]
+    import io
+
+    pq.write_table(table, io.BytesIO(), **opts)  # writes
+    assert writer_mod.parquet_options("tokens", table) == writer_mod.PARQUET_OPTIONS

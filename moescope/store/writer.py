@@ -46,7 +46,10 @@ def parquet_options(table_name: str, table: pa.Table) -> dict[str, Any]:
     if table_name != "routes":
         return dict(PARQUET_OPTIONS)
     leaves = [f"{f.name}.list.element" if pa.types.is_list(f.type) else f.name for f in table.schema]
-    encodings = {c: e for c, e in ROUTES_ENCODINGS.items() if c in leaves}
+    # delta only where the writer gave integers (other tools may write traces; see schema.py)
+    integer = {f.name for f in table.schema if pa.types.is_integer(f.type)}
+    encodings = {c: e for c, e in ROUTES_ENCODINGS.items()
+                 if c in leaves and (e != "DELTA_BINARY_PACKED" or c in integer)}
     return dict(
         PARQUET_OPTIONS,
         use_dictionary=[c for c in leaves if c not in encodings],
