@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from moescope.analysis import route_pass as rp
@@ -122,7 +123,7 @@ def _tokens(files: ShardFiles, spec: CountSpec) -> tuple[np.ndarray, np.ndarray]
     keys = _keys(table)
     ids = table.column("token_id").to_numpy().astype(np.int64)
     if spec.phase != "all":
-        keep = np.asarray(table.column("phase").to_pylist(), dtype=object) == spec.phase
+        keep = pc.fill_null(pc.equal(table.column("phase"), spec.phase), False).to_numpy(zero_copy_only=False)
         keys, ids = keys[keep], ids[keep]
     order = np.argsort(keys, kind="stable")
     return keys[order], ids[order]
