@@ -51,3 +51,12 @@ def test_the_polars_snippet_runs_and_counts_every_routed_expert(workdir, monkeyp
 def test_the_shard_map_snippet_runs(workdir, monkeypatch):
     scope = run(snippet("ShardCounting()"), workdir, monkeypatch)
     assert scope["whole"].scan.pairs.sum() > 0
+
+
+def test_the_spark_snippet_runs_where_spark_is_installed(workdir, monkeypatch):
+    """Skipped here (Spark is not a dependency); runs the snippet on a local path where it is."""
+    pytest.importorskip("pyspark")
+    code = snippet("from pyspark.sql").replace("s3a://bucket/traces/olmoe/routes/", "runs/olmoe/routes/")
+    scope = run(code, workdir, monkeypatch)
+    trace = moescope.open_trace(workdir / "runs" / "olmoe")
+    assert scope["load"].groupBy().sum("count").collect()[0][0] == trace.scalar("SELECT count(*) FROM routes") * trace.top_k
