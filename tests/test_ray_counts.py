@@ -207,3 +207,21 @@ def test_a_sample_of_sequences_and_sequences_split_between_files(tmp_path):
             mapped = count_routes(trace, sequence_ids=only, **ASKS)
         assert_same_counts(local, mapped)
     assert np.array_equal(mapped.sequences.seq_ids, [1, 5, 6, 7])
+
+
+def test_a_damaged_shard_is_refused_not_counted(tmp_path):
+    import shutil
+
+    from moescope.errors import TraceError
+
+    spec = _spec({**SPEC, "n_seq": 12})
+    tables = generate_tables(spec, np.arange(spec.n_seq))
+    write_trace(tmp_path / "t", routes=tables["routes"], tokens=tables["tokens"], sequences=tables["sequences"],
+                model=spec.model(), shard_rows=100)
+    trace = moescope.open_trace(tmp_path / "t")
+    copy = tmp_path / "copy"  # e.g. the object-store copy --shards-at points to
+    shutil.copytree(tmp_path / "t", copy)
+    victim = sorted((copy / "routes").glob("*.parquet"))[1]
+    victim.write_bytes(victim.read_bytes()[:-9] + b"corrupted")
+    with use_engine(ShardCounting(location=str(copy))), pytest.raises(TraceError, match="SHA-256"):
+        count_routes(trace)

@@ -20,6 +20,7 @@ moescope's writers never do) the transitions are recounted in process.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -30,17 +31,23 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from moescope.analysis import route_pass as rp
-from moescope.errors import MoescopeError
+from moescope.errors import TraceError
 
 BATCH_ROWS = 1 << 16
 
 
 @dataclass(frozen=True)
 class ShardFiles:
-    """One unit of work: a routes file and the tokens file(s) holding its tokens (paths or URIs)."""
+    """One unit of work: a routes file and the tokens file(s) holding its tokens (paths or
+    URIs); checks: (path, bytes, sha256) from the manifest, verified before a file is read."""
 
     routes: str
     tokens: tuple[str, ...] = ()
+    checks: tuple[tuple[str, int, str], ...] = ()
+
+    def expected(self, path: str) -> tuple[int, str] | None:
+        """(bytes, sha256) the manifest records for `path`, or None."""
+        return next(((n, h) for p, n, h in self.checks if p == path), None)
 
 
 @dataclass(frozen=True)
@@ -100,13 +107,19 @@ def _filesystem(path: str) -> tuple[Any, str]:
     return fs.LocalFileSystem(), os.path.abspath(path)
 
 
-def read_parquet(path: str, columns: list[str]) -> pa.Table:
-    """The `columns` of one Parquet file that it has (others are simply absent)."""
+def read_parquet(path: str, columns: list[str], expected: tuple[int, str] | None = None) -> pa.Table:
+    """The `columns` of one Parquet file that it has (others are simply absent). With
+    `expected` = (bytes, sha256) from the manifest, a file that differs is refused
+    (TraceError): a damaged or partly copied shard is never counted."""
     filesystem, inner = _filesystem(path)
     with filesystem.open_input_file(inner) as handle:
-        parquet = pq.ParquetFile(handle)
-        have = [c for c in columns if c in parquet.schema_arrow.names]
-        return parquet.read(columns=have)
+        data = handle.read()
+    if expected is not None and (len(data) != expected[0] or hashlib.sha256(data).hexdigest() != expected[1]):
+        raise TraceError(f"{path} is not the shard the manifest lists (size or SHA-256 differ): it is damaged or "
+                         "a partial copy; copy it again from the original trace")
+    parquet = pq.ParquetFile(pa.BufferReader(data))
+    have = [c for c in columns if c in parquet.schema_arrow.names]
+    return parquet.read(columns=have)
 
 
 def _keys(table: pa.Table) -> np.ndarray:
@@ -118,7 +131,7 @@ def _tokens(files: ShardFiles, spec: CountSpec) -> tuple[np.ndarray, np.ndarray]
     generated_offsets = spec.sequences and spec.phase == "generated"
     if not (spec.phase_filter or spec.token_experts or generated_offsets) or not files.tokens:
         return None
-    parts = [read_parquet(f, ["seq_id", "pos", "token_id", "phase"]) for f in files.tokens]
+    parts = [read_parquet(f, ["seq_id", "pos", "token_id", "phase"], files.expected(f)) for f in files.tokens]
     table = pa.concat_tables(parts, promote_options="default")
     keys = _keys(table)
     ids = table.column("token_id").to_numpy().astype(np.int64)
@@ -149,7 +162,7 @@ def count_shard(files: ShardFiles, spec: CountSpec) -> PartialCounts:
 
     E, k, L = spec.n_experts, spec.top_k, spec.n_layers
     columns = ["seq_id", "pos", "layer", "experts"] + (["weights"] if spec.weights else [])
-    table = read_parquet(files.routes, columns)
+    table = read_parquet(files.routes, columns, files.expected(files.routes))
     tokens = _tokens(files, spec)
     if spec.phase_filter and tokens is not None:
         table = table.filter(pa.array(_lookup(tokens[0], _keys(table))[1]))

@@ -43,12 +43,15 @@ def shard_units(trace: Trace, location: str | None = None) -> list[ShardFiles]:
     shards = trace.manifest.get("shards")
     if shards is None:  # a trace without a shard list: each routes file with every tokens file
         return [ShardFiles(at(f), all_tokens) for f in trace.files("routes")]
+    checks = tuple((at(f["path"]), int(f["bytes"]), str(f["sha256"])) for s in shards for f in s["files"].values()
+                   if "bytes" in f and "sha256" in f)
     units = []
     for shard in shards:
         files = shard["files"]
         if "routes" in files:
             tokens = (at(files["tokens"]["path"]),) if "tokens" in files else all_tokens
-            units.append(ShardFiles(at(files["routes"]["path"]), tokens))
+            mine = {at(files["routes"]["path"]), *tokens}
+            units.append(ShardFiles(at(files["routes"]["path"]), tokens, tuple(c for c in checks if c[0] in mine)))
     return units
 
 
