@@ -225,3 +225,14 @@ def test_a_damaged_shard_is_refused_not_counted(tmp_path):
     victim.write_bytes(victim.read_bytes()[:-9] + b"corrupted")
     with use_engine(ShardCounting(location=str(copy))), pytest.raises(TraceError, match="SHA-256"):
         count_routes(trace)
+
+
+@pytest.mark.parametrize("extra, needle", [(["--engine", "spark"], "--engine must be"),
+                                           (["--num-workers", "2"], "need --engine ray"),
+                                           (["--engine", "ray", "--num-workers", "0"], "at least 1")])
+def test_engine_errors_are_one_line(trace, tmp_path, capsys, extra, needle):
+    from test_cli_errors import assert_one_line_error, run_cli
+
+    code, err = run_cli(["analyze", "stats", str(trace.path), "--out", str(tmp_path / "s"), *extra], capsys)
+    assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "s").exists()
