@@ -76,8 +76,8 @@ class CountSpec:
 
 @dataclass
 class PartialCounts:
-    """Mergeable counts of some shards (None: not counted). tok_*: sparse (layer index,
-    token id, expert, n) of the token-expert counts; seq_*: per-sequence counts of the
+    """Mergeable counts of some shards (None: not counted). tok_code, tok_n: the sparse
+    token-expert counts, codes ascending (see :func:`token_code`); seq_*: per-sequence counts of the
     sequences seen (seq_ids ascending). key_ranges: (first, last) token key of each shard."""
 
     n_rows: np.ndarray | None = None
@@ -90,9 +90,7 @@ class PartialCounts:
     seq_ids: np.ndarray | None = None
     seq_counts: np.ndarray | None = None
     seq_n_tokens: np.ndarray | None = None
-    tok_layer: np.ndarray | None = None
-    tok_id: np.ndarray | None = None
-    tok_expert: np.ndarray | None = None
+    tok_code: np.ndarray | None = None
     tok_n: np.ndarray | None = None
     key_ranges: list[tuple[int, int]] = field(default_factory=list)
 
@@ -205,7 +203,7 @@ def count_shard(files: ShardFiles, spec: CountSpec) -> PartialCounts:
     if seqs is not None:
         out.seq_ids, out.seq_counts, out.seq_n_tokens = seqs.seq_ids, seqs.counts, seqs.n_tokens
     if vocab is not None:
-        out.tok_layer, out.tok_id, out.tok_expert, out.tok_n = _sparse_tokens(tok_codes, vocab, L, E)
+        out.tok_code, out.tok_n = _sparse_tokens(tok_codes, vocab, E)
     return out
 
 
@@ -239,14 +237,30 @@ def _token_codes(chunk: rp.Chunk, tokens: tuple[np.ndarray, np.ndarray], vocab: 
     return np.unique(codes, return_counts=True)
 
 
-def _sparse_tokens(parts: list[tuple[np.ndarray, np.ndarray]], vocab: np.ndarray, L: int, E: int) -> tuple[np.ndarray, ...]:
+def token_code(layer_index: np.ndarray, token_id: np.ndarray, expert: np.ndarray) -> np.ndarray:
+    """One int64 per (MoE layer index, token id, expert): layer << 48 | token id << 16 | expert
+    (token ids are uint32, expert ids below 2**16), so sparse counts merge by 1-D sorting."""
+    return (layer_index.astype(np.int64) << 48) | (token_id.astype(np.int64) << 16) | expert.astype(np.int64)
+
+
+def token_code_columns(code: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(layer_index, token_id, expert) of :func:`token_code` codes."""
+    return code >> 48, (code >> 16) & 0xFFFFFFFF, code & 0xFFFF
+
+
+def sum_codes(codes: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(unique codes ascending, summed counts)."""
+    uniq, inverse = np.unique(codes, return_inverse=True)
+    return uniq, np.bincount(inverse.reshape(-1), weights=counts, minlength=len(uniq)).astype(np.int64)
+
+
+def _sparse_tokens(parts: list[tuple[np.ndarray, np.ndarray]], vocab: np.ndarray, E: int) -> tuple[np.ndarray, np.ndarray]:
     codes = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
     counts = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
-    uniq, inverse = np.unique(codes, return_inverse=True)
-    n = np.bincount(inverse, weights=counts, minlength=len(uniq)).astype(np.int64)
+    uniq, n = sum_codes(codes, counts)
     cell, expert = np.divmod(uniq, E)
     li, tok = np.divmod(cell, len(vocab))
-    return li.astype(np.int64), vocab[tok].astype(np.int64), expert.astype(np.int64), n
+    return token_code(li, vocab[tok], expert), n  # ascending: vocab is sorted
 
 
 # -- the reduce -----------------------------------------------------------------------------------
@@ -274,13 +288,9 @@ def merge_counts(a: PartialCounts, b: PartialCounts) -> PartialCounts:
         out.seq_ids, out.seq_counts, out.seq_n_tokens = ids, counts, n_tokens
     if a.tok_n is None or b.tok_n is None:
         src = a if b.tok_n is None else b
-        out.tok_layer, out.tok_id, out.tok_expert, out.tok_n = src.tok_layer, src.tok_id, src.tok_expert, src.tok_n
+        out.tok_code, out.tok_n = src.tok_code, src.tok_n
     else:
-        cols = [np.concatenate([getattr(a, c), getattr(b, c)]) for c in ("tok_layer", "tok_id", "tok_expert")]
-        rows, inverse = np.unique(np.stack(cols, axis=1), axis=0, return_inverse=True)
-        n = np.bincount(inverse.reshape(-1), weights=np.concatenate([a.tok_n, b.tok_n]), minlength=len(rows))
-        out.tok_layer, out.tok_id, out.tok_expert = rows[:, 0], rows[:, 1], rows[:, 2]
-        out.tok_n = n.astype(np.int64)
+        out.tok_code, out.tok_n = sum_codes(np.concatenate([a.tok_code, b.tok_code]), np.concatenate([a.tok_n, b.tok_n]))
     return out
 
 

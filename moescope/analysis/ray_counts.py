@@ -21,7 +21,8 @@ from typing import Any, Callable
 import numpy as np
 
 from moescope.analysis import routing_counts as rc
-from moescope.analysis.count_map import CountSpec, PartialCounts, ShardFiles, count_shard, map_reduce, shards_overlap
+from moescope.analysis.count_map import (CountSpec, PartialCounts, ShardFiles, count_shard, map_reduce, shards_overlap,
+                                         sum_codes, token_code_columns)
 from moescope.analysis.engine import use_engine
 from moescope.errors import MoescopeError
 from moescope.store.reader import Trace
@@ -76,11 +77,11 @@ class _Reducer:
         if part.seq_ids is not None:
             self._sequences.append((part.seq_ids, part.seq_counts, part.seq_n_tokens))
         if part.tok_n is not None:
-            self._tokens.append((part.tok_layer, part.tok_id, part.tok_expert, part.tok_n))
+            self._tokens.append((part.tok_code, part.tok_n))
             self._token_rows += len(part.tok_n)
             if self._token_rows > TOKEN_COMPACT_ROWS:
-                self._tokens = [self.token_table_columns()]
-                self._token_rows = len(self._tokens[0][3])
+                self._tokens = [self._summed_tokens()]
+                self._token_rows = len(self._tokens[0][1])
         return self
 
     def sequence_counts(self, edges: np.ndarray, L: int, E: int) -> rc.SequenceCounts:
@@ -102,14 +103,15 @@ class _Reducer:
         np.add.at(summed_n, inverse.reshape(-1), n_tokens)
         return rc.SequenceCounts(uniq, summed, summed_n, edges)
 
+    def _summed_tokens(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self._tokens:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return sum_codes(np.concatenate([p[0] for p in self._tokens]), np.concatenate([p[1] for p in self._tokens]))
+
     def token_table_columns(self) -> tuple[np.ndarray, ...]:
         """The summed sparse token counts: (layer_index, token_id, expert, n)."""
-        if not self._tokens:
-            return tuple(np.zeros(0, np.int64) for _ in range(4))
-        cols = [np.concatenate([p[i] for p in self._tokens]) for i in range(4)]
-        rows, inverse = np.unique(np.stack(cols[:3], axis=1), axis=0, return_inverse=True)
-        n = np.bincount(inverse.reshape(-1), weights=cols[3], minlength=len(rows)).astype(np.int64)
-        return rows[:, 0], rows[:, 1], rows[:, 2], n
+        code, n = self._summed_tokens()
+        return (*token_code_columns(code), n)
 
 
 @dataclass(frozen=True)
