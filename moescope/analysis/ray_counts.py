@@ -57,8 +57,8 @@ def shard_units(trace: Trace, location: str | None = None) -> list[ShardFiles]:
 
 
 class _Reducer:
-    """Adds partial counts into the driver's arrays in place (sequence counts into the global
-    (S, B, L, E) array; sparse token counts buffered and folded)."""
+    """Adds up partial counts in the driver as they arrive: array sums in place, per-sequence
+    counts kept per shard (joined once at the end), sparse token counts buffered and folded."""
 
     def __init__(self) -> None:
         self.total = PartialCounts()
@@ -87,16 +87,17 @@ class _Reducer:
     def sequence_counts(self, edges: np.ndarray, L: int, E: int) -> rc.SequenceCounts:
         """The shards' per-sequence counts as one SequenceCounts (seq_ids ascending; a sequence
         found in several shards is summed; cells of the widest type any shard needed)."""
-        parts = self._sequences
+        parts = sorted(self._sequences, key=lambda p: int(p[0][0]) if len(p[0]) else -1)  # shards in sequence order
+        self._sequences = []
         dtype = np.result_type(*[p[1].dtype for p in parts]) if parts else np.dtype(np.uint16)
         ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
         shape = (len(edges), L)
-        counts = np.concatenate([p[1].astype(dtype) for p in parts]) if parts else np.zeros((0,) + shape + (E,), dtype)
-        n_tokens = np.concatenate([p[2].astype(dtype) for p in parts]) if parts else np.zeros((0,) + shape, dtype)
+        counts = np.concatenate([p[1].astype(dtype, copy=False) for p in parts]) if parts else np.zeros((0,) + shape + (E,), dtype)
+        n_tokens = np.concatenate([p[2].astype(dtype, copy=False) for p in parts]) if parts else np.zeros((0,) + shape, dtype)
+        del parts
+        if (np.diff(ids) > 0).all():  # the usual case: each sequence in one shard, shards in order
+            return rc.SequenceCounts(ids, counts, n_tokens, edges)
         uniq, inverse = np.unique(ids, return_inverse=True)
-        if len(uniq) == len(ids):  # the usual case: each sequence in one shard
-            order = np.argsort(ids, kind="stable")
-            return rc.SequenceCounts(ids[order], counts[order], n_tokens[order], edges)
         summed = np.zeros((len(uniq),) + counts.shape[1:], dtype)
         summed_n = np.zeros((len(uniq),) + n_tokens.shape[1:], dtype)
         np.add.at(summed, inverse.reshape(-1), counts)
