@@ -10,8 +10,9 @@ figures of docs/benchmarks.md and docs/trace-format.md.
 For every trace the same routes table is written (in memory) with
 - ``format1``: the options every table had before (dictionary everywhere, zstd 3);
 - ``current``: :func:`moescope.store.writer.parquet_options` (what the writer uses now);
-- two layouts measured but not adopted: float16 BYTE_STREAM_SPLIT (DuckDB 2.0 cannot read
-  it) and float32 BYTE_STREAM_SPLIT (changes the column's type; doubles weights in memory).
+- three layouts measured but not adopted: rows sorted by (layer, seq_id, pos) (readers
+  count on a token's rows being together), float16 BYTE_STREAM_SPLIT (DuckDB 2.0 cannot
+  read it) and float32 BYTE_STREAM_SPLIT (changes the column's type; doubles weights in memory).
 Each is checked lossless (ids equal, weights bit-identical in float16) and timed (median of
 --reps writes). Also reported: order-0 entropy floors of the weights, which bound what any
 per-value encoding can reach.
@@ -90,9 +91,11 @@ def layouts(table: pa.Table) -> dict[str, tuple[pa.Table, dict]]:
                  compression_level={**current["compression_level"], "weights.list.element": 1})
     w32 = table.column("weights").cast(pa.list_(pa.float32()))
     t32 = table.set_column(table.schema.get_field_index("weights"), pa.field("weights", w32.type), w32)
+    by_layer = table.sort_by([("layer", "ascending"), ("seq_id", "ascending"), ("pos", "ascending")])
     return {
         "format1": (table, dict(PARQUET_OPTIONS)),
         "current": (table, current),
+        "rows sorted by layer (not adopted)": (by_layer, current),
         "float16 BYTE_STREAM_SPLIT (not DuckDB-readable)": (table, bss16),
         "float32 BYTE_STREAM_SPLIT (changes the type)": (t32, bss16),
     }
@@ -113,9 +116,9 @@ def measure(table: pa.Table, reps: int) -> dict[str, dict]:
             start = time.perf_counter()
             pq.write_table(tab, buf, **opts)
             times.append(time.perf_counter() - start)
-        back = pq.read_table(io.BytesIO(buf.getvalue()))
-        assert back.select(["seq_id", "pos", "layer", "experts"]).equals(table.select(["seq_id", "pos", "layer", "experts"]))
-        assert np.array_equal(_bits(back.column("weights")), _bits(table.column("weights"))), name
+        back = pq.read_table(io.BytesIO(buf.getvalue()))  # what was written reads back exactly
+        assert back.select(["seq_id", "pos", "layer", "experts"]).equals(tab.select(["seq_id", "pos", "layer", "experts"]))
+        assert np.array_equal(_bits(back.column("weights")), _bits(tab.column("weights"))), name
         out[name] = {"bytes": len(buf.getvalue()), "bytes_per_row": len(buf.getvalue()) / table.num_rows,
                      "write_seconds": statistics.median(times)}
     base = out["format1"]

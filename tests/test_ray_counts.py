@@ -236,3 +236,15 @@ def test_engine_errors_are_one_line(trace, tmp_path, capsys, extra, needle):
     code, err = run_cli(["analyze", "stats", str(trace.path), "--out", str(tmp_path / "s"), *extra], capsys)
     assert_one_line_error(code, err, needle)
     assert not (tmp_path / "s").exists()
+
+
+def _rows_per_layer(unit, spec):  # a pure per-shard function, as another analysis would write one
+    from moescope.analysis.count_map import read_parquet
+
+    layers = read_parquet(unit.routes, ["layer"]).column("layer").to_numpy()
+    return np.bincount(layers, minlength=spec)
+
+
+def test_the_generic_hook_folds_any_mergeable_counts(trace):
+    total = ShardCounting().map_shards(shard_units(trace), _rows_per_layer, 3, lambda a, b: a + b, np.zeros(3, np.int64))
+    assert total.tolist() == count_routes(trace, transitions=False).scan.n_rows.tolist()

@@ -9,7 +9,8 @@ Hook for other count-based analyses (e.g. ``analyze agreement``): build your cou
 pure per-shard function returning mergeable arrays, and when :func:`current_engine` is not
 None, run it through ``engine.map_shards(shard_units(trace), fn, spec, add, initial)`` (see
 :class:`moescope.analysis.ray_counts.RayCounting`; :func:`moescope.analysis.count_map.map_reduce`
-runs the same fold in process).
+runs the same fold in process). Units can be anything picklable, e.g. pairs of shards of two
+traces that hold the same sequences.
 """
 from __future__ import annotations
 
