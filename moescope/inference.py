@@ -455,3 +455,32 @@ def ridge_cv(features: Features, y: np.ndarray, splits: list[list[Split]], *, gr
     res = CVResult(predictions, fold_acc, sizes, alpha, classes, yi)
     res._perm_y = sets[:, 1:]
     return res
+
+
+def cluster_bootstrap_ratio_ci(sums: np.ndarray, counts: np.ndarray, *, n_boot: int = 2000, seed: int = 0,
+                               level: float = 0.95) -> dict[str, Any]:
+    """Percentile CI of sum(sums) / sum(counts), resampling whole groups with replacement, from
+    per-group totals only (so counts summed over shards suffice: no per-item values needed).
+
+    sums, counts: (G,) or (G, C) per-group totals (C columns, e.g. layers, each get their own
+    interval, resampled with the same groups). Returns ratio, ci_low, ci_high (floats, or
+    lists for 2-D input); a ratio whose count is 0 is NaN.
+    """
+    s, c = np.asarray(sums, dtype=float), np.asarray(counts, dtype=float)
+    flat = s.ndim == 1
+    s, c = np.atleast_2d(s.T).T, np.atleast_2d(c.T).T  # (G, C)
+    G = s.shape[0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = s.sum(axis=0) / c.sum(axis=0)
+        if G == 0:
+            lo = hi = np.full(s.shape[1], np.nan)
+        else:
+            W = np.random.default_rng(seed).multinomial(G, np.full(G, 1.0 / G), size=n_boot).astype(float)
+            boot = (W @ s) / (W @ c)  # (n_boot, C); NaN where a resample has no items of a column
+            lo = np.full(s.shape[1], np.nan)
+            hi = np.full(s.shape[1], np.nan)
+            some = ~np.isnan(boot).all(axis=0)
+            if some.any():
+                lo[some], hi[some] = np.nanpercentile(boot[:, some], [50 * (1 - level), 50 * (1 + level)], axis=0)
+    pick = (lambda a: float(a[0])) if flat else (lambda a: [float(x) for x in a])  # noqa: E731
+    return {"ratio": pick(ratio), "ci_low": pick(lo), "ci_high": pick(hi)}
