@@ -163,7 +163,8 @@ def corrected_resampled_t(values: Sequence[float], n_train: float, n_test: float
     """Mean of per-fold values from repeated K-fold CV with a CI and a two-sided p (H0: mean 0)
     from the corrected resampled t-test (Nadeau & Bengio 2003): variance inflated by
     (1/J + n_test/n_train) for J fold values, J - 1 degrees of freedom. Returns mean, ci_low,
-    ci_high, p_value, se. A single value gives NaN for everything but the mean."""
+    ci_high, p_value, se. A single value gives NaN for everything but the mean; identical values
+    (zero variance) give a zero-width CI and p = 0 when they differ from 0 (every fold agrees), else 1."""
     from scipy import stats
 
     v = np.asarray(values, dtype=float)
@@ -362,7 +363,7 @@ def _fit_fold(Z: np.ndarray, Zte: np.ndarray, T: np.ndarray, g_train: np.ndarray
                 Hgg = 1.0 / n + np.einsum("gir,r,gjr->gij", Ug, h, Ug)
                 e = np.linalg.solve(np.eye(idx.shape[1])[None] - Hgg, E[idx])
                 e = e.reshape(-1, E.shape[1])
-            press[ai] += (e ** 2).reshape(len(e), n_sets, -1).sum(axis=(0, 2))
+            press[ai] += np.einsum("ij,ij->j", e, e).reshape(n_sets, -1).sum(axis=1)
     best = np.argmin(press[::-1], axis=0)  # ties -> the stronger penalty
     best = len(alphas) - 1 - best
     M = T.shape[1]

@@ -79,7 +79,7 @@ def test_signature_inputs_on_a_sample(trace):
     assert any("of 120 labelled sequences analysed" in note for note in inputs.notes)
     names, counts = np.unique(inputs.labels, return_counts=True)
     assert len(names) == 4 and counts.min() >= 8
-    assert np.array_equal(np.unique(inputs.seq_token_experts.seq_idx), np.arange(n))
+    assert np.array_equal(np.unique(inputs.seq_token_experts.segment_seq), np.arange(n))
     full = gather_signature_inputs(trace, "label", max_sequences=1000)
     assert len(full.labels) == 120 and not any("labelled sequences analysed" in note for note in full.notes)
 

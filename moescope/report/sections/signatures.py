@@ -114,8 +114,9 @@ def _summary(r: dict[str, Any]) -> str:
     text += "."
     if r.get("token_id_control_accuracy_mean") is not None:
         text += (f" Token identity alone reaches {fv(r['token_id_control_accuracy_mean'])} (token-id routing control) and "
-                 f"{fv(r['bag_of_tokens_accuracy_mean'])} (bag of token ids); routing vs each: "
-                 f"{_adds(r, 'adds_over_token_id_control')}; {_adds(r, 'adds_over_bag_of_tokens')}.")
+                 f"{fv(r['bag_of_tokens_accuracy_mean'])} (bag of token ids). Against the token-id control the "
+                 f"{_adds(r, 'adds_over_token_id_control')}; against the bag of token ids the "
+                 f"{_adds(r, 'adds_over_bag_of_tokens')} (paired differences on the same folds).")
     text += " " + _best(r) if _best(r) else ""
     return text
 
