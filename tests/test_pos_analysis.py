@@ -147,3 +147,33 @@ def test_untagged_tokens_table_is_refused():
     d = synthetic("null", n_tokens=60)
     with pytest.raises(DataError, match="no upos column"):
         pos_analysis(d["tokens"].drop_columns(["upos"]), d["routes"], **d["model"], params=FAST)
+
+
+# -- the token-identity null of KL / Spec ------------------------------------------------------------
+def test_token_null_finds_the_planted_tag_effect_in_the_planted_layers_only(planted):
+    holm = np.array([planted["kl_token_null_p_value_holm"][t] for t in planted["tags"]])  # (tags, layers)
+    assert planted["token_null"]["permutations"] >= 2000  # 20 cells: the floor survives Holm at 0.01
+    assert np.all(holm[:, list(PLANTED)] <= 0.01), holm
+    assert np.all(np.delete(holm, list(PLANTED), axis=1) > 0.05), holm
+    gain = np.array([planted["top_gain_token_null_p_value_holm"][t] for t in planted["tags"]])
+    assert np.all(gain[:, list(PLANTED)] <= 0.01) and np.all(np.delete(gain, list(PLANTED), axis=1) > 0.05)
+
+
+def test_token_null_sees_nothing_when_tag_and_routing_both_follow_the_token_id():
+    # The trap: routing and tags both follow the token id. The old statistic (KL against tags
+    # shuffled across all tokens) claims a POS effect in every layer; the token-identity null does not.
+    v = _run("identity", vocab=60)
+    old_claims = [sum(k > p for k, p in zip(v["kl_from_uniform"][t], v["kl_from_uniform_shuffled_p95"][t]))
+                  for t in v["tags"]]
+    assert sum(old_claims) >= 0.8 * len(v["tags"]) * 4, old_claims
+    assert v["token_null"]["n_tokens_permutable"] > 1000  # ids carry several tags: the null does move tags
+    holm = np.array([v["kl_token_null_p_value_holm"][t] for t in v["tags"]])
+    assert np.all(holm > 0.05), holm
+    excess = np.subtract(v["kl_layer_mean"], v["kl_layer_mean_token_null"])
+    assert np.all(np.abs(excess) < 0.02), excess
+
+
+def test_token_null_cannot_move_tags_that_are_a_function_of_the_token_id():
+    v = _run("word_form", vocab=60)
+    assert v["token_null"]["n_tokens_permutable"] == 0
+    assert all(p == 1.0 for t in v["tags"] for p in v["kl_token_null_p_value_holm"][t])

@@ -35,7 +35,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from scipy import sparse
 
+from moescope.analysis.pos_null import default_permutations, token_identity_null
 from moescope.analysis.result import AnalysisResult
+from moescope.analysis.semantic import holm  # TODO(h3): moescope.inference.holm once h2 lands
 from moescope.errors import DataError
 
 
@@ -54,6 +56,9 @@ class PosParams:
         tsne_points: tokens in the t-SNE (0: no t-SNE).
         ablation: numbers of layers to drop (None: about 1, L/4, L/2, 3L/4 and L−1).
         top_n: experts per POS whose gain over uniform is reported.
+        token_null_permutations: permutations of the token-identity null of KL / Spec (tags
+            permuted among occurrences of one token id); None: enough for a cell at the
+            permutation floor to survive Holm at 0.01 (100 × tags × layers).
     """
 
     folds: int = 5
@@ -65,6 +70,7 @@ class PosParams:
     tsne_points: int = 1500
     ablation: tuple[int, ...] | None = None
     top_n: int = 3
+    token_null_permutations: int | None = None
 
 
 # -- routing paths ----------------------------------------------------------------------------
@@ -274,15 +280,31 @@ def probe_values(paths: np.ndarray, y: np.ndarray, token_ids: np.ndarray, tags: 
     }
 
 
-def routing_values(paths: np.ndarray, y: np.ndarray, tags: list[str], tag_counts: np.ndarray, n_experts: int,
-                   top_k: int, params: PosParams) -> dict[str, Any]:
-    """Spec, top experts' gain and KL from uniform per POS and layer, with shuffled-tag chance (result values)."""
+def routing_values(paths: np.ndarray, y: np.ndarray, token_ids: np.ndarray, tags: list[str], tag_counts: np.ndarray,
+                   n_experts: int, top_k: int, params: PosParams) -> dict[str, Any]:
+    """Spec, top experts' gain and KL from uniform per POS and layer, with shuffled-tag chance and the
+    token-identity null (tags permuted within token ids: p per tag x layer, Holm) (result values)."""
     P = len(tags)
     stats = spec_kl(expert_counts(paths, y, P, n_experts), tag_counts, top_k, params.top_n)
     chance = shuffled_spec_kl(paths, y, P, n_experts, top_k, params.n_shuffles, params.seed, params.top_n)
     weights = tag_counts / tag_counts.sum()  # per-layer summaries weight POS by token count
     top_experts = np.argsort(-stats["spec"], axis=2, kind="stable")[:, :, : params.top_n]
+    n_perm = params.token_null_permutations or default_permutations(P * paths.shape[1])
+    null = token_identity_null(paths, y, token_ids, n_tags=P, n_experts=n_experts, top_k=top_k, top_n=params.top_n,
+                               n_permutations=n_perm, seed=params.seed + 5)
+    kl_holm = holm(null["kl_p"].ravel()).reshape(null["kl_p"].shape)  # all tag x layer cells at once
+    gain_holm = holm(null["gain_p"].ravel()).reshape(null["gain_p"].shape)
     return {
+        "kl_from_uniform_token_null": _per_tag(tags, null["kl_null"]),
+        "kl_token_null_p_value": _per_tag(tags, null["kl_p"], 6),
+        "kl_token_null_p_value_holm": _per_tag(tags, kl_holm, 6),
+        "kl_layer_mean_token_null": np.round(weights @ null["kl_null"], 5),
+        "top_gain_token_null": _per_tag(tags, null["gain_null"]),
+        "top_gain_token_null_p_value_holm": _per_tag(tags, gain_holm, 6),
+        "token_null": {"permutations": n_perm, "n_tokens_permutable": null["n_tokens_permutable"],
+                       "n_cells": int(kl_holm.size), "p_floor": 1.0 / (n_perm + 1),
+                       "method": "tags permuted among occurrences of the same token id; one-sided p = "
+                                 "(1 + #null >= observed) / (1 + permutations); Holm across all tag x layer cells"},
         "kl_units": "nats",
         "kl_from_uniform": _per_tag(tags, stats["kl"]),
         "kl_from_uniform_shuffled": _per_tag(tags, chance["kl"]),
@@ -317,7 +339,7 @@ def pos_analysis(tokens: pa.Table, routes: pa.Table, *, n_experts: int, top_k: i
     sample = sample[np.bincount(y[sample], minlength=len(tags))[y[sample]] >= params.folds]
     with threadpool_limits(1):  # 2-core machines: BLAS threads only contend with each other
         probe = probe_values(paths[sample], y[sample], d["token_ids"][sample], tags, n_experts, params)
-        routing = routing_values(paths, y, tags, d["tag_counts"], n_experts, top_k, params)
+        routing = routing_values(paths, y, d["token_ids"], tags, d["tag_counts"], n_experts, top_k, params)
         embedding, emb_tags = _tsne(paths, y, n_experts, params) if params.tsne_points and figures else (None, None)
     values: dict[str, Any] = {
         "tag_source": tag_source, "n_tokens": n, "n_tokens_probe": int(len(sample)), "n_experts": n_experts,
