@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from moescope.analysis.semantic import SemanticParams, analyze_semantic, holm, pair_kappa
+from moescope.analysis.semantic import SemanticParams, analyze_semantic, pair_kappa
 from moescope.semantic.align import align_targets
 from moescope.semantic.pipeline import analyse_trace
 from moescope.store.tables import write_trace
@@ -127,10 +127,6 @@ def test_kappa_known_values():
     sets = _uniform_sets(rng, 3 * 20000).reshape(20000, 3, K)
     prof = np.eye(E, dtype=np.float32)[sets].sum(-2).mean(1)[:, None, :]  # mean one-hot over 3 subwords
     assert abs(pair_kappa(prof[:10000], prof[10000:], K, E).mean()) < 0.01
-
-
-def test_holm():
-    np.testing.assert_allclose(holm(np.array([0.01, 0.04, 0.03, np.nan])), [0.03, 0.06, 0.06, np.nan])
 
 
 def test_sense_effect_found_exactly_where_planted(planted):

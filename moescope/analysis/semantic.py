@@ -37,6 +37,7 @@ import pyarrow as pa
 from scipy import stats
 
 from moescope.analysis.result import AnalysisResult
+from moescope.inference import cluster_bootstrap_ci, holm, wilcoxon_signed_rank
 
 __all__ = ["SemanticParams", "analyze_semantic", "target_profiles", "pair_kappa", "semantic_figures"]
 
@@ -131,20 +132,6 @@ def _nan(L: int) -> np.ndarray:
     return np.full(L, np.nan)
 
 
-def holm(p: np.ndarray) -> np.ndarray:
-    """Holm-adjusted p-values (NaN stays NaN)."""
-    p = np.asarray(p, float)
-    ok = np.isfinite(p)
-    out = np.full_like(p, np.nan)
-    q = p[ok]
-    order = np.argsort(q)
-    adj = np.maximum.accumulate((len(q) - np.arange(len(q))) * q[order])
-    out_ok = np.empty_like(q)
-    out_ok[order] = np.minimum(adj, 1.0)
-    out[ok] = out_ok
-    return out
-
-
 def compare_groups(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, n_boot: int, confidence: float) -> dict:
     """Two independent groups of per-pair kappas, x (n1, L) vs y (n2, L): means, CIs, test, effect sizes."""
     L = x.shape[1]
@@ -166,25 +153,25 @@ def compare_groups(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, n_boo
 
 
 def compare_paired(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, n_boot: int, confidence: float) -> dict:
-    """Paired per-item kappas, x vs y (n, L): means, CIs (items resampled), Wilcoxon test, effect sizes."""
+    """Paired units (lemmas or items), x vs y (n, L): means, CIs resampling the units (a cluster
+    bootstrap: a unit's value is the mean over its pairs), Wilcoxon signed-rank per layer, Holm."""
     n, L = x.shape
     out = {"x": x.mean(0) if n else _nan(L), "y": y.mean(0) if n else _nan(L), "n": n}
     if n < 2:
         return {**out, **{k: _nan(L) for k in ("x_lo", "x_hi", "y_lo", "y_hi", "diff", "diff_lo", "diff_hi",
                                                   "p", "p_holm", "effect", "d")}}
-    w = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot) / n  # one resampling of items for all three
-    (out["x_lo"], out["x_hi"]), (out["y_lo"], out["y_hi"]) = _ci(w @ x, confidence), _ci(w @ y, confidence)
     d = x - y
+    seed = int(rng.integers(2**31))  # one resampling of units for x, y and their difference
+    ci = {name: [cluster_bootstrap_ci(v[:, layer], None, n_boot=n_boot, seed=seed, level=confidence)
+                 for layer in range(L)] for name, v in (("x", x), ("y", y), ("d", d))}
+    for name, stem in (("x", "x"), ("y", "y"), ("d", "diff")):
+        out[f"{stem}_lo"] = np.array([c["ci_low"] for c in ci[name]])
+        out[f"{stem}_hi"] = np.array([c["ci_high"] for c in ci[name]])
     out["diff"] = d.mean(0)
-    out["diff_lo"], out["diff_hi"] = _ci(w @ d, confidence)
-    p, effect = np.ones(L), np.zeros(L)
-    for layer in range(L):  # zeros differ per layer, so one scipy call per layer
-        dl = d[:, layer][d[:, layer] != 0]
-        if len(dl):
-            p[layer] = stats.wilcoxon(dl, zero_method="wilcox").pvalue
-            ranks = stats.rankdata(np.abs(dl))
-            effect[layer] = (ranks[dl > 0].sum() - ranks[dl < 0].sum()) / ranks.sum()
-    out["p"], out["p_holm"], out["effect"] = p, holm(p), effect
+    tests = [wilcoxon_signed_rank(d[:, layer]) for layer in range(L)]
+    out["p"] = np.array([t["p_value"] for t in tests])
+    out["effect"] = np.array([t["rank_biserial"] for t in tests])
+    out["p_holm"] = holm(out["p"])
     sd = d.std(0, ddof=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         out["d"] = np.where(sd > 0, out["diff"] / sd, np.where(out["diff"] == 0, 0.0, np.nan))
