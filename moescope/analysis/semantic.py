@@ -12,16 +12,18 @@ average of |S_ai ∩ S_bj| / k over every pair of subwords (i of a, j of b). So 
 averages the per-subword-pair kappas and keeps chance at exactly 0; for one token it is the
 formula above.
 
-Tests (per layer): sense pairs, same vs different sense: Mann–Whitney U (two-sided), effect
-size = rank-biserial correlation (+ Cohen's d); substitution items, paired per item (mean
-over its substitutes vs mean over its controls): Wilcoxon signed-rank (two-sided), effect
-size = matched-pairs rank-biserial (+ Cohen's d_z). p-values are reported as computed, with
-Holm-adjusted ones across layers next to them. Confidence intervals: percentile bootstrap
-resampling pairs (each label separately) or items. Baselines: chance (kappa 0) and
-"unrelated" pairs (a context of one pair against one of another pair with a different lemma:
-the overlap that load imbalance alone produces). Token-identity control: pairs split by
-whether the two targets' token ids are identical, the same/different gap reported within
-each subset, because identical tokens route alike whatever they mean. Substitution compares
+Tests (per layer), from the shared inference module: sense pairs are **paired by lemma** (per
+lemma, mean same-sense minus mean different-sense kappa; lemmas lacking either label are left
+out): Wilcoxon signed-rank on the per-lemma gaps (two-sided), CIs by a bootstrap resampling
+lemmas, Holm across layers; the unpaired Mann–Whitney test over pairs is kept as
+``unpaired_*`` for comparison (a lemma-level confound fools it). Substitution items are paired
+per item (mean over its substitutes vs mean over its controls): Wilcoxon signed-rank, Holm,
+bootstrap over items. Effect sizes: matched-pairs rank-biserial (+ Cohen's d_z). Baselines:
+chance (kappa 0) and "unrelated" pairs (a context of one pair against one of another pair
+with a different lemma: the overlap that load imbalance alone produces). Token-identity
+control: pairs split by whether the two targets' token ids are identical, the paired gap
+reported within each subset, because identical tokens route alike whatever they mean. The
+random-init control is :mod:`moescope.analysis.semantic_control`. Substitution compares
 sentences that share everything before the target, so a replacement whose first target
 token is the original's gets identical routing there by construction (in a causal model):
 such replacements are left out and counted (n_replacements_sharing_first_token).
