@@ -8,8 +8,8 @@ Predictors, all evaluated on the same folds:
 
 - **probe**: ridge classifier on the multi-hot routing path, its penalty tuned inside each
   training fold by exact leave-one-sentence-out error (:func:`moescope.inference.ridge_cv`);
-  the tag-shuffled probes (tags permuted across tokens) go through the identical procedure,
-  each tuned on its own, and give the probe's permutation p.
+  the tag-shuffled probes (tags permuted across the tokens of each test fold) go through the
+  identical procedure, each tuned on its own, and give the probe's permutation p.
 - **word form** (the paper's baseline): each token id's most frequent tag in the training
   folds; ids not seen there get the training folds' majority tag. Reported on all test tokens
   and separately on tokens whose id was seen / not seen in the training folds, as the probe is:
@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from moescope.inference import corrected_resampled_t, paired_comparison, repeated_grouped_splits, ridge_cv
+from moescope.inference import corrected_resampled_t, fold_permutations, paired_comparison, repeated_grouped_splits, ridge_cv
 
 __all__ = ["cv_splits", "lookup_baseline", "probe_and_baselines", "word_keys"]
 
@@ -80,8 +80,9 @@ def probe_and_baselines(X: Any, y: np.ndarray, token_ids: np.ndarray, words: np.
     shuffled-tag probe's accuracy and the probe's permutation p, the pooled predictions of the first
     repeat (for F1 and the confusion matrix), the seen mask of that repeat, and per-fold accuracies.
     """
-    rng = np.random.default_rng(seed + 3)
-    shuffled = np.array([rng.permutation(y) for _ in range(n_shuffles)]) if n_shuffles else None
+    # Tags shuffled within each test fold (the folds keep their tag balance; a global shuffle would
+    # leave stratified folds unbalanced for the shuffled tags and push the null below chance).
+    shuffled = fold_permutations(y, None, splits, n_shuffles, seed=seed + 3) if n_shuffles else None
     cv = ridge_cv(X, y, splits, groups=seq_id, permuted_labels=shuffled)
     probe_pred = cv.classes[cv.predictions[:, 0, :]]  # (R, S) tag indices
     R, K = len(splits), len(splits[0])
