@@ -163,7 +163,8 @@ def corrected_resampled_t(values: Sequence[float], n_train: float, n_test: float
     """Mean of per-fold values from repeated K-fold CV with a CI and a two-sided p (H0: mean 0)
     from the corrected resampled t-test (Nadeau & Bengio 2003): variance inflated by
     (1/J + n_test/n_train) for J fold values, J - 1 degrees of freedom. Returns mean, ci_low,
-    ci_high, p_value, se. A single value gives NaN for everything but the mean."""
+    ci_high, p_value, se. A single value gives NaN for everything but the mean; identical values
+    (zero variance) give a zero-width CI and p = 0 when they differ from 0 (every fold agrees), else 1."""
     from scipy import stats
 
     v = np.asarray(values, dtype=float)
@@ -362,7 +363,7 @@ def _fit_fold(Z: np.ndarray, Zte: np.ndarray, T: np.ndarray, g_train: np.ndarray
                 Hgg = 1.0 / n + np.einsum("gir,r,gjr->gij", Ug, h, Ug)
                 e = np.linalg.solve(np.eye(idx.shape[1])[None] - Hgg, E[idx])
                 e = e.reshape(-1, E.shape[1])
-            press[ai] += (e ** 2).reshape(len(e), n_sets, -1).sum(axis=(0, 2))
+            press[ai] += np.einsum("ij,ij->j", e, e).reshape(n_sets, -1).sum(axis=1)
     best = np.argmin(press[::-1], axis=0)  # ties -> the stronger penalty
     best = len(alphas) - 1 - best
     M = T.shape[1]
@@ -455,3 +456,32 @@ def ridge_cv(features: Features, y: np.ndarray, splits: list[list[Split]], *, gr
     res = CVResult(predictions, fold_acc, sizes, alpha, classes, yi)
     res._perm_y = sets[:, 1:]
     return res
+
+
+def cluster_bootstrap_ratio_ci(sums: np.ndarray, counts: np.ndarray, *, n_boot: int = 2000, seed: int = 0,
+                               level: float = 0.95) -> dict[str, Any]:
+    """Percentile CI of sum(sums) / sum(counts), resampling whole groups with replacement, from
+    per-group totals only (so counts summed over shards suffice: no per-item values needed).
+
+    sums, counts: (G,) or (G, C) per-group totals (C columns, e.g. layers, each get their own
+    interval, resampled with the same groups). Returns ratio, ci_low, ci_high (floats, or
+    lists for 2-D input); a ratio whose count is 0 is NaN.
+    """
+    s, c = np.asarray(sums, dtype=float), np.asarray(counts, dtype=float)
+    flat = s.ndim == 1
+    s, c = np.atleast_2d(s.T).T, np.atleast_2d(c.T).T  # (G, C)
+    G = s.shape[0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = s.sum(axis=0) / c.sum(axis=0)
+        if G == 0:
+            lo = hi = np.full(s.shape[1], np.nan)
+        else:
+            W = np.random.default_rng(seed).multinomial(G, np.full(G, 1.0 / G), size=n_boot).astype(float)
+            boot = (W @ s) / (W @ c)  # (n_boot, C); NaN where a resample has no items of a column
+            lo = np.full(s.shape[1], np.nan)
+            hi = np.full(s.shape[1], np.nan)
+            some = ~np.isnan(boot).all(axis=0)
+            if some.any():
+                lo[some], hi[some] = np.nanpercentile(boot[:, some], [50 * (1 - level), 50 * (1 + level)], axis=0)
+    pick = (lambda a: float(a[0])) if flat else (lambda a: [float(x) for x in a])  # noqa: E731
+    return {"ratio": pick(ratio), "ci_low": pick(lo), "ci_high": pick(hi)}

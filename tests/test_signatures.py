@@ -236,7 +236,7 @@ def test_token_id_control_is_fitted_on_the_training_fold_only():
     per_seq[2:, :, 4, :] = 0
     per_seq[0, :, 4, :] = [3, 0, 1, 2]  # token 4 occurs in sequence 0 only
     s, li, v, e = np.nonzero(per_seq)
-    ste = SequenceTokenExperts(s, (li * V + v) * E + e, per_seq[s, li, v, e], np.arange(V), (L, V, E))
+    ste = SequenceTokenExperts.from_rows(s, (li * V + v) * E + e, per_seq[s, li, v, e], np.arange(V), (L, V, E))
     occ = rng.integers(1, 4, size=(S, V)).astype(float)
     occ[1:, 4] = 0
     n_tok = occ.sum(axis=1, keepdims=True).repeat(L, axis=1)
@@ -264,3 +264,35 @@ def test_group_errors_name_the_fix(tmp_path):
         routing_signatures(trace, label="label", **FAST)
     with pytest.raises(DataError, match="no field 'document'; available: .*doc_id"):
         routing_signatures(trace, label="label", group="document", **FAST)
+
+
+def test_token_id_control_falls_back_to_the_whole_trace_map_when_too_large(tmp_path, monkeypatch):
+    import moescope.analysis.signatures as sigmod
+
+    path = token_routed_trace(tmp_path / "t", layers=2, n_seq=40)
+    monkeypatch.setattr(sigmod, "MAX_SEQUENCE_TOKEN_EXPERT_ROWS", 0)
+    v = _run(path, repeats=2, permutations=5, control_draws=0)
+    assert v["token_id_control_fitted_per_fold"] is False and v["token_id_control_unseen_token_share"] == 0.0
+    assert any("whole-trace map" in n for n in v["notes"])
+    assert v["token_id_control_accuracy_mean"] >= 0.6
+
+
+def test_streamed_token_expert_keys_match_a_duckdb_count(tmp_path):
+    from moescope.analysis.signature_controls import sequence_token_expert_counts
+
+    trace = moescope.open_trace(labelled_trace(tmp_path / "t", layers=3, n_seq=12, seq_len=10, generated=3,
+                                               token_strength=1.0))
+    seq_ids = np.array([1, 2, 5, 7, 11])
+    ste = sequence_token_expert_counts(trace, phase="prompt", seq_ids=seq_ids)
+    L, V, E = ste.shape
+    got = {}
+    for j, s in enumerate(seq_ids):
+        c = ste.counts(ste.rows_of([j]), minlength=L * V * E)
+        for key in np.flatnonzero(c):
+            li, rest = divmod(int(key), V * E)
+            v, e = divmod(rest, E)
+            got[(int(s), li, int(ste.vocab[v]), e)] = int(c[key])
+    rows = trace.rows("SELECT r.seq_id, r.layer, t.token_id, e, count(*) FROM (SELECT seq_id, pos, layer, "
+                      "unnest(experts) AS e FROM routes) r JOIN tokens t ON r.seq_id = t.seq_id AND r.pos = t.pos "
+                      "WHERE t.phase = 'prompt' AND r.seq_id IN (1, 2, 5, 7, 11) GROUP BY ALL")
+    assert got == {(int(s), int(li), int(t), int(e)): int(n) for s, li, t, e, n in rows}

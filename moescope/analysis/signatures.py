@@ -31,7 +31,8 @@ import numpy as np
 from moescope import inference as inf
 from moescope.analysis.result import AnalysisResult
 from moescope.analysis.signature_controls import (SequenceTokenExperts, TokenIdControl, load_balanced_counts,
-                                                   sequence_token_expert_counts, tfidf_fold_features, token_count_matrix)
+                                                   sequence_token_expert_counts, tfidf_fold_features, token_count_matrix,
+                                                   whole_trace_control)
 from moescope.analysis.routing_counts import RouteCounts, SequenceCounts, count_routes, sequence_token_counts, trace_phases
 from moescope.errors import DataError
 from moescope.store.reader import Trace
@@ -157,6 +158,10 @@ class SignatureInputs:
     seq_token_experts: SequenceTokenExperts | None = None
 
 
+#: Above this many expert assignments (tokens x MoE layers x k; 4 bytes each, kept per sequence),
+#: the token-id control falls back to one whole-trace map (noted).
+MAX_SEQUENCE_TOKEN_EXPERT_ROWS = 100_000_000
+
 #: The sequences field that groups pieces of one document, used without --group when present
 #: (the built-in prompts and the default model's probe texts carry it).
 DEFAULT_GROUP_FIELD = "doc_id"
@@ -222,7 +227,13 @@ def gather_signature_inputs(trace: Trace, label: str, *, phase: str = "prompt", 
     tok_exp, seq_tok, ste = counts.token_experts, None, None
     if trace.has("tokens"):
         seq_tok = sequence_token_counts(trace, phase=phase)
-        ste = sequence_token_expert_counts(trace, phase=phase, seq_ids=seqc.seq_ids)
+        rows = int(seq_tok["n"][np.isin(seq_tok["seq_id"], seqc.seq_ids)].sum()) * len(trace.moe_layers) * trace.top_k
+        if rows <= MAX_SEQUENCE_TOKEN_EXPERT_ROWS:
+            ste = sequence_token_expert_counts(trace, phase=phase, seq_ids=seqc.seq_ids)
+        else:
+            notes.append(f"{rows:,} per-sequence token-expert assignments are too many to hold, so the token-id "
+                         "control uses one whole-trace map for every fold: it has seen the test sequences' own routing "
+                         "(optimistic for the control, conservative for 'routing adds')")
     else:
         notes.append("no tokens table: bag-of-tokens and token-id controls skipped")
     return SignatureInputs(seqc, y, trace.moe_layers, trace.n_experts, trace.top_k, tok_exp, seq_tok, notes,
@@ -346,7 +357,8 @@ def _evaluate(inputs: SignatureInputs, label: str, folds: int, repeats: int, per
     lb_acc, lb_cos = [], []
     for _ in range(control_draws):
         Xb = signature_vectors(load_balanced_counts(counts, rng), n_tok)
-        lb_acc.append(cv(Xb).accuracy)
+        # each draw is a fresh random control: its first CV repeat suffices (draws x 5 fits, not draws x 25)
+        lb_acc.append(inf.ridge_cv(Xb, y, splits[:1], groups=groups, n_jobs=n_jobs).accuracy)
         lb_cos.append(cosine_stats(Xb, y))
     v.update(load_balanced_accuracy_mean=float(np.mean(lb_acc)) if lb_acc else None,
              load_balanced_accuracy_sd=float(np.std(lb_acc, ddof=1)) if len(lb_acc) > 1 else None,
@@ -358,14 +370,20 @@ def _evaluate(inputs: SignatureInputs, label: str, folds: int, repeats: int, per
         v.update({f"{key}_{s}": None for s in ("mean", "sd", "ci_low", "ci_high")})
     for key in ("adds_over_bag_of_tokens", "adds_over_token_id_control"):
         v.update({f"{key}{s}": None for s in ("", "_ci_low", "_ci_high", "_p_value")})
-    v.update(token_id_control_cohens_d=None, token_id_control_unseen_token_share=None,
+    v.update(token_id_control_cohens_d=None, token_id_control_unseen_token_share=None, token_id_control_fitted_per_fold=None,
              per_layer_token_id_control_accuracy=None)
     control_features: list[np.ndarray] | None = None
-    if inputs.seq_tokens is not None and inputs.seq_token_experts is not None:
-        ste = inputs.seq_token_experts
-        A = token_count_matrix(inputs.seq_tokens, seqc.seq_ids, ste.vocab)
-        bag = cv(tfidf_fold_features(token_count_matrix(inputs.seq_tokens, seqc.seq_ids)), standardize=False)
-        control = TokenIdControl(ste, A, n_tok, inputs.top_k)
+    if inputs.seq_tokens is not None and (inputs.seq_token_experts is not None or inputs.token_expert is not None):
+        bag_counts = token_count_matrix(inputs.seq_tokens, seqc.seq_ids)
+        bag = cv(tfidf_fold_features(bag_counts), standardize=False)
+        if inputs.seq_token_experts is not None:
+            ste = inputs.seq_token_experts
+            control = TokenIdControl(ste, token_count_matrix(inputs.seq_tokens, seqc.seq_ids, ste.vocab), n_tok,
+                                     inputs.top_k)
+        else:
+            vocab = np.unique(inputs.seq_tokens["token_id"][np.isin(inputs.seq_tokens["seq_id"], seqc.seq_ids)])
+            control = whole_trace_control(inputs.token_expert, token_count_matrix(inputs.seq_tokens, seqc.seq_ids, vocab),
+                                          vocab, n_tok, L, E, inputs.top_k)
         flat = [sp for rep in splits for sp in rep]
         if n_jobs != 1:
             from joblib import Parallel, delayed
@@ -381,7 +399,8 @@ def _evaluate(inputs: SignatureInputs, label: str, folds: int, repeats: int, per
         v.update(_paired("adds_over_bag_of_tokens", main, bag))
         v.update(_paired("adds_over_token_id_control", main, tcv))
         v.update(token_id_control_cohens_d=cosine_stats(full_map.reshape(S, -1), y)["cohens_d"],
-                 token_id_control_unseen_token_share=float(np.mean([u for _, u in fitted])))
+                 token_id_control_unseen_token_share=float(np.mean([u for _, u in fitted])),
+                 token_id_control_fitted_per_fold=control.per_fold)
     # per layer: accuracy with CI, permutation p (same shuffles), Holm; the control per layer
     per_layer = [cv(X[:, i * E:(i + 1) * E], with_perms=True) for i in range(L)]
     p_layer = [r.p_value if r.p_value is not None else float("nan") for r in per_layer]

@@ -40,10 +40,6 @@ def _pm(mean: Any, sd: Any) -> str:
     return fv(mean) if sd is None else f"{fv(mean)} ± {fv(sd)}"
 
 
-def _signed(value: Any) -> str:
-    return "n/a" if value is None else f"{value:+.3f}"
-
-
 def _ci(r: dict[str, Any], prefix: str) -> str:
     """'0.912 [0.871, 0.953]' from prefix_mean (or prefix) and prefix_ci_low/high."""
     mean = r.get(f"{prefix}_mean", r.get(prefix))
@@ -118,8 +114,9 @@ def _summary(r: dict[str, Any]) -> str:
     text += "."
     if r.get("token_id_control_accuracy_mean") is not None:
         text += (f" Token identity alone reaches {fv(r['token_id_control_accuracy_mean'])} (token-id routing control) and "
-                 f"{fv(r['bag_of_tokens_accuracy_mean'])} (bag of token ids); routing vs each: "
-                 f"{_adds(r, 'adds_over_token_id_control')}; {_adds(r, 'adds_over_bag_of_tokens')}.")
+                 f"{fv(r['bag_of_tokens_accuracy_mean'])} (bag of token ids). Against the token-id control the "
+                 f"{_adds(r, 'adds_over_token_id_control')}; against the bag of token ids the "
+                 f"{_adds(r, 'adds_over_bag_of_tokens')} (paired differences on the same folds).")
     text += " " + _best(r) if _best(r) else ""
     return text
 
