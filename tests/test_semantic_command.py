@@ -84,6 +84,7 @@ def test_report_section(run_dir):
     assert "Semantic routing" in html
 
 
+@pytest.mark.slow  # three more captures of the probes (~25 s on 2 cores)
 def test_random_init_control_over_three_seeds(run_dir, tiny_dir, tmp_path):
     out = tmp_path / "control"
     result = _run("--trace", str(run_dir / "trace"), "--model", str(tiny_dir), "--random-init-seeds", "0,1,2",
@@ -102,5 +103,9 @@ def test_random_init_control_over_three_seeds(run_dir, tiny_dir, tmp_path):
     one = json.loads((out / "random-init" / "seed-0" / "results.json").read_text())
     two = json.loads((out / "random-init" / "seed-1" / "results.json").read_text())
     assert one["same_sense_kappa"] != two["same_sense_kappa"]  # different random weights
-    bad = _run("--trace", str(run_dir / "trace"), "--random-init-seeds", "0,1", "--out", str(tmp_path / "z"))
-    assert isinstance(bad.exception, MoescopeError) and "at least 3" in str(bad.exception)
+
+
+def test_random_init_seeds_need_three(run_dir, tmp_path):
+    for seeds, message in (("0,1", "at least 3"), ("0,0,1", "at least 3"), ("a,b,c", "integers")):
+        bad = _run("--trace", str(run_dir / "trace"), "--random-init-seeds", seeds, "--out", str(tmp_path / "z"))
+        assert isinstance(bad.exception, MoescopeError) and message in str(bad.exception), seeds
