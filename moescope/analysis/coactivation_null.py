@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from moescope.inference import permutation_p_value
+
 _FLOOR_LOGIT = -30.0  # experts with no load: never chosen by the simulated router
 
 
@@ -258,6 +260,6 @@ def top_ratio_chance(expected: np.ndarray, observed_top: list[float], rng: np.ra
     sims = rng.poisson(e, size=(draws, len(e))) / e
     k = min(top, len(e))
     best = -np.sort(-sims, axis=1)[:, :k]
-    p = (1 + int((best[:, 0] >= observed_top[0] - 1e-12).sum())) / (1 + draws)
+    p = permutation_p_value(observed_top[0], best[:, 0])
     return {"ratio_chance": best.mean(axis=0).tolist(), "ratio_chance_sd": best.std(axis=0, ddof=1).tolist(),
             "max_ratio_p_value": p, "draws": draws}
