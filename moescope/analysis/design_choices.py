@@ -75,8 +75,7 @@ def _paired_ratios(rows: list[dict[str, Any]], key: Callable[[dict[str, Any]], A
         seeds = sorted(set(sides.get(num, {})) & set(sides.get(den, {})))
         if seeds:
             ratios = [sides[num][s] / sides[den][s] for s in seeds]
-            out.append({"group": group, "seeds": seeds, "ratio": statistics.fmean(ratios), **{
-                f"ratio_{k}": v for k, v in _spread(ratios).items() if k != "mean"}})
+            out.append({"group": group, "seeds": seeds, **{f"ratio_{k}": v for k, v in _spread(ratios).items()}})
     return out
 
 
@@ -89,7 +88,7 @@ def findings(cell_rows: list[dict[str, Any]], rows: list[dict[str, Any]] | None 
       over seeds (ratio_sd, ratio_min, ratio_max, ratio_values);
     - top1_vs_top2: per (routing, router) with both, top-1 / top-2 mean ppl, with the same spread;
     - by_routing: per routing level, the mean over its cells of each measure's NMI above chance
-      and how many cells specialise by token types / domains / neither.
+      and how many variants (cells without `rows`) specialise by token types / domains / neither.
     """
     by = {(c["routing"], c["top_k"], c["router"]): c for c in cell_rows}
     frozen = [{"routing": r, "top_k": k, "ratio": by[(r, k, "frozen")]["mean_ppl"] / by[(r, k, "learned")]["mean_ppl"],
@@ -109,7 +108,9 @@ def findings(cell_rows: list[dict[str, Any]], rows: list[dict[str, Any]] | None 
         cs = [c for c in cell_rows if c["routing"] == routing]
         entry = {f"{m}_excess": statistics.fmean(c[f"{m}_excess"] for c in cs) for m in MEASURES
                  if all(f"{m}_excess" in c for c in cs)}
-        entry["verdicts"] = {v: sum(c["specialises_by"] == v for c in cs) for v in ("token types", "domains", "neither")}
+        # verdicts per trained variant (one per seed) when the rows are given, else per cell
+        judged = [r for r in rows if r["routing"] == routing] if rows else cs
+        entry["verdicts"] = {v: sum(x["specialises_by"] == v for x in judged) for v in ("token types", "domains", "neither")}
         by_routing[routing] = entry
     return {"frozen_vs_learned": frozen,
             "frozen_vs_learned_mean_ratio": statistics.fmean(f["ratio"] for f in frozen) if frozen else None,
