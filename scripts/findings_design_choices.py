@@ -51,7 +51,7 @@ def render() -> dict:
     for routing, e in f["by_routing"].items():
         v = e["verdicts"]
         bullets.append(f"- {routing}-level routing: experts follow token types in {v['token types']}, domains in "
-                       f"{v['domains']}, neither in {v['neither']} of {sum(v.values())} cells ; mean domain NMI above chance {_f(e['domain_nmi_excess'])}, of the vocabulary-only router "
+                       f"{v['domains']}, neither in {v['neither']} of {sum(v.values())} trained variants; mean domain NMI above chance {_f(e['domain_nmi_excess'])}, of the vocabulary-only router "
                        f"{_f(e.get('domain_nmi_vocabulary_control_excess'))}; token-type NMI above the within-sequence "
                        f"chance {_f(e['token_type_nmi_within_sequence_excess'])}.")
     return {DOC: {"design-choices-seeds": head + "\n\n" + "\n".join(rows) + "\n\n" + "\n".join(bullets)}}
