@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import typer
 
 import moescope
 from moescope.analysis.coactivation_null import (SelectionRule, beyond_chance, block_pair_null, pair_counts,
@@ -132,3 +133,39 @@ def test_scaled_weights_are_binned_on_their_range(deepseek):
     # the sums (2.5) fall in the last bin of [0, 2.5], the top-ranked weights spread below it
     assert w["sum_hist"][0][-1] == w["sum_hist"][0].sum()
     assert w["hist_by_rank"][0][0][-1] < w["hist_by_rank"][0][0].sum()
+
+
+def test_largest_pair_ratio_has_a_rank_matched_chance():
+    """Trap: the largest of 120 pair ratios is above 1 under random pairing; its rank-matched
+    chance says so. Planted: one pair chosen together far more often is found at the floor p."""
+    from moescope.analysis.stats import Coactivation, coactivation_summary
+
+    rng = np.random.default_rng(0)
+    flat = SelectionRule(16, 2)
+    for planted, check in ((False, lambda s: s["max_ratio_p_value"] > 0.05 and s["max_ratio"] > 1.05),
+                           (True, lambda s: s["max_ratio_p_value"] == pytest.approx(1 / 201))):
+        chosen = flat.select(rng.gumbel(size=(5000, 16)))
+        if planted:
+            chosen[:400] = [0, 1]
+        counts = pair_counts(chosen, 16)
+        null = pair_null_under_rule(counts, 5000, flat, rng, replicates=0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(null.expected > 0, counts / null.expected, np.nan)
+        summary = coactivation_summary(Coactivation(counts, null.expected, ratio), seed=1)
+        assert check(summary), summary
+        assert summary["top_pairs"][0][5] == pytest.approx(summary["max_ratio_chance"])
+        assert summary["max_ratio_chance"] > 1.05  # what the naive reading (ratio 1 = chance) misses
+
+
+def test_inspect_prints_what_this_router_does(deepseek):
+    from typer.testing import CliRunner
+
+    from moescope.commands import inspect
+
+    app = typer.Typer()
+    inspect.register(app)
+    app.command("noop")(lambda: None)  # two commands: typer keeps "inspect" as a subcommand
+    trace, _ = deepseek[False]
+    run = CliRunner().invoke(app, ["inspect", str(trace.path), "--no-checksums"])
+    assert run.exit_code == 0, run.output
+    assert "this model" in run.output and "group-limited" in run.output
