@@ -78,6 +78,7 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None
         device: str = typer.Option("cpu", "--device"),
         seed: int = typer.Option(0, "--seed"),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace traces from a different earlier run."),
+        shuffles: int = typer.Option(20, "--shuffles", help="Shuffles of each chance level (matched chance, token-id null)."),
     ) -> None:
         """Capture the same prompts with and without a chat template and compare routing of the
         user text's tokens and of the generated tokens, layer by layer (deep-layer consistency)."""
@@ -110,5 +111,6 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None
         params = {"kind": "chat-template", "template_source": source, "generate": generate, "data": str(data),
                   "template": template if template is not None else (None if source == "tokenizer" else
                                                                       render_chat("{text}", None, None))}
-        result = compare_traces(open_trace(traces["plain"]), open_trace(traces["chat"]), seed=seed, params=params)
+        result = compare_traces(open_trace(traces["plain"]), open_trace(traces["chat"]), seed=seed, params=params,
+                                shuffles=shuffles)
         _print(result.values, result.save(out))
