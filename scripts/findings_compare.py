@@ -45,7 +45,8 @@ def _table(r: dict) -> str:
                        f"{_pm(get('per_layer_overlap_matched_token_null'), get('per_layer_overlap_matched_token_null_sd'))} | "
                        f"{_holm(get('per_layer_overlap_matched_token_null_p_holm'), shuffles, len(layers))} |")
     a = r["alignment"]
-    name = lambda m: Path(m).name if m and Path(m).is_absolute() else m  # noqa: E731  (no machine paths)
+    # no machine paths: the last two components of an absolute model path (".../<variant>/model")
+    name = lambda m: "/".join(Path(m).parts[-2:]) if m and Path(m).is_absolute() else m  # noqa: E731
     head = (f"A: `{name(r['traces']['a']['model'])}`, B: `{name(r['traces']['b']['model'])}`. {a['mode']} mode ({a['texts']}); "
             f"{a['n_prompt_aligned']:,} prompt tokens aligned ({100 * a['share_prompt_matched_a']:.1f}% of A's), "
             f"{a['n_generated_aligned']:,} generated positions"

@@ -11,7 +11,9 @@ DOC = REPO / "docs" / "analyses" / "design-choices.md"
 
 
 def _f(x: float | None, digits: int = 3) -> str:
-    return "n/a" if x is None else f"{x:.{digits}f}"
+    if x is None:
+        return "n/a"
+    return f"{0.0 if abs(x) < 0.5 * 10 ** -digits else x:.{digits}f}"  # no "-0.000"
 
 
 def _pm(m: float | None, sd: float | None, digits: int = 3) -> str:
