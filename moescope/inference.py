@@ -33,7 +33,7 @@ import numpy as np
 ALPHA_FACTORS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
 Split = tuple[np.ndarray, np.ndarray]
-Features = Any  # (S, p) array, scipy sparse matrix, or callable(train_idx, test_idx) -> (X_train, X_test)
+Features = Any  # (S, p) array, scipy sparse matrix, or callable(split_index, train_idx, test_idx) -> (X_train, X_test)
 
 
 # -- folds -----------------------------------------------------------------------------------------
@@ -102,6 +102,24 @@ def group_permutations(y: np.ndarray, groups: np.ndarray | None, n: int, seed: i
         # group j receives the label block of group perm[j] (same size, same within-group order)
         src = np.concatenate([order[starts[p]:starts[p] + sizes[p]] for p in perm])
         out[i, order] = y[src]
+    return out
+
+
+def fold_permutations(y: np.ndarray, groups: np.ndarray | None, splits: list[list[Split]], n: int,
+                      seed: int = 0) -> np.ndarray:
+    """(R, n, S) label vectors for the permutation null of repeated CV: in every repeat, labels
+    are shuffled at the group level *within each test fold* (:func:`group_permutations` on the
+    fold's items), so each permuted label set has the same label counts per fold as the real
+    one. Shuffling over all items instead leaves folds that were stratified on the real labels
+    unbalanced for the shuffled ones, which pushes the null below chance (anti-learning) and
+    makes the real accuracy look significant when it is not."""
+    y = np.asarray(y)
+    out = np.empty((len(splits), max(n, 0), len(y)), dtype=y.dtype)
+    for r, rep in enumerate(splits):
+        for f, (_, te) in enumerate(rep):
+            sub = group_permutations(y[te], None if groups is None else np.asarray(groups)[te], n,
+                                     seed=seed + 1000 * r + f)
+            out[r][:, te] = sub
     return out
 
 
@@ -262,9 +280,9 @@ class CVResult:
     def null_accuracy(self) -> np.ndarray:
         """(P,) accuracy (mean over repeats) of each label permutation."""
         perm = self.predictions[:, 1:, :]
-        return np.mean(perm == self._perm_y[None], axis=(0, 2)) if perm.shape[1] else np.zeros(0)
+        return np.mean(perm == self._perm_y, axis=(0, 2)) if perm.shape[1] else np.zeros(0)
 
-    _perm_y: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), int))
+    _perm_y: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), int))
 
     @property
     def p_value(self) -> float | None:
@@ -364,12 +382,14 @@ def ridge_cv(features: Features, y: np.ndarray, splits: list[list[Split]], *, gr
     (skip with standardize=False, e.g. for tf-idf) and chooses the penalty from `alpha_factors`
     (times the mean squared singular value of the training features) by the exact
     leave-one-group-out squared error within the training fold (leave-one-out without groups).
-    Every label set in `permuted_labels` ((P, S), e.g. :func:`group_permutations`) goes through the
-    identical procedure on the same folds, tuned on its own.
+    Every label set in `permuted_labels` ((R, P, S) one set of P per repeat, e.g.
+    :func:`fold_permutations`, or (P, S) for all repeats) goes through the identical procedure
+    on the same folds, tuned on its own; the null accuracy of permutation p is its mean over repeats.
 
     Args:
-        features: (S, p) dense or sparse, or a callable (train_idx, test_idx) -> (X_train, X_test)
-            for features fitted on the training fold (applied before standardising).
+        features: (S, p) dense or sparse, or a callable (split_index, train_idx, test_idx) ->
+            (X_train, X_test) for features fitted on the training fold (applied before
+            standardising); split_index counts the splits repeat by repeat, fold by fold.
         splits: :func:`repeated_grouped_splits` output.
         groups: group of each item for the inner tuning (None: each item alone).
         n_jobs: threads over the outer folds (BLAS releases the GIL).
@@ -377,19 +397,27 @@ def ridge_cv(features: Features, y: np.ndarray, splits: list[list[Split]], *, gr
     y = np.asarray(y)
     classes, yi = np.unique(y, return_inverse=True)
     C = len(classes)
-    perm_i = (np.searchsorted(classes, np.asarray(permuted_labels)) if permuted_labels is not None and len(permuted_labels)
-              else np.zeros((0, len(y)), int))
-    sets = np.vstack([yi[None, :], perm_i])
-    n_sets = len(sets)
-    onehot = np.zeros((len(y), n_sets * C))
-    for k in range(n_sets):
-        onehot[np.arange(len(y)), k * C + sets[k]] = 1.0
-    g_all = _groups_or_items(groups, len(y))
+    R = len(splits)
+    perm = np.asarray(permuted_labels) if permuted_labels is not None else np.zeros((0, len(y)))
+    if perm.ndim == 2:
+        perm = np.broadcast_to(perm, (R,) + perm.shape)
+    perm_i = np.searchsorted(classes, perm) if perm.size else np.zeros((R, 0, len(y)), int)
+    sets = np.concatenate([np.broadcast_to(yi, (R, 1, len(y))), perm_i], axis=1)  # (R, n_sets, S)
+    n_sets = sets.shape[1]
 
-    def one(split: Split) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def onehot(r: int, idx: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(idx), n_sets * C))
+        for k in range(n_sets):
+            out[np.arange(len(idx)), k * C + sets[r, k, idx]] = 1.0
+        return out
+
+    g_all = _groups_or_items(groups, len(y))
+    K = len(splits[0]) if splits else 0
+
+    def one(j: int, split: Split) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         tr, te = split
         if callable(features):
-            Xtr, Xte = features(tr, te)
+            Xtr, Xte = features(j, tr, te)
         else:
             Xtr, Xte = features[tr], features[te]
         if standardize:
@@ -399,7 +427,7 @@ def ridge_cv(features: Features, y: np.ndarray, splits: list[list[Split]], *, gr
             Xte = Xte.toarray() if hasattr(Xte, "toarray") else np.asarray(Xte, dtype=np.float64)
             mu = Xtr.mean(axis=0)
             Z, Zte = Xtr - mu, Xte - mu
-        scores, best = _fit_fold(Z, Zte, onehot[tr], g_all[tr], n_sets, alpha_factors)
+        scores, best = _fit_fold(Z, Zte, onehot(j // K, tr), g_all[tr], n_sets, alpha_factors)
         pred = scores.reshape(len(te), n_sets, C).argmax(axis=2).T  # (n_sets, nte)
         return te, pred, best
 
@@ -407,10 +435,9 @@ def ridge_cv(features: Features, y: np.ndarray, splits: list[list[Split]], *, gr
     if n_jobs != 1 and len(flat) > 1:
         from joblib import Parallel, delayed
 
-        results = Parallel(n_jobs=n_jobs, prefer="threads")(delayed(one)(sp) for sp in flat)
+        results = Parallel(n_jobs=n_jobs, prefer="threads")(delayed(one)(j, sp) for j, sp in enumerate(flat))
     else:
-        results = [one(sp) for sp in flat]
-    R, K = len(splits), len(splits[0]) if splits else 0
+        results = [one(j, sp) for j, sp in enumerate(flat)]
     predictions = np.empty((R, n_sets, len(y)), dtype=np.int64)
     fold_acc = np.empty((R, K, n_sets))
     sizes = np.empty((R, K))
@@ -418,9 +445,38 @@ def ridge_cv(features: Features, y: np.ndarray, splits: list[list[Split]], *, gr
     for j, (te, pred, best) in enumerate(results):
         r, k = divmod(j, K)
         predictions[r][:, te] = pred
-        fold_acc[r, k] = np.mean(pred == sets[:, te], axis=1)
+        fold_acc[r, k] = np.mean(pred == sets[r][:, te], axis=1)
         sizes[r, k] = len(te)
         alpha[r, k] = np.asarray(alpha_factors)[best[0]]
     res = CVResult(predictions, fold_acc, sizes, alpha, classes, yi)
-    res._perm_y = sets[1:]
+    res._perm_y = sets[:, 1:]
     return res
+
+
+def cluster_bootstrap_ratio_ci(sums: np.ndarray, counts: np.ndarray, *, n_boot: int = 2000, seed: int = 0,
+                               level: float = 0.95) -> dict[str, Any]:
+    """Percentile CI of sum(sums) / sum(counts), resampling whole groups with replacement, from
+    per-group totals only (so counts summed over shards suffice: no per-item values needed).
+
+    sums, counts: (G,) or (G, C) per-group totals (C columns, e.g. layers, each get their own
+    interval, resampled with the same groups). Returns ratio, ci_low, ci_high (floats, or
+    lists for 2-D input); a ratio whose count is 0 is NaN.
+    """
+    s, c = np.asarray(sums, dtype=float), np.asarray(counts, dtype=float)
+    flat = s.ndim == 1
+    s, c = np.atleast_2d(s.T).T, np.atleast_2d(c.T).T  # (G, C)
+    G = s.shape[0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = s.sum(axis=0) / c.sum(axis=0)
+        if G == 0:
+            lo = hi = np.full(s.shape[1], np.nan)
+        else:
+            W = np.random.default_rng(seed).multinomial(G, np.full(G, 1.0 / G), size=n_boot).astype(float)
+            boot = (W @ s) / (W @ c)  # (n_boot, C); NaN where a resample has no items of a column
+            lo = np.full(s.shape[1], np.nan)
+            hi = np.full(s.shape[1], np.nan)
+            some = ~np.isnan(boot).all(axis=0)
+            if some.any():
+                lo[some], hi[some] = np.nanpercentile(boot[:, some], [50 * (1 - level), 50 * (1 + level)], axis=0)
+    pick = (lambda a: float(a[0])) if flat else (lambda a: [float(x) for x in a])  # noqa: E731
+    return {"ratio": pick(ratio), "ci_low": pick(lo), "ci_high": pick(hi)}

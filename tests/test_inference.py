@@ -58,6 +58,32 @@ def test_group_permutations_mixed_groups_exchange_blocks_of_equal_size():
         assert sorted(p[:6]) == sorted(y[:6])
 
 
+def test_fold_permutations_keep_each_folds_label_counts_and_groups():
+    _, y, g = _leak_data()
+    splits = inf.repeated_grouped_splits(y, g, folds=4, repeats=2, seed=0)
+    perms = inf.fold_permutations(y, g, splits, 10, seed=0)
+    assert perms.shape == (2, 10, len(y))
+    for r, rep in enumerate(splits):
+        for _, te in rep:
+            for p in perms[r]:
+                assert sorted(p[te]) == sorted(y[te])
+                assert all(len(set(p[te][g[te] == grp])) == 1 for grp in np.unique(g[te]))
+    assert not np.array_equal(perms[0, 0], perms[1, 0])
+
+
+def test_permutation_null_on_stratified_folds_is_not_shifted_below_chance():
+    """The trap: free shuffles on folds stratified for the real labels sit below chance
+    (anti-learning on unbalanced folds), so a null real accuracy looks significant."""
+    rng = np.random.default_rng(5)
+    y = np.repeat(list("abcd"), 20)
+    X = rng.normal(size=(80, 20))
+    splits = inf.repeated_grouped_splits(y, None, folds=5, repeats=3, seed=0)
+    free = inf.ridge_cv(X, y, splits, permuted_labels=inf.group_permutations(y, None, 30, seed=1))
+    within = inf.ridge_cv(X, y, splits, permuted_labels=inf.fold_permutations(y, None, splits, 30, seed=1))
+    assert within.null_accuracy.mean() > free.null_accuracy.mean()
+    assert within.p_value > 0.05
+
+
 def test_permutation_p_and_floor():
     assert inf.permutation_p_value(0.9, np.full(199, 0.5)) == pytest.approx(1 / 200)
     assert inf.permutation_p_value(0.5, np.array([0.5, 0.6, 0.4])) == pytest.approx(3 / 4)
@@ -164,7 +190,7 @@ def test_known_answers_planted_null_and_document_leak_trap():
     X = rng.normal(size=(100, 40))
     X[y == "b", :3] += 1.5
     splits = inf.repeated_grouped_splits(y, None, folds=5, repeats=2, seed=0)
-    perms = inf.group_permutations(y, None, 19, seed=0)
+    perms = inf.fold_permutations(y, None, splits, 19, seed=0)
     planted = inf.ridge_cv(X, y, splits, permuted_labels=perms)
     assert planted.accuracy > 0.85 and planted.p_value == pytest.approx(1 / 20)
     ci = planted.ci()
@@ -175,8 +201,8 @@ def test_known_answers_planted_null_and_document_leak_trap():
     # the trap: document fingerprints, labels random per document
     X, y, g = _leak_data()
     naive = inf.ridge_cv(X, y, inf.repeated_grouped_splits(y, None, folds=5, repeats=2, seed=0))
-    grouped = inf.ridge_cv(X, y, inf.repeated_grouped_splits(y, g, folds=5, repeats=2, seed=0), groups=g,
-                           permuted_labels=inf.group_permutations(y, g, 19, seed=0))
+    gsplits = inf.repeated_grouped_splits(y, g, folds=5, repeats=2, seed=0)
+    grouped = inf.ridge_cv(X, y, gsplits, groups=g, permuted_labels=inf.fold_permutations(y, g, gsplits, 19, seed=0))
     assert naive.accuracy > 0.8
     assert 0.25 < grouped.accuracy < 0.75 and grouped.p_value > 0.05
 
@@ -187,6 +213,6 @@ def test_ridge_cv_callable_features_and_threads_agree():
     y = np.where(X[:, 1] > 0, "x", "y")
     splits = inf.repeated_grouped_splits(y, None, folds=4, repeats=2, seed=0)
     a = inf.ridge_cv(X, y, splits)
-    b = inf.ridge_cv(lambda tr, te: (X[tr], X[te]), y, splits, n_jobs=2)
+    b = inf.ridge_cv(lambda j, tr, te: (X[tr], X[te]), y, splits, n_jobs=2)
     assert np.array_equal(a.predictions, b.predictions)
     assert a.pooled_predictions(0).dtype.kind == "U"
