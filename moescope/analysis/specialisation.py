@@ -168,8 +168,9 @@ class NmiTest:
 def _test(observed: float, null: np.ndarray) -> NmiTest:
     if len(null) == 0:
         return NmiTest(observed, float("nan"), float("nan"), float("nan"))
-    p = (1 + int((null >= observed - 1e-12).sum())) / (1 + len(null))
-    return NmiTest(observed, float(null.mean()), float(null.std()), p)
+    from moescope.inference import permutation_p_value
+
+    return NmiTest(observed, float(null.mean()), float(null.std()), permutation_p_value(observed, null))
 
 
 def nmi_tests(experts: np.ndarray, labels: np.ndarray, n_experts: int, *, groups: np.ndarray | None = None,

@@ -289,7 +289,7 @@ def label_specialisation(counts: np.ndarray, labels: np.ndarray, *, permutations
     `counts` (S, L, E) assignments per sequence; `labels` (S,). mi_bits[l] = I(label; expert)
     at layer l over all assignments = sum_c w_c KL(P(e | c) || P(e)); baseline: the same with
     labels shuffled across sequences `permutations` times (mean, 95th percentile, p-value
-    (1 + #perm >= real) / (1 + permutations)). top_experts[l][c]: experts with the largest
+    (1 + #perm >= real) / (1 + permutations), and Holm-adjusted across layers: mi_p_value_holm). top_experts[l][c]: experts with the largest
     lift P(e | c) / P(e).
     """
     S, L, E = counts.shape
@@ -314,10 +314,14 @@ def label_specialisation(counts: np.ndarray, labels: np.ndarray, *, permutations
         lift = np.where(p_e[None] > 0, p_ec / p_e[None], np.nan)
     top_experts = [{str(c): [[int(e), float(lift[ci, li, e])] for e in np.argsort(-np.nan_to_num(lift[ci, li], nan=-1))[:top]]
                     for ci, c in enumerate(classes)} for li in range(L)]
+    from moescope.inference import holm, permutation_p_value
+
+    p_values = np.array([permutation_p_value(real[li], perm[:, li]) for li in range(L)]) if permutations else None
     return {"labels": [str(c) for c in classes], "mi_bits": real,
             "mi_permutation_mean_bits": perm.mean(axis=0) if permutations else None,
             "mi_permutation_p95_bits": np.percentile(perm, 95, axis=0) if permutations else None,
-            "mi_p_value": (1 + (perm >= real[None]).sum(axis=0)) / (1 + permutations) if permutations else None,
+            "mi_p_value": p_values,
+            "mi_p_value_holm": holm(p_values) if permutations else None,
             "permutations": permutations, "top_experts": top_experts}
 
 

@@ -147,8 +147,10 @@ def _summary(r: dict[str, Any]) -> str:
                          f"(largest token-purity excess {excess[i]:+.3f}).")
     lab = r.get("label_specialisation")
     if lab and lab.get("mi_p_value") is not None:
-        sig = [r["moe_layers"][i] for i, p in enumerate(lab["mi_p_value"]) if p is not None and p <= 0.05]
-        parts.append(f"The label {lab['label']!r} changes expert choice beyond label shuffles (p ≤ 0.05) at "
+        ps = lab.get("mi_p_value_holm") or lab["mi_p_value"]
+        sig = [r["moe_layers"][i] for i, p in enumerate(ps) if p is not None and p <= 0.05]
+        held = "Holm-adjusted p ≤ 0.05" if lab.get("mi_p_value_holm") is not None else "p ≤ 0.05"
+        parts.append(f"The label {lab['label']!r} changes expert choice beyond label shuffles ({held}) at "
                      f"{len(sig)} of {len(lab['mi_p_value'])} layers" + (f" ({', '.join(map(str, sig))})." if sig else "."))
     return " ".join(parts)
 
