@@ -104,6 +104,8 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None
         min_token_count: int = typer.Option(20, "--min-token-count", help="Only tokens seen this often are listed."),
         permutations: int = typer.Option(100, "--permutations", help="Label shuffles for the label-specialisation baseline."),
         seed: int = typer.Option(0, "--seed"),
+        chance_replicates: int = typer.Option(20, "--chance-replicates", help="Simulated routers per layer for the "
+                                              "co-activation chance (mean ± SD); fewer on very large models."),
     ) -> None:
         """Expert load, entropy and KL from uniform, dead/rare experts, co-activation of every pair,
         layer-to-layer transitions, token and label specialisation, weights, prompt vs generated."""
@@ -113,7 +115,8 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None
         _check_phase(phase)
         trace = open_trace(trace_dir)
         result = routing_statistics(trace, label=label, phase=phase, focus_layer=focus_layer, top_tokens=top_tokens,
-                                    min_token_count=min_token_count, permutations=permutations, seed=seed)
+                                    min_token_count=min_token_count, permutations=permutations, seed=seed,
+                                    chance_replicates=chance_replicates)
         path = result.save(out)
         console.print(stats_table(result.values))
         console.print(f"router: {result.values.get('router')}", highlight=False)
