@@ -13,7 +13,8 @@ What lives here (and nowhere else: analyses call these instead of keeping their 
   Nadeau-Bengio correction for overlapping training sets; :func:`paired_comparison` applies it
   to the per-fold difference of two feature sets evaluated on the same folds.
 - :func:`mcnemar`: exact McNemar test on paired per-item correctness.
-- :func:`group_permutations` (labels shuffled at the group level), :func:`permutation_p_value`
+- :func:`group_permutations` (labels shuffled at the group level), :func:`fold_permutations`
+  (the same within each test fold: the null of a cross-validated score), :func:`permutation_p_value`
   ((1 + #null >= observed) / (1 + n)) and :func:`format_p` (states the floor as "p ≤ 1/(n+1)").
 - :func:`holm`: Holm step-down adjusted p-values across layers / cells.
 - :func:`cluster_bootstrap_ci`: percentile CI of a mean resampling whole groups.
@@ -24,7 +25,7 @@ All functions are pure (numpy in, numpy/dicts out) and seeded; none reads a trac
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -162,7 +163,8 @@ def corrected_resampled_t(values: Sequence[float], n_train: float, n_test: float
     """Mean of per-fold values from repeated K-fold CV with a CI and a two-sided p (H0: mean 0)
     from the corrected resampled t-test (Nadeau & Bengio 2003): variance inflated by
     (1/J + n_test/n_train) for J fold values, J - 1 degrees of freedom. Returns mean, ci_low,
-    ci_high, p_value, se. A single value gives NaN for everything but the mean."""
+    ci_high, p_value, se. A single value gives NaN for everything but the mean; identical values
+    (zero variance) give a zero-width CI and p = 0 when they differ from 0 (every fold agrees), else 1."""
     from scipy import stats
 
     v = np.asarray(values, dtype=float)
@@ -345,9 +347,12 @@ def _fit_fold(Z: np.ndarray, Zte: np.ndarray, T: np.ndarray, g_train: np.ndarray
     alphas = np.asarray(factors) * (s2.mean() if len(s2) else 1.0)
     buckets = _group_index(g_train)
     press = np.zeros((len(alphas), n_sets))
+    # The inner error is only compared across penalties: float32 products halve the main cost
+    # (n x r x M per penalty, M = classes x label sets) at a precision far below the differences.
+    U32, UT32, Tc32 = U.astype(np.float32), UT.astype(np.float32), (T - tbar).astype(np.float32)
     for ai, a in enumerate(alphas):
         h = s2 / (s2 + a)
-        E = T - (tbar + U @ (h[:, None] * UT))
+        E = Tc32 - U32 @ (h[:, None].astype(np.float32) * UT32)
         for idx in buckets:
             if idx.shape[1] == 1:
                 i = idx[:, 0]
@@ -358,7 +363,7 @@ def _fit_fold(Z: np.ndarray, Zte: np.ndarray, T: np.ndarray, g_train: np.ndarray
                 Hgg = 1.0 / n + np.einsum("gir,r,gjr->gij", Ug, h, Ug)
                 e = np.linalg.solve(np.eye(idx.shape[1])[None] - Hgg, E[idx])
                 e = e.reshape(-1, E.shape[1])
-            press[ai] += (e ** 2).reshape(len(e), n_sets, -1).sum(axis=(0, 2))
+            press[ai] += np.einsum("ij,ij->j", e, e).reshape(n_sets, -1).sum(axis=1)
     best = np.argmin(press[::-1], axis=0)  # ties -> the stronger penalty
     best = len(alphas) - 1 - best
     M = T.shape[1]
