@@ -248,3 +248,25 @@ def _rows_per_layer(unit, spec):  # a pure per-shard function, as another analys
 def test_the_generic_hook_folds_any_mergeable_counts(trace):
     total = ShardCounting().map_shards(shard_units(trace), _rows_per_layer, 3, lambda a, b: a + b, np.zeros(3, np.int64))
     assert total.tolist() == count_routes(trace, transitions=False).scan.n_rows.tolist()
+
+
+def test_scaled_weights_get_the_same_histogram_range(tmp_path):
+    """Routers that scale their weights (sums up to 2.5 here): the map finds the range per shard."""
+    import pyarrow.compute as pc
+
+    spec = _spec({**SPEC, "n_seq": 16, "generated": 0})
+    tables = generate_tables(spec, np.arange(spec.n_seq))
+    routes = tables["routes"]
+    weights = routes.column("weights").combine_chunks()
+    scaled = pc.multiply(pc.list_flatten(weights).cast(pa.float32()), 2.5).cast(pa.float16())
+    offsets = weights.offsets
+    routes = routes.set_column(routes.schema.get_field_index("weights"), "weights",
+                               pa.ListArray.from_arrays(offsets, scaled))
+    write_trace(tmp_path / "t", routes=routes, tokens=tables["tokens"], sequences=tables["sequences"],
+                model=spec.model(), shard_rows=150)
+    trace = moescope.open_trace(tmp_path / "t")
+    local = count_routes(trace, **ASKS)
+    with use_engine(ShardCounting()):
+        mapped = count_routes(trace, **ASKS)
+    assert local.scan.weight_max == mapped.scan.weight_max == 2.5
+    assert_same_counts(local, mapped)

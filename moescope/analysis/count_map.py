@@ -65,6 +65,7 @@ class CountSpec:
     weights: bool
     weight_bins: int
     token_experts: bool
+    weight_max: float = 1.0
     sequences: bool = False
     edges: np.ndarray | None = None
     only: np.ndarray | None = None
@@ -170,7 +171,8 @@ def count_shard(files: ShardFiles, spec: CountSpec) -> PartialCounts:
         out.key_ranges = [(int(keys.min()), int(keys.max()))]
     pairs = rp.PairCounter(L, E) if spec.scan else None
     trans = rp.TransitionCounter(L, E) if spec.scan and spec.transitions else None
-    weights = rp.WeightCounter(L, k, spec.weight_bins) if spec.scan and spec.weights and "weights" in table.column_names else None
+    weights = (rp.WeightCounter(L, k, spec.weight_bins, spec.weight_max)
+               if spec.scan and spec.weights and "weights" in table.column_names else None)
     seqs = _shard_sequence_counter(keys, tokens, spec, L, E)
     tok_codes: list[tuple[np.ndarray, np.ndarray]] = []
     vocab = np.unique(tokens[1]) if spec.token_experts and tokens is not None else None
@@ -205,6 +207,22 @@ def count_shard(files: ShardFiles, spec: CountSpec) -> PartialCounts:
     if vocab is not None:
         out.tok_code, out.tok_n = _sparse_tokens(tok_codes, vocab, E)
     return out
+
+
+def weight_extremes(files: ShardFiles, spec: Any = None) -> np.ndarray:
+    """[largest weight, largest weight sum of a row] of one shard's routes (NaN: no weights);
+    merged with np.fmax. What routing_counts.weight_range reads with DuckDB, per shard."""
+    table = read_parquet(files.routes, ["weights"], files.expected(files.routes))
+    if "weights" not in table.column_names or table.column("weights").null_count == table.num_rows:
+        return np.array([np.nan, np.nan])
+    lists = table.column("weights").combine_chunks()
+    flat = pc.list_flatten(lists).to_numpy(zero_copy_only=False).astype(np.float64)
+    lengths = np.asarray(pc.fill_null(pc.list_value_length(lists), 0).to_numpy(), np.int64)
+    if not len(flat):
+        return np.array([np.nan, np.nan])
+    starts = np.r_[0, np.cumsum(lengths)[:-1]][lengths > 0]
+    sums = np.add.reduceat(np.nan_to_num(flat), starts)
+    return np.array([np.nanmax(flat), sums.max()])
 
 
 def _shard_sequence_counter(keys: np.ndarray, tokens: tuple[np.ndarray, np.ndarray] | None, spec: CountSpec,

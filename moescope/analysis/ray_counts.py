@@ -22,7 +22,7 @@ import numpy as np
 
 from moescope.analysis import routing_counts as rc
 from moescope.analysis.count_map import (CountSpec, PartialCounts, ShardFiles, count_shard, map_reduce, shards_overlap,
-                                         sum_codes, token_code_columns)
+                                         sum_codes, token_code_columns, weight_extremes)
 from moescope.analysis.engine import use_engine
 from moescope.errors import MoescopeError
 from moescope.store.reader import Trace
@@ -142,14 +142,19 @@ class ShardCounting:
         has_w = scan and trace.has_weights and "weights" in trace.columns("routes")
         edges = np.asarray(sorted(set([0] + [int(e) for e in bucket_edges or []])), dtype=np.int64)
         use_tokens = token_experts and trace.has("tokens")
+        units = shard_units(trace, self.location)
+        w_max = 1.0
+        if has_w:  # the histograms' range (routing_counts.weight_range), from a first map over the shards
+            extremes = self.map_shards(units, weight_extremes, None, np.fmax, np.array([np.nan, np.nan]))
+            w_max = rc.weight_range_of([float(x) for x in extremes if not np.isnan(x)])
         spec = CountSpec(
             n_experts=E, top_k=k, layer_index=rc.layer_index(trace), phase=phase,
             phase_filter=rc.needs_phase_filter(trace, phase), scan=scan, transitions=transitions, weights=has_w,
-            weight_bins=weight_bins, token_experts=use_tokens,
+            weight_bins=weight_bins, token_experts=use_tokens, weight_max=w_max,
             sequences=sequences, edges=edges,
             only=None if sequence_ids is None else np.asarray(sequence_ids, np.int64))
         # The driver reads only the manifest here: each task finds its own sequences.
-        reducer = self.map_shards(shard_units(trace, self.location), count_shard, spec,
+        reducer = self.map_shards(units, count_shard, spec,
                                   lambda total, part: total.add(part), _Reducer())
         total = reducer.total
         if scan and transitions and shards_overlap(total.key_ranges):  # a token may be split between shards
@@ -158,7 +163,7 @@ class ShardCounting:
             total.transitions, total.transition_tokens = local.scan.transitions, local.scan.transition_tokens
         result = rc.RouteCounts(None, None, None)
         if scan:
-            result.scan = _scan(trace, total, has_w, transitions, weight_bins)
+            result.scan = _scan(trace, total, has_w, transitions, weight_bins, w_max)
         if sequences:
             result.sequences = reducer.sequence_counts(edges, L, E)
         if use_tokens:
@@ -211,7 +216,8 @@ class RayCounting(ShardCounting):
                 ray.shutdown()
 
 
-def _scan(trace: Trace, total: PartialCounts, has_w: bool, transitions: bool, weight_bins: int) -> rc.RouteScan:
+def _scan(trace: Trace, total: PartialCounts, has_w: bool, transitions: bool, weight_bins: int,
+          weight_max: float) -> rc.RouteScan:
     E, k, L = trace.n_experts, trace.top_k, len(trace.moe_layers)
     n_trans = max(L - 1, 0)
     pairs = total.pairs if total.pairs is not None else np.zeros((L, E, E), np.int64)
@@ -230,7 +236,7 @@ def _scan(trace: Trace, total: PartialCounts, has_w: bool, transitions: bool, we
                                                     else np.zeros(L * weight_bins, np.int64)).reshape(L, weight_bins),
         weight_mean=None if whist is None else (total.weight_total if total.weight_total is not None
                                                 else np.zeros(L * k)).reshape(L, k) / np.maximum(whist.sum(axis=2), 1),
-        weight_bins=weight_bins)
+        weight_bins=weight_bins, weight_max=weight_max)
 
 
 def _import_ray() -> Any:
