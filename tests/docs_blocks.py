@@ -192,7 +192,7 @@ def run_block(block: Block, bin_dir: Path) -> None:
         return
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", block.code], env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=1800)
     if done.returncode:
         raise RuntimeError(f"bash exited with {done.returncode}: {(done.stderr or done.stdout)[-1500:]}")
 
