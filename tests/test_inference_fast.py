@@ -73,3 +73,24 @@ def test_optimised_ridge_cv_equals_brute_force_refitting(p, grouped):
     assert np.array_equal(res.alpha_factor, np.asarray(factors)[ref_alpha[:, :, 0]])
     ref_acc = np.mean(ref_pred[:, 0] == np.unique(y, return_inverse=True)[1][None], axis=1).mean()
     assert res.accuracy == pytest.approx(ref_acc, abs=1e-12)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_counts_of_sequences_equals_counts_of_their_rows(weighted):
+    """The slice-based count of a fold's assignments equals the index-based one (sequences split
+    over several segments, in any order)."""
+    from moescope.analysis.signature_controls import SequenceTokenExperts
+
+    rng = np.random.default_rng(3)
+    seq = np.repeat(rng.permutation(np.tile(np.arange(9), 3)), rng.integers(1, 6, size=27))
+    key = rng.integers(0, 2 * 5 * 4, size=len(seq))
+    n = rng.integers(1, 4, size=len(seq)) if weighted else None
+    ste = SequenceTokenExperts(key, n, *_segments(seq), np.arange(5), (2, 5, 4))
+    for fold in ([0, 3, 4], [8], [], list(range(9)), [2, 20]):
+        assert np.array_equal(ste.counts_of(np.array(fold, int), minlength=40), ste.counts(ste.rows_of(np.array(fold, int)), minlength=40))
+
+
+def _segments(seq):
+    """(segment_seq, segment_start, segment_len) of runs of equal sequence index, in file order."""
+    starts = np.r_[0, np.flatnonzero(np.diff(seq)) + 1]
+    return seq[starts], starts.astype(np.int64), np.diff(np.r_[starts, len(seq)]).astype(np.int64)
