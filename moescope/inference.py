@@ -426,8 +426,7 @@ def ridge_cv(features: Features, y: np.ndarray, splits: list[list[Split]], *, gr
 
     def onehot(r: int, idx: np.ndarray) -> np.ndarray:
         out = np.zeros((len(idx), n_sets * C))
-        for k in range(n_sets):
-            out[np.arange(len(idx)), k * C + sets[r, k, idx]] = 1.0
+        out[np.arange(len(idx))[:, None], np.arange(n_sets)[None, :] * C + sets[r][:, idx].T] = 1.0
         return out
 
     g_all = _groups_or_items(groups, len(y))
