@@ -11,12 +11,99 @@
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
 from moescope.analysis.routing_counts import layer_index, routes_relation
+
+
+# Keys per np.bincount call: bincount casts its input to int64, so counting all keys at once would
+# hold a transient int64 copy of every assignment (8 bytes each); chunks bound that copy (32 MB).
+_BINCOUNT_CHUNK = 1 << 22
+
+
+class SpilledKeys:
+    """An int array kept in an anonymous temporary file (deleted when closed or collected) and
+    read back by slices with os.pread (thread-safe, no shared file position; read pages stay in
+    the OS page cache, not in this process's memory): the per-sequence keys grow with the trace,
+    the memory of the analysis should not."""
+
+    def __init__(self, dtype: Any) -> None:
+        self.dtype = np.dtype(dtype)
+        self._file = tempfile.TemporaryFile(prefix="moescope-keys-")
+        self._len = 0
+
+    def append(self, values: np.ndarray) -> None:
+        """Write `values` (cast to this dtype) after the keys so far."""
+        data = np.ascontiguousarray(values, self.dtype)
+        self._file.write(data.tobytes())
+        self._len += len(data)
+
+    def finish(self) -> "SpilledKeys":
+        self._file.flush()
+        return self
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self._len)
+            if step != 1:
+                return self[start:stop][::step]
+            if stop <= start:
+                return np.zeros(0, self.dtype)
+            size = self.dtype.itemsize
+            raw = os.pread(self._file.fileno(), (stop - start) * size, start * size)
+            return np.frombuffer(raw, self.dtype)
+        return self[:][np.asarray(index)]  # an index array: whole read (small inputs only)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+
+def _chunked_bincount(pieces: Iterable[tuple[np.ndarray, np.ndarray | None]], minlength: int) -> np.ndarray:
+    """np.bincount of the concatenated (keys, weights) pieces, equal to one call on their
+    concatenation (int64 counts without weights, float64 sums with), but counted a bounded chunk at
+    a time so that neither the concatenation nor bincount's int64 copy of it is ever whole."""
+    out: np.ndarray | None = None
+    buf_k: list[np.ndarray] = []
+    buf_w: list[np.ndarray] = []
+    held = 0
+
+    def flush() -> None:
+        nonlocal out, held
+        if not buf_k:
+            return
+        key = np.concatenate(buf_k)
+        weights = np.concatenate(buf_w) if buf_w else None
+        part = np.bincount(key, weights=weights, minlength=minlength)
+        if out is None:
+            out = part
+        else:
+            if len(part) > len(out):
+                out, part = part, out
+            out[:len(part)] += part
+        buf_k.clear(), buf_w.clear()
+        held = 0
+
+    for key, weights in pieces:
+        for a in range(0, len(key), _BINCOUNT_CHUNK):  # a long piece is split too
+            buf_k.append(np.asarray(key[a:a + _BINCOUNT_CHUNK]))
+            if weights is not None:
+                buf_w.append(np.asarray(weights[a:a + _BINCOUNT_CHUNK]))
+            held += len(buf_k[-1])
+            if held >= _BINCOUNT_CHUNK:
+                flush()
+    flush()
+    if out is None:
+        return np.bincount(np.zeros(0, np.int64), minlength=minlength)
+    return out
 
 
 @dataclass
@@ -25,9 +112,9 @@ class SequenceTokenExperts:
     sequence: key[i] is a flat index into (L, V, E) with V the positions of `vocab` (token ids,
     ascending), n[i] its count (None: 1 each); the keys of sequence segment_seq[j] (an index into
     the analysed seq_ids) are key[segment_start[j]:segment_start[j] + segment_len[j]] (a sequence
-    may have several segments)."""
+    may have several segments). key may be a :class:`SpilledKeys` (on disk, read by slices)."""
 
-    key: np.ndarray
+    key: np.ndarray | SpilledKeys
     n: np.ndarray | None
     segment_seq: np.ndarray
     segment_start: np.ndarray
@@ -65,24 +152,27 @@ class SequenceTokenExperts:
         sequences = np.asarray(sequences)
         chosen[sequences[sequences < len(chosen)]] = True
         sel = np.flatnonzero(chosen[self.segment_seq])
-        if not len(sel):
-            return np.bincount(np.zeros(0, np.int64), minlength=minlength)
         spans = [slice(int(a), int(a + b)) for a, b in zip(self.segment_start[sel], self.segment_len[sel])]
-        key = np.concatenate([self.key[sp] for sp in spans])
-        weights = None if self.n is None else np.concatenate([self.n[sp] for sp in spans])
-        return np.bincount(key, weights=weights, minlength=minlength)
+        return _chunked_bincount(((self.key[sp], None if self.n is None else self.n[sp]) for sp in spans), minlength)
 
     def counts(self, rows: np.ndarray | None = None, minlength: int = 0) -> np.ndarray:
         """bincount of the keys (of `rows`), weighted by n."""
-        key = self.key if rows is None else self.key[rows]
-        weights = None if self.n is None else (self.n if rows is None else self.n[rows])
+        if rows is None:
+            return _chunked_bincount([(self.key[:], self.n)] if not isinstance(self.key, SpilledKeys)
+                                     else [(self.key[a:a + _BINCOUNT_CHUNK], None if self.n is None else
+                                            self.n[a:a + _BINCOUNT_CHUNK])
+                                           for a in range(0, len(self.key), _BINCOUNT_CHUNK)], minlength)
+        key = self.key[rows]
+        weights = None if self.n is None else self.n[rows]
         return np.bincount(key, weights=weights, minlength=minlength)
 
 
 def sequence_token_expert_counts(trace: Any, *, phase: str, seq_ids: np.ndarray) -> SequenceTokenExperts:
     """One streaming pass over the routes of `phase` (Arrow batches, numpy): every expert
     assignment of the sequences in `seq_ids` (ascending) as a (layer, token id, expert) key, kept
-    per sequence without aggregation (4 bytes per assignment; no hash table). Needs the tokens table."""
+    per sequence without aggregation (4 bytes per assignment; no hash table), written to a temporary
+    file as the pass goes (:class:`SpilledKeys`) so that memory does not grow with the trace.
+    Needs the tokens table."""
     from moescope.analysis import route_pass as rp
 
     where = "" if phase == "all" else f"WHERE phase = '{phase}'"
@@ -98,7 +188,7 @@ def sequence_token_expert_counts(trace: Any, *, phase: str, seq_ids: np.ndarray)
     key_type = np.int32 if L * V * E < 2 ** 31 else np.int64
     li_of = layer_index(trace)
     src = routes_relation(trace, phase, ["seq_id", "pos", "layer", "experts"])
-    keys, seg_seq, seg_len = [], [], []
+    keys, seg_seq, seg_len = SpilledKeys(key_type), [], []
     for batch in trace.con.sql(f"SELECT * FROM {src}").to_arrow_reader(1 << 16):
         if not len(tkeys):
             break
@@ -120,7 +210,7 @@ def sequence_token_expert_counts(trace: Any, *, phase: str, seq_ids: np.ndarray)
         seg_seq.append(row_seq[starts])
         seg_len.append(np.add.reduceat(per_row, starts))
         keys.append(codes)
-    key = np.concatenate(keys) if keys else np.zeros(0, key_type)
+    key = keys.finish()
     seg_seq_a = np.concatenate(seg_seq) if seg_seq else np.zeros(0, np.int64)
     seg_len_a = np.concatenate(seg_len).astype(np.int64) if seg_len else np.zeros(0, np.int64)
     seg_start = np.r_[0, np.cumsum(seg_len_a)[:-1]].astype(np.int64) if len(seg_len_a) else np.zeros(0, np.int64)
