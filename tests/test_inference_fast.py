@@ -94,3 +94,31 @@ def _segments(seq):
     """(segment_seq, segment_start, segment_len) of runs of equal sequence index, in file order."""
     starts = np.r_[0, np.flatnonzero(np.diff(seq)) + 1]
     return seq[starts], starts.astype(np.int64), np.diff(np.r_[starts, len(seq)]).astype(np.int64)
+
+
+def test_sequence_key_recorder_groups_unordered_rows_by_sequence():
+    """Rows arriving out of sequence order, with padding and unrecorded sequences: each recorded
+    sequence's keys are exactly its rows' real-expert codes, read back from the spilled file."""
+    from moescope.analysis.route_pass import SequenceKeyRecorder, _expert_codes
+    from moescope.analysis.signature_controls import SequenceTokenExperts
+
+    rng = np.random.default_rng(5)
+    E, k = 6, 3
+    recorder = SequenceKeyRecorder(np.array([2, 4, 7]), E, np.int32)
+    want: dict[int, list[int]] = {2: [], 4: [], 7: []}
+    for _ in range(4):  # four chunks
+        seq = rng.integers(0, 9, size=30)
+        ex = rng.integers(0, E + 1, size=(30, k))  # E: padding
+        cell = rng.integers(0, 50, size=30)
+        codes = _expert_codes(cell, ex, E)
+        recorder.add(seq, ex, codes)
+        for s, c, row in zip(seq, cell, ex):
+            if int(s) in want:
+                want[int(s)] += [int(c) * E + int(e) for e in row if e < E]
+    ste = SequenceTokenExperts(recorder.keys.finish(), None, *recorder.segments(), np.arange(50), (1, 50, E))
+    picked = ste.select(np.array([2, 4, 7]))
+    for j, s in enumerate((2, 4, 7)):
+        rows = picked.rows_of(np.array([j]))
+        assert sorted(picked.key[rows].tolist()) == sorted(want[s])
+        assert np.array_equal(picked.counts_of([j], minlength=50 * E), np.bincount(want[s], minlength=50 * E))
+    assert len(ste.select(np.array([3])).segment_seq) == 0

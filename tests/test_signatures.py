@@ -296,3 +296,38 @@ def test_streamed_token_expert_keys_match_a_duckdb_count(tmp_path):
                       "unnest(experts) AS e FROM routes) r JOIN tokens t ON r.seq_id = t.seq_id AND r.pos = t.pos "
                       "WHERE t.phase = 'prompt' AND r.seq_id IN (1, 2, 5, 7, 11) GROUP BY ALL")
     assert got == {(int(s), int(li), int(t), int(e)): int(n) for s, li, t, e, n in rows}
+
+
+def test_counting_pass_keys_give_the_same_control_as_a_separate_pass(tmp_path):
+    """The per-sequence token-expert keys kept by the shared counting pass (on disk, the pass's
+    whole vocabulary) give the same per-sequence counts and the same signature results as the
+    separate pass over the analysed sequences only (their own, smaller vocabulary)."""
+    import dataclasses
+
+    from moescope.analysis.signature_controls import sequence_token_expert_counts
+    from moescope.analysis.signatures import evaluate_signatures, gather_signature_inputs, shared_counts
+
+    trace = moescope.open_trace(labelled_trace(tmp_path / "t", layers=3, n_seq=40, seq_len=12, generated=3,
+                                               token_strength=1.0, vocab=200))
+    counts = shared_counts(trace, phase="prompt")
+    assert counts.seq_token_experts is not None
+    seq_ids = np.array([1, 2, 5, 7, 11, 30])
+    a = counts.seq_token_experts.select(seq_ids)
+    b = sequence_token_expert_counts(trace, phase="prompt", seq_ids=seq_ids)
+    assert len(a.vocab) > len(b.vocab)  # the trap: different vocabularies, same counts
+    for j in range(len(seq_ids)):
+        ca, cb = a.counts_of([j], minlength=int(np.prod(a.shape))), b.counts_of([j], minlength=int(np.prod(b.shape)))
+        ka, kb = np.flatnonzero(ca), np.flatnonzero(cb)
+        la, va, ea = np.unravel_index(ka, a.shape)
+        lb, vb, eb = np.unravel_index(kb, b.shape)
+        assert (sorted(zip(la, a.vocab[va], ea, ca[ka])) == sorted(zip(lb, b.vocab[vb], eb, cb[kb])))
+    inputs = gather_signature_inputs(trace, "label", max_sequences=24, seed=1)  # a sample: a smaller vocabulary
+    separate = dataclasses.replace(inputs, seq_token_experts=sequence_token_expert_counts(
+        trace, phase="prompt", seq_ids=inputs.seq_counts.seq_ids))
+    assert len(inputs.seq_token_experts.vocab) > len(separate.seq_token_experts.vocab)
+    kw = dict(label="label", permutations=5, repeats=2, folds=3, control_draws=1, seed=0, figures=False, n_jobs=1)
+    got, want = evaluate_signatures(inputs, **kw)[0], evaluate_signatures(separate, **kw)[0]
+    assert got["token_id_control_accuracy_mean"] is not None
+    for key in ("token_id_control_accuracy_mean", "token_id_control_cohens_d", "token_id_control_unseen_token_share",
+                "adds_over_token_id_control", "per_layer_token_id_control_accuracy"):
+        assert got[key] == want[key], key

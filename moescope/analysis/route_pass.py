@@ -23,11 +23,13 @@ Counting tricks:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from moescope.analysis.spilled_keys import SpilledKeys
 
 
 @dataclass
@@ -230,22 +232,72 @@ class SequenceCounter:
         _add_range(self.counts.reshape(-1), _expert_codes(cell, chunk.ex[known], self.E))
 
 
+class SequenceKeyRecorder:
+    """Every assignment's flat (layer, token, expert) code, kept per sequence (for the per-fold
+    token-id control) in a :class:`SpilledKeys` file: segments of consecutive codes of one
+    sequence (segment_seq: seq_id values), in the order the rows arrive."""
+
+    def __init__(self, seq_ids: np.ndarray, E: int, dtype: Any) -> None:
+        self.seq_ids, self.E = np.asarray(seq_ids, np.int64), E
+        self.keys = SpilledKeys(dtype)
+        self.segment_seq: list[np.ndarray] = []
+        self.segment_len: list[np.ndarray] = []
+
+    def add(self, seq: np.ndarray, ex: np.ndarray, codes: np.ndarray) -> None:
+        """seq (rows,) the rows' seq_ids; ex (rows, k) their experts (E: padding); codes: the
+        rows' codes as _expert_codes returns them (row-major over the real experts)."""
+        if not len(seq) or not len(self.seq_ids):
+            return
+        per_row = (ex < self.E).sum(axis=1)
+        at = np.minimum(np.searchsorted(self.seq_ids, seq), len(self.seq_ids) - 1)
+        known = self.seq_ids[at] == seq
+        if not known.all():  # rows of sequences not recorded
+            codes = codes[np.repeat(known, per_row)]
+            seq, per_row = seq[known], per_row[known]
+        if len(seq) > 1 and (np.diff(seq) < 0).any():  # keep each sequence's rows together
+            order = np.argsort(seq, kind="stable")
+            row_start = np.cumsum(per_row) - per_row
+            new_len = per_row[order]
+            codes = codes[np.repeat(row_start[order] - (np.cumsum(new_len) - new_len), new_len) + np.arange(int(new_len.sum()))]
+            seq, per_row = seq[order], new_len
+        if not len(seq):
+            return
+        starts = np.r_[0, np.flatnonzero(np.diff(seq)) + 1]
+        self.segment_seq.append(seq[starts])
+        self.segment_len.append(np.add.reduceat(per_row, starts))
+        self.keys.append(codes)
+
+    def segments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(segment seq_ids, segment starts, segment lengths), int64."""
+        seg_seq = np.concatenate(self.segment_seq).astype(np.int64) if self.segment_seq else np.zeros(0, np.int64)
+        seg_len = np.concatenate(self.segment_len).astype(np.int64) if self.segment_len else np.zeros(0, np.int64)
+        return seg_seq, (np.cumsum(seg_len) - seg_len).astype(np.int64), seg_len
+
+
 class TokenExpertCounter:
     """Counts per (layer, token, expert) in a dense (L, U, E) array, U = len(vocab) the distinct
-    token ids; a row's token is found by its (seq_id, pos) key among the sorted token keys."""
+    token ids; a row's token is found by its (seq_id, pos) key among the sorted token keys.
+    record_seq_ids: also keep every assignment's code per sequence for these sequences
+    (self.recorder, a :class:`SequenceKeyRecorder`)."""
 
-    def __init__(self, keys: np.ndarray, token_index: np.ndarray, vocab: np.ndarray, n_layers: int, E: int) -> None:
+    def __init__(self, keys: np.ndarray, token_index: np.ndarray, vocab: np.ndarray, n_layers: int, E: int,
+                 record_seq_ids: np.ndarray | None = None) -> None:
         self.keys, self.token_index, self.vocab, self.E = keys, token_index, vocab, E
         self.counts = np.zeros((n_layers, len(vocab), E), np.int64)
         self._pending: list[np.ndarray] = []
         self._n_pending = 0
+        key_type = np.int32 if self.counts.size < 2 ** 31 else np.int64
+        self.recorder = None if record_seq_ids is None else SequenceKeyRecorder(record_seq_ids, E, key_type)
 
     def add(self, chunk: Chunk, blocks: LayerBlocks | None = None) -> None:
         at = np.minimum(np.searchsorted(self.keys, chunk.key), len(self.keys) - 1)
         known = self.keys[at] == chunk.key
         L, U, E = self.counts.shape
         cell = (chunk.li * U + self.token_index[at])[known]
-        self._pending.append(_expert_codes(cell, chunk.ex[known], E))
+        ex = chunk.ex[known]
+        self._pending.append(_expert_codes(cell, ex, E))
+        if self.recorder is not None:
+            self.recorder.add(chunk.seq[known], ex, self._pending[-1])
         self._n_pending += len(self._pending[-1])
         if self._n_pending >= self.counts.size:  # one pass over the dense array per that many codes
             self.finish()

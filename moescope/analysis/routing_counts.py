@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -224,6 +224,9 @@ class RouteCounts:
     scan: RouteScan | None
     sequences: SequenceCounts | None
     token_experts: dict[str, np.ndarray] | None
+    # per-sequence token-expert keys (SequenceTokenExperts, segment_seq holding seq_id values:
+    # take .select(seq_ids)); only when asked with sequence_keys_limit
+    seq_token_experts: Any = None
 
 
 def _route_batches(trace: Trace, phase: str, columns: list[str], ordered: bool) -> Iterator[pa.RecordBatch]:
@@ -252,16 +255,23 @@ def _sequence_counter(trace: Trace, phase: str, bucket_edges: list[int] | None,
                               max_tokens=int(longest[0]))
 
 
-def _token_counter(trace: Trace, phase: str) -> rp.TokenExpertCounter | None:
-    """A dense token x expert counter, or None when the vocabulary is too large for one."""
+def _token_counter(trace: Trace, phase: str, record_seq_ids: np.ndarray | None = None,
+                   record_limit: int = 0) -> rp.TokenExpertCounter | None:
+    """A dense token x expert counter, or None when the vocabulary is too large for one.
+    record_seq_ids: also keep every assignment of these sequences per sequence (on disk), unless
+    they have more than record_limit assignments."""
     where = "" if phase == "all" else f"WHERE phase = '{phase}'"
     tok = trace.con.sql(f"SELECT seq_id, pos, token_id FROM tokens {where}").fetchnumpy()
-    keys = (np.asarray(tok["seq_id"], np.int64) << 32) | np.asarray(tok["pos"], np.int64)
+    seq = np.asarray(tok["seq_id"], np.int64)
+    keys = (seq << 32) | np.asarray(tok["pos"], np.int64)
     vocab, index = np.unique(np.asarray(tok["token_id"], np.int64), return_inverse=True)
-    if len(trace.moe_layers) * len(vocab) * trace.n_experts > MAX_DENSE_TOKEN_CELLS or len(keys) == 0:
+    L, E = len(trace.moe_layers), trace.n_experts
+    if L * len(vocab) * E > MAX_DENSE_TOKEN_CELLS or len(keys) == 0:
         return None
+    if record_seq_ids is not None and int(np.isin(seq, record_seq_ids).sum()) * L * trace.top_k > record_limit:
+        record_seq_ids = None
     order = np.argsort(keys, kind="stable")
-    return rp.TokenExpertCounter(keys[order], index[order], vocab, len(trace.moe_layers), trace.n_experts)
+    return rp.TokenExpertCounter(keys[order], index[order], vocab, L, E, record_seq_ids=record_seq_ids)
 
 
 def _token_table(counter: rp.TokenExpertCounter) -> dict[str, np.ndarray]:
@@ -277,14 +287,20 @@ def _token_table(counter: rp.TokenExpertCounter) -> dict[str, np.ndarray]:
 
 def count_routes(trace: Trace, *, phase: str = "all", scan: bool = True, transitions: bool = True,
                  weight_bins: int = 20, sequences: bool = False, bucket_edges: list[int] | None = None,
-                 token_experts: bool = False, sequence_ids: np.ndarray | None = None) -> RouteCounts:
+                 token_experts: bool = False, sequence_ids: np.ndarray | None = None,
+                 sequence_keys_limit: int | None = None) -> RouteCounts:
     """One streaming pass over the routes of `phase`, filling the counters asked for:
 
     scan: load, pairs, weights (and transitions unless transitions=False) -> RouteScan;
     sequences: expert counts per sequence, split at `bucket_edges` (positions within the
     phase) -> SequenceCounts; token_experts: per (layer, token id, expert), as
     :func:`token_expert_counts` returns them (needs the tokens table). sequence_ids: count
-    sequences among these only (the other counters still see every row).
+    sequences among these only (the other counters still see every row). sequence_keys_limit
+    (with sequences and token_experts): also keep every expert assignment of the counted
+    sequences as a per-sequence key on disk (RouteCounts.seq_token_experts, for the per-fold
+    token-id control) when there are at most this many; the token lookup is shared with the
+    token_experts counter, so this costs no second pass (engines other than the in-process one
+    leave it None).
     """
     from threadpoolctl import threadpool_limits
 
@@ -301,7 +317,9 @@ def count_routes(trace: Trace, *, phase: str = "all", scan: bool = True, transit
     w_max = weight_range(trace) if has_w else 1.0
     weights = rp.WeightCounter(L, k, weight_bins, w_max) if has_w else None
     seqs = _sequence_counter(trace, phase, bucket_edges, sequence_ids) if sequences else None
-    tokens = _token_counter(trace, phase) if token_experts and trace.has("tokens") else None
+    record = seqs.seq_ids if seqs is not None and sequence_keys_limit is not None else None
+    tokens = (_token_counter(trace, phase, record, sequence_keys_limit or 0)
+              if token_experts and trace.has("tokens") else None)
     row_counters = [c for c in (weights, seqs, tokens) if c is not None]
     columns = ["seq_id", "pos", "layer", "experts"] + (["weights"] if has_w else [])
     ordered = True
@@ -335,6 +353,12 @@ def count_routes(trace: Trace, *, phase: str = "all", scan: bool = True, transit
             weight_bins=weight_bins, weight_max=w_max)
     if seqs is not None:
         result.sequences = SequenceCounts(seqs.seq_ids, seqs.counts, seqs.n_tokens, seqs.edges)
+    if tokens is not None and tokens.recorder is not None:
+        from moescope.analysis.signature_controls import SequenceTokenExperts
+
+        seg_seq, seg_start, seg_len = tokens.recorder.segments()
+        result.seq_token_experts = SequenceTokenExperts(tokens.recorder.keys.finish(), None, seg_seq, seg_start, seg_len,
+                                                        tokens.vocab, tokens.counts.shape)
     if token_experts and trace.has("tokens"):
         result.token_experts = _token_table(tokens) if tokens is not None else token_expert_counts(trace, phase=phase)
     return result

@@ -11,60 +11,18 @@
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
 
 from moescope.analysis.routing_counts import layer_index, routes_relation
+from moescope.analysis.spilled_keys import SpilledKeys
 
 
 # Keys per np.bincount call: bincount casts its input to int64, so counting all keys at once would
 # hold a transient int64 copy of every assignment (8 bytes each); chunks bound that copy (32 MB).
 _BINCOUNT_CHUNK = 1 << 22
-
-
-class SpilledKeys:
-    """An int array kept in an anonymous temporary file (deleted when closed or collected) and
-    read back by slices with os.pread (thread-safe, no shared file position; read pages stay in
-    the OS page cache, not in this process's memory): the per-sequence keys grow with the trace,
-    the memory of the analysis should not."""
-
-    def __init__(self, dtype: Any) -> None:
-        self.dtype = np.dtype(dtype)
-        self._file = tempfile.TemporaryFile(prefix="moescope-keys-")
-        self._len = 0
-
-    def append(self, values: np.ndarray) -> None:
-        """Write `values` (cast to this dtype) after the keys so far."""
-        data = np.ascontiguousarray(values, self.dtype)
-        self._file.write(data.tobytes())
-        self._len += len(data)
-
-    def finish(self) -> "SpilledKeys":
-        self._file.flush()
-        return self
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __getitem__(self, index: Any) -> np.ndarray:
-        if isinstance(index, slice):
-            start, stop, step = index.indices(self._len)
-            if step != 1:
-                return self[start:stop][::step]
-            if stop <= start:
-                return np.zeros(0, self.dtype)
-            size = self.dtype.itemsize
-            raw = os.pread(self._file.fileno(), (stop - start) * size, start * size)
-            return np.frombuffer(raw, self.dtype)
-        return self[:][np.asarray(index)]  # an index array: whole read (small inputs only)
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        out = self[:]
-        return out if dtype is None else out.astype(dtype)
 
 
 def _chunked_bincount(pieces: Iterable[tuple[np.ndarray, np.ndarray | None]], minlength: int) -> np.ndarray:
@@ -132,6 +90,21 @@ class SequenceTokenExperts:
         lengths = np.diff(np.r_[starts, len(order)])
         return cls(np.asarray(key)[order], None if n is None else np.asarray(n)[order], seq_sorted[starts],
                    starts.astype(np.int64), lengths.astype(np.int64), vocab, shape)
+
+    def select(self, seq_ids: np.ndarray) -> "SequenceTokenExperts":
+        """For keys whose segment_seq holds seq_id values (count_routes' seq_token_experts): the
+        keys of the sequences `seq_ids` (ascending), segment_seq re-indexed into seq_ids; the keys
+        themselves are shared, not copied. The vocabulary stays the pass's (a superset of the
+        selected sequences' token ids: the extra columns are never counted, so every control
+        value is the same as with the selected sequences' own vocabulary)."""
+        seq_ids = np.asarray(seq_ids, np.int64)
+        if not len(seq_ids):
+            pos, ok = np.zeros(len(self.segment_seq), np.int64), np.zeros(len(self.segment_seq), bool)
+        else:
+            pos = np.minimum(np.searchsorted(seq_ids, self.segment_seq), len(seq_ids) - 1)
+            ok = seq_ids[pos] == self.segment_seq
+        return SequenceTokenExperts(self.key, self.n, pos[ok].astype(np.int64), self.segment_start[ok],
+                                    self.segment_len[ok], self.vocab, self.shape)
 
     def rows_of(self, sequences: np.ndarray) -> np.ndarray:
         """Indices into key/n of the given sequences (indices into the analysed seq_ids)."""

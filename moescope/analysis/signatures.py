@@ -177,7 +177,7 @@ def shared_counts(trace: Trace, *, phase: str = "prompt", first_n: Sequence[int]
     ``gather_statistics_inputs(trace, phase=phase, counts=...)`` and
     ``gather_signature_inputs(trace, ..., phase=phase, counts=...)``: half the reading of two passes."""
     return count_routes(trace, phase=phase, scan=True, sequences=True, bucket_edges=signature_buckets(trace, phase, first_n),
-                        token_experts=trace.has("tokens"))
+                        token_experts=trace.has("tokens"), sequence_keys_limit=MAX_SEQUENCE_TOKEN_EXPERT_ROWS)
 
 
 def resolve_group(trace: Trace, group: str | None) -> str | None:
@@ -222,7 +222,7 @@ def gather_signature_inputs(trace: Trace, label: str, *, phase: str = "prompt", 
     if counts is None:
         counts = count_routes(trace, phase=phase, scan=False, sequences=True,
                               bucket_edges=signature_buckets(trace, phase, first_n), token_experts=trace.has("tokens"),
-                              sequence_ids=sample)
+                              sequence_ids=sample, sequence_keys_limit=MAX_SEQUENCE_TOKEN_EXPERT_ROWS)
     seqc = counts.sequences
     keep = np.isin(seqc.seq_ids, list(labels_by_seq)) & (seqc.n_tokens.sum(axis=(1, 2)) > 0)
     if groups_by_seq is not None:
@@ -244,7 +244,9 @@ def gather_signature_inputs(trace: Trace, label: str, *, phase: str = "prompt", 
         seq_tok = sequence_token_counts(trace, phase=phase, seq_ids=None if sample is None else seqc.seq_ids)
         rows = int(seq_tok["n"][np.isin(seq_tok["seq_id"], seqc.seq_ids)].sum()) * len(trace.moe_layers) * trace.top_k
         if rows <= MAX_SEQUENCE_TOKEN_EXPERT_ROWS:
-            ste = sequence_token_expert_counts(trace, phase=phase, seq_ids=seqc.seq_ids)
+            recorded = counts.seq_token_experts  # kept by the counting pass (no second pass over the routes)
+            ste = (recorded.select(seqc.seq_ids) if recorded is not None
+                   else sequence_token_expert_counts(trace, phase=phase, seq_ids=seqc.seq_ids))
         else:
             notes.append(f"{rows:,} per-sequence token-expert assignments are too many to hold, so the token-id "
                          "control uses one whole-trace map for every fold: it has seen the test sequences' own routing "
