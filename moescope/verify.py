@@ -1,0 +1,293 @@
+"""The weight read-back proof: the routing moescope records is what the model computed.
+
+For every MoE layer of a model, on real inputs:
+
+1. one ordinary forward (no cache) keeps the input of every MoE block;
+2. the block is run again on that input three times with its routed experts made to output
+   known vectors (:mod:`moescope.adapters.probes`): ``y_e`` (the adapter's hooks record this
+   call), zero, and ``2 y_e``;
+3. ``D = out(y) - out(0)`` is, per token, the routed part of the block's output (shared
+   experts, dense branches and biases cancel); the ``2 y`` call checks that the block is
+   linear in its experts' outputs (else the experts module's own output is decoded);
+4. least squares over the y_e recovers, per token, the coefficient of every expert: the
+   weight with which its output reached the block's output (post-hoc scales included);
+5. these are compared with the ids and weights the family's adapter recorded for that call
+   (the very hooks ``moescope capture`` uses), per token and expert.
+
+The proof never re-implements routing: the block's own code routes and combines; the probe
+only fixes what each expert outputs. Weights recorded with a zero value (or dropped over
+capacity) contribute nothing and are expected to read back as 0. The model is restored on
+exit (patched forwards and hooks removed; no parameter is written).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from moescope.adapters.base import Family, MoELayer, text_config
+from moescope.adapters.probes import ExpertsProbe, probe_for, watched_module
+from moescope.adapters.registry import family_for_model
+
+# Largest allowed |decoded - recorded| weight, by the dtype the model computes in. bf16 keeps
+# 8 bits of mantissa and the shared/dense outputs it subtracts can be larger than the routed part.
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+@dataclass
+class LayerProof:
+    """The read-back proof of one MoE layer.
+
+    Attributes:
+        layer: trace layer index; path: module path of the MoE block.
+        passed: ids and weights read back equal the recorded ones (within `tolerance`).
+        experts_match: share of token-expert assignments (non-zero weight, recorded or read
+            back) present in both.
+        max_weight_error: largest |read-back weight - recorded weight| over tokens and experts.
+        tolerance: the allowed error for the model's dtype.
+        residual: largest relative part of the routed output the experts' vectors do not explain.
+        decoded_at: "block" (the MoE block's output: post-hoc scales included) or "experts"
+            (the experts module's output, when the block is not linear in it).
+        tokens: rows compared; reason: why the layer failed ("" when it passed).
+    """
+
+    layer: int
+    path: str
+    passed: bool
+    experts_match: float
+    max_weight_error: float
+    tolerance: float
+    residual: float
+    decoded_at: str
+    tokens: int
+    reason: str = ""
+
+
+@dataclass
+class ModelProof:
+    """The proof over every MoE layer of a model; `passed` only when every layer passed."""
+
+    model_type: str
+    family: str
+    dtype: str
+    layers: list[LayerProof] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.layers) and all(layer.passed for layer in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "model_type": self.model_type, "family": self.family, "dtype": self.dtype,
+                "layers": [dataclasses.asdict(layer) for layer in self.layers]}
+
+
+class _Sink:
+    """Collects what the adapter's hooks report, only while `on`."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.calls: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
+
+    def routes(self, layer: MoELayer, ids: torch.Tensor, weights: torch.Tensor | None,
+               dropped: torch.Tensor | None = None) -> None:
+        if self.on:
+            k = ids.shape[-1]
+            self.calls.append((ids.detach().reshape(-1, k).clone(),
+                               None if weights is None else weights.detach().float().reshape(-1, k).clone(),
+                               None if dropped is None else dropped.detach().reshape(-1, k).clone()))
+
+    def router_input(self, layer: MoELayer, hidden: torch.Tensor) -> None:  # not needed by the proof
+        pass
+
+    def router_logits(self, layer: MoELayer, logits: torch.Tensor) -> None:
+        pass
+
+
+def _clone(value: Any) -> Any:
+    """A copy of a block input that a call cannot change: tensors cloned, KV caches deep-copied
+    (a block that writes its keys into a cache would otherwise see them again when re-run)."""
+    from transformers.cache_utils import Cache
+
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, Cache):
+        return copy.deepcopy(value)
+    if isinstance(value, tuple):
+        return tuple(_clone(v) for v in value)
+    if isinstance(value, list):
+        return [_clone(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    return value
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    while not isinstance(out, torch.Tensor):
+        out = out[0] if isinstance(out, (tuple, list)) else out.to_tuple()[0]
+    return out
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    counts: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def _keep_block_inputs(model: nn.Module, paths: list[str]) -> tuple[list[Any], dict[str, tuple]]:
+    """Pre-hooks that keep a copy of the first input of each watched module."""
+    kept: dict[str, tuple] = {}
+
+    def make(path: str):
+        def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            if path not in kept:
+                kept[path] = (_clone(args), _clone(kwargs))
+        return hook
+
+    handles = [model.get_submodule(p).register_forward_pre_hook(make(p), with_kwargs=True) for p in sorted(set(paths))]
+    return handles, kept
+
+
+def forward_without_cache(model: nn.Module, inputs: dict[str, Any]) -> Any:
+    """model(**inputs) without a KV cache (so re-running a block cannot grow one)."""
+    kwargs = dict(inputs)
+    params = inspect.signature(model.forward).parameters
+    if "use_cache" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kwargs.setdefault("use_cache", False)
+    with torch.no_grad():
+        return model(**kwargs)
+
+
+def prove(model: nn.Module, inputs: dict[str, Any], *, family: Family | None = None,
+          layers: list[int] | None = None) -> ModelProof:
+    """Run the read-back proof on every MoE layer of `model` for one batch `inputs`.
+
+    Args:
+        model: a loaded transformers MoE model (any dtype or device); restored on return.
+        inputs: keyword arguments of one forward (input_ids, attention_mask, ...).
+        family: the adapter to check (default: the registered one for the model's type).
+        layers: trace layer indices to check (default: all).
+
+    Returns:
+        A :class:`ModelProof` with one :class:`LayerProof` per MoE layer.
+    """
+    family = family or family_for_model(model)
+    found = [lay for lay in family.find_layers(model) if layers is None or lay.layer in layers]
+    dtype = _model_dtype(model)
+    result = ModelProof(getattr(model.config, "model_type", "?"), family.name, str(dtype).replace("torch.", ""))
+    watched = {lay.layer: watched_module(model, lay.path) for lay in found}
+    handles, kept = _keep_block_inputs(model, [w[0] for w in watched.values()])
+    try:
+        forward_without_cache(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    identity = family.zero_experts and not family.skip_weightless
+    for layer in found:
+        path, module = watched[layer.layer]
+        if path not in kept:
+            result.layers.append(_failed(layer, dtype, "the MoE block did not run in the forward pass"))
+            continue
+        probe = probe_for(model.get_submodule(layer.path), layer.n_experts, identity_experts=identity)
+        result.layers.append(_prove_layer(model, family, layer, module, kept[path], probe, dtype))
+    return result
+
+
+def _failed(layer: MoELayer, dtype: torch.dtype, reason: str) -> LayerProof:
+    return LayerProof(layer.layer, layer.path, False, 0.0, float("inf"), TOLERANCE.get(dtype, 6e-2),
+                      float("inf"), "block", 0, reason)
+
+
+@torch.no_grad()
+def _prove_layer(model: nn.Module, family: Family, layer: MoELayer, module: nn.Module, kept: tuple,
+                 probe: ExpertsProbe, dtype: torch.dtype) -> LayerProof:
+    args, kwargs = kept
+    sink = _Sink()
+    handles = family.attach(model, layer, sink, logits=False, hidden=False)
+    try:
+        with probe.known_outputs(1.0):
+            module(*_clone(args), **_clone(kwargs))
+        probe.balance()
+        outs = {}
+        for scale in (1.0, 0.0, 2.0):
+            with probe.known_outputs(scale):
+                sink.on = scale == 1.0
+                outs[scale] = _first_tensor(module(*_clone(args), **_clone(kwargs))).double()
+                sink.on = False
+        basis = probe.basis()
+    finally:
+        for handle in handles:
+            handle.remove()
+    width = basis.shape[1]
+    tol = TOLERANCE.get(dtype, 6e-2)
+    d1 = outs[1.0] - outs[0.0]
+    d2 = outs[2.0] - outs[0.0]
+    decoded_at = "block"
+    # Decode the block's output when it is linear in the experts' outputs and in their space;
+    # else (a norm after the experts, a projection out of the experts' space) the experts module's.
+    linear = float((d2 - 2 * d1).abs().max()) <= tol * 2 * max(float(d1.abs().max()), 1e-30)
+    if not linear or d1.shape[-1] != width:
+        if probe.experts_output is None:
+            return _failed(layer, dtype, "the block's output is not linear in its experts' outputs")
+        d1, decoded_at = probe.experts_output.double(), "experts"
+    d1 = d1.reshape(-1, width)
+    if len(sink.calls) != 1:
+        return _failed(layer, dtype, f"the adapter reported {len(sink.calls)} routing records for one block call")
+    call = sink.calls[0]
+    if probe.unobservable is not None and probe.unobservable.numel() == d1.shape[0]:
+        seen = ~probe.unobservable.cpu()
+        d1, call = d1[seen], tuple(None if t is None else t[seen] for t in call)
+    return _compare(layer, d1, basis, call, tol, decoded_at, probe.zero_column)
+
+
+def _compare(layer: MoELayer, routed: torch.Tensor, basis: torch.Tensor, call: tuple, tol: float,
+             decoded_at: str, zero_column: bool) -> LayerProof:
+    ids, weights, dropped = call
+    n, k = ids.shape
+    if weights is None:
+        return LayerProof(layer.layer, layer.path, False, 0.0, float("inf"), tol, float("inf"), decoded_at, n,
+                          "the adapter records no weights")
+    if routed.shape[0] != n:
+        return LayerProof(layer.layer, layer.path, False, 0.0, float("inf"), tol, float("inf"), decoded_at, n,
+                          f"the adapter recorded {n} tokens but the block computed {routed.shape[0]}")
+    y = basis.cpu().numpy().T  # (H, C)
+    rank = np.linalg.matrix_rank(y)
+    if rank < y.shape[1]:
+        return LayerProof(layer.layer, layer.path, False, 0.0, float("inf"), tol, float("inf"), decoded_at, n,
+                          f"the experts' outputs are not linearly independent (rank {rank} < {y.shape[1]})")
+    target = routed.cpu().numpy().T  # (H, N)
+    coef, *_ = np.linalg.lstsq(y, target, rcond=None)
+    decoded = np.zeros((n, layer.n_experts + 1))
+    decoded[:, : y.shape[1]] = coef.T
+    fitted = y @ coef
+    norm = np.maximum(np.abs(target).max(axis=0), 1e-30)
+    residual = float((np.abs(target - fitted).max(axis=0) / norm).max()) if n else 0.0
+
+    recorded = np.zeros((n, layer.n_experts + 1))
+    w = weights.double().cpu().numpy()
+    keep = np.ones_like(w, dtype=bool) if dropped is None else ~dropped.cpu().numpy().astype(bool)
+    col = np.minimum(ids.long().cpu().numpy(), layer.n_experts)  # identity/zero experts share the last column
+    rows = np.repeat(np.arange(n), k).reshape(n, k)
+    np.add.at(recorded, (rows[keep], col[keep]), w[keep])
+
+    error = float(np.abs(decoded - recorded).max()) if n else 0.0
+    big = max(1.0, float(np.abs(recorded).max()) if n else 1.0)
+    seen_rec, seen_dec = np.abs(recorded) > tol * big, np.abs(decoded) > tol * big
+    union = int((seen_rec | seen_dec).sum())
+    match = float((seen_rec & seen_dec).sum() / union) if union else 1.0
+    reasons = []
+    if match < 1.0:
+        reasons.append(f"{(1 - match):.1%} of token-expert assignments differ")
+    if error > tol * big:
+        reasons.append(f"weights differ by up to {error:.3g} (tolerance {tol * big:.3g})")
+    if residual > max(tol, 1e-6) * 10:
+        reasons.append(f"{residual:.3g} of the routed output is not explained by the experts")
+    return LayerProof(layer.layer, layer.path, not reasons, match, error, tol * big, residual, decoded_at, n,
+                      "; ".join(reasons))
