@@ -54,7 +54,8 @@ class LayerProof:
         residual: largest relative part of the routed output the experts' vectors do not explain.
         decoded_at: "block" (the MoE block's output: post-hoc scales included) or "experts"
             (the experts module's output, when the block is not linear in it).
-        tokens: rows compared; reason: why the layer failed ("" when it passed).
+        rows: token positions compared (padding included: the block computes it too); reason: why
+            the layer failed ("" when it passed).
     """
 
     layer: int
@@ -65,7 +66,7 @@ class LayerProof:
     tolerance: float
     residual: float
     decoded_at: str
-    tokens: int
+    rows: int
     reason: str = ""
 
 
@@ -291,3 +292,47 @@ def _compare(layer: MoELayer, routed: torch.Tensor, basis: torch.Tensor, call: t
         reasons.append(f"{residual:.3g} of the routed output is not explained by the experts")
     return LayerProof(layer.layer, layer.path, not reasons, match, error, tol * big, residual, decoded_at, n,
                       "; ".join(reasons))
+
+
+def text_inputs(model: nn.Module, tokenizer: Any, n_tokens: int = 256, *, rows: int = 4) -> dict[str, torch.Tensor]:
+    """One padded batch of about `n_tokens` real tokens of the built-in prompts, for `prove`.
+
+    The texts are the built-in task prompts (moescope/data/prompts/tasks.jsonl), cut into
+    `rows` sequences of unequal length so that padding is exercised too. Encoder-decoder models
+    get the first tokens of each row (after their decoder start token) as decoder input.
+    """
+    import json
+    from importlib import resources
+
+    from moescope.errors import MoescopeError
+
+    if n_tokens < rows * 2:
+        raise MoescopeError(f"--tokens must be at least {rows * 2}, not {n_tokens}")
+    lines = resources.files("moescope.data").joinpath("prompts/tasks.jsonl").read_text(encoding="utf-8").splitlines()
+    ids: list[int] = []
+    for line in lines:
+        ids += tokenizer(json.loads(line)["text"], add_special_tokens=False)["input_ids"]
+        if len(ids) >= n_tokens:
+            break
+    ids = ids[:n_tokens]
+    # Unequal rows: lengths in proportion 4:3:2:1 ... so padding shows at several widths.
+    shares = np.arange(rows, 0, -1, dtype=float)
+    cuts = np.concatenate([[0], np.round(np.cumsum(shares / shares.sum()) * len(ids)).astype(int)])
+    seqs = [ids[a:b] for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+    width = max(len(s) for s in seqs)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, seq in enumerate(seqs):
+        span = slice(width - len(seq), width) if left else slice(0, len(seq))
+        input_ids[i, span] = torch.tensor(seq)
+        mask[i, span] = 1
+    device = next(model.parameters()).device
+    inputs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+    if getattr(model.config, "is_encoder_decoder", False):
+        start = model.config.decoder_start_token_id if model.config.decoder_start_token_id is not None else pad
+        dec = input_ids[:, : min(16, width)].clone()
+        dec[:, 0] = start
+        inputs["decoder_input_ids"] = dec.to(device)
+    return inputs
