@@ -50,7 +50,9 @@ def main() -> None:
     """Entry point of the console script."""
     _register_commands()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # a command's typer.Exit(code) comes back as the return value
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except MoescopeError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
