@@ -196,7 +196,11 @@ def prove(model: nn.Module, inputs: dict[str, Any], *, family: Family | None = N
         if path not in kept:
             result.layers.append(_failed(layer, dtype, "the MoE block did not run in the forward pass"))
             continue
-        probe = probe_for(model.get_submodule(layer.path), layer.n_experts, identity_experts=identity)
+        try:
+            probe = probe_for(model.get_submodule(layer.path), layer.n_experts, identity_experts=identity)
+        except NotImplementedError as exc:  # a kind of MoE block the proof cannot probe yet: not verified
+            result.layers.append(_failed(layer, dtype, str(exc)))
+            continue
         result.layers.append(_prove_layer(model, family, layer, module, kept[path], probe, dtype))
     return result
 
