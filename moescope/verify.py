@@ -332,7 +332,7 @@ def text_inputs(model: nn.Module, tokenizer: Any, n_tokens: int = 256, *, rows: 
         span = slice(width - len(seq), width) if left else slice(0, len(seq))
         input_ids[i, span] = torch.tensor(seq)
         mask[i, span] = 1
-    device = next(model.parameters()).device
+    device = getattr(model, "device", None) or next(model.parameters()).device  # the embeddings' device
     inputs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
     if getattr(model.config, "is_encoder_decoder", False):
         start = model.config.decoder_start_token_id if model.config.decoder_start_token_id is not None else pad
