@@ -200,3 +200,22 @@ def test_bfloat16_read_back_per_router_kind(model_type):
 def test_bfloat16_models(model_type):
     """The same for every other model type."""
     _bf16_checks(model_type)
+
+
+def test_models_table_fits_80_columns_and_shows_every_e_and_k(monkeypatch, capsys):
+    from moescope.cli import main
+
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setattr("sys.argv", ["moescope", "models"])
+    try:
+        main()
+    except SystemExit as exc:
+        assert exc.code in (0, None)
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    rows = [line.split() for line in lines if line.split()[:1] and line.split()[0] in TINY_MODEL_TYPES]
+    assert len(rows) == len(TINY_MODEL_TYPES)  # one line per model type: nothing wrapped
+    assert all(cells[-1] in ("yes", "no") for cells in rows)
+    assert all(cells[-4] == "ckpt" or cells[-4].isdigit() for cells in rows)  # E
+    assert all(cells[-3] == "ckpt" or cells[-3].isdigit() for cells in rows)  # k
+    assert {cells[0] for cells in rows if cells[-1] == "no"} == KNOWN_BROKEN_IN_TRANSFORMERS

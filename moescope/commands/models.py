@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -21,7 +22,8 @@ def register(app: typer.Typer, **_: object) -> None:
         console = Console()
         rows = catalog()
         show_router = details or console.width >= _ROUTER_COLUMN_MIN_WIDTH
-        table = Table(title=f"{len(rows)} MoE model types", title_justify="left")
+        # No vertical rules: at 80 columns every row stays on one line.
+        table = Table(title=f"{len(rows)} MoE model types", title_justify="left", box=box.SIMPLE_HEAD)
         table.add_column("model type", no_wrap=True)
         table.add_column("family", overflow="fold")
         if show_router:
