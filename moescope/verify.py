@@ -56,6 +56,10 @@ class LayerProof:
             (the experts module's output, when the block is not linear in it).
         rows: token positions compared (padding included: the block computes it too); reason: why
             the layer failed ("" when it passed).
+        experts_seen: distinct experts read back with a non-zero weight (how much of the layer
+            the inputs exercised).
+        decoded: (rows, E + 1) the weights read back per row and expert (last column: identity
+            experts; NaN rows: unobservable), for tests that compare them with a trace; not in JSON.
     """
 
     layer: int
@@ -68,6 +72,8 @@ class LayerProof:
     decoded_at: str
     rows: int
     reason: str = ""
+    experts_seen: int = 0
+    decoded: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -85,7 +91,8 @@ class ModelProof:
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "model_type": self.model_type, "family": self.family, "dtype": self.dtype,
-                "layers": [dataclasses.asdict(layer) for layer in self.layers]}
+                "layers": [{k: v for k, v in dataclasses.asdict(layer).items() if k != "decoded"}
+                           for layer in self.layers]}
 
 
 class _Sink:
@@ -245,15 +252,15 @@ def _prove_layer(model: nn.Module, family: Family, layer: MoELayer, module: nn.M
     d1 = d1.reshape(-1, width)
     if len(sink.calls) != 1:
         return _failed(layer, dtype, f"the adapter reported {len(sink.calls)} routing records for one block call")
-    call = sink.calls[0]
+    observable = None
     if probe.unobservable is not None and probe.unobservable.numel() == d1.shape[0]:
-        seen = ~probe.unobservable.cpu()
-        d1, call = d1[seen], tuple(None if t is None else t[seen] for t in call)
-    return _compare(layer, d1, basis, call, tol, decoded_at, probe.zero_column)
+        observable = ~probe.unobservable.cpu().numpy()
+    return _compare(layer, d1, basis, sink.calls[0], tol, decoded_at, observable)
 
 
 def _compare(layer: MoELayer, routed: torch.Tensor, basis: torch.Tensor, call: tuple, tol: float,
-             decoded_at: str, zero_column: bool) -> LayerProof:
+             decoded_at: str, observable: np.ndarray | None = None) -> LayerProof:
+    """Read the weights back from `routed` (N, H) over `basis` and compare with the adapter's `call`."""
     ids, weights, dropped = call
     n, k = ids.shape
     if weights is None:
@@ -282,6 +289,13 @@ def _compare(layer: MoELayer, routed: torch.Tensor, basis: torch.Tensor, call: t
     rows = np.repeat(np.arange(n), k).reshape(n, k)
     np.add.at(recorded, (rows[keep], col[keep]), w[keep])
 
+    full = decoded.copy()
+    if observable is not None:  # rows whose weights cannot show in the output are left out
+        full[~observable] = np.nan
+        decoded, recorded = decoded[observable], recorded[observable]
+        fitted_ok = observable
+        residual = float((np.abs(target - fitted).max(axis=0) / norm)[fitted_ok].max()) if fitted_ok.any() else 0.0
+        n = int(observable.sum())
     error = float(np.abs(decoded - recorded).max()) if n else 0.0
     big = max(1.0, float(np.abs(recorded).max()) if n else 1.0)
     seen_rec, seen_dec = np.abs(recorded) > tol * big, np.abs(decoded) > tol * big
@@ -294,8 +308,9 @@ def _compare(layer: MoELayer, routed: torch.Tensor, basis: torch.Tensor, call: t
         reasons.append(f"weights differ by up to {error:.3g} (tolerance {tol * big:.3g})")
     if residual > max(tol, 1e-6) * 10:
         reasons.append(f"{residual:.3g} of the routed output is not explained by the experts")
+    seen = int((np.abs(decoded[:, : layer.n_experts]) > tol * big).any(axis=0).sum())
     return LayerProof(layer.layer, layer.path, not reasons, match, error, tol * big, residual, decoded_at, n,
-                      "; ".join(reasons))
+                      "; ".join(reasons), seen, full)
 
 
 def text_inputs(model: nn.Module, tokenizer: Any, n_tokens: int = 256, *, rows: int = 4) -> dict[str, torch.Tensor]:

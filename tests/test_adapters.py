@@ -9,6 +9,8 @@ config (moescope.testing.tiny), one model build shared by every test of the type
   with what weight, and that equals the record (ids and weights, post-hoc scales included).
   It does not re-implement routing, so it cannot share a bug with an adapter; the committed
   record moescope/adapters/verified.json (what `moescope models` shows) must agree with it;
+- end to end: the trace the recorder assembled (padding dropped, slots sorted by weight) holds,
+  token by token, the experts and weights read back from the block outputs;
 - generate(): prompt and generated phases, positions continuing after the prompt.
 tests/test_verify.py holds the proof's own known-answer tests (mutated adapters must fail).
 """
@@ -89,6 +91,39 @@ def test_read_back_proof(captured):
     assert torch.equal(captured.after, captured.base)  # restored: same output as before the proof
     assert not any("forward" in m.__dict__ for m in captured.model.modules())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in captured.model.modules())
+
+
+def _block_row(kwargs, layer, model, seq, pos):
+    """Row of the MoE block's (batch x width) input that holds trace token (seq, pos)."""
+    mask = kwargs["attention_mask"]
+    if getattr(model.config, "is_encoder_decoder", False) and "encoder" not in layer.stack.split("."):
+        width = kwargs["decoder_input_ids"].shape[1]
+        return seq * width + pos - int(mask[seq].sum())  # decoder positions follow the encoder's
+    return seq * mask.shape[1] + int(mask[seq].bool().nonzero().flatten()[pos])
+
+
+def test_trace_equals_what_reached_the_block_output(captured):
+    """End to end: the trace's experts and weights (after the recorder's assembly: padding dropped,
+    slots sorted by weight) equal the weights read back from each block's output, token by token."""
+    if captured.model_type in KNOWN_BROKEN_IN_TRANSFORMERS:
+        pytest.skip("the experts do not compute what the router decided (transformers bug)")
+    routes = captured.tables["routes"].to_pandas()
+    for proof, layer in zip(captured.proof.layers, captured.layers):
+        rows = routes[routes.layer == layer.layer]
+        expected = np.zeros((len(rows), layer.n_experts + 1))
+        index = []
+        for i, r in enumerate(rows.itertuples()):
+            dropped = r.dropped if getattr(r, "dropped", None) is not None else [False] * len(r.experts)
+            for e, w, d in zip(r.experts, r.weights, dropped):
+                if not d:
+                    expected[i, min(int(e), layer.n_experts)] += float(w)
+            index.append(_block_row(captured.kwargs, layer, captured.model, r.seq_id, r.pos))
+        read_back = proof.decoded[index]
+        seen = ~np.isnan(read_back).any(axis=1)
+        assert seen.sum() >= len(rows) - 3  # only Llama 4's all-zero inputs are unobservable
+        # The trace stores weights as float16 by default: half a unit in the last place more.
+        stored = proof.tolerance + 2.0 ** -11 * np.abs(expected[seen])
+        assert (np.abs(read_back[seen] - expected[seen]) <= stored).all(), f"layer {layer.layer}"
 
 
 def _real_positions(kwargs, stack_is_decoder_of_encdec):
