@@ -222,66 +222,72 @@ def _prove_layer(model: nn.Module, family: Family, layer: MoELayer, module: nn.M
                  probe: ExpertsProbe, dtype: torch.dtype) -> LayerProof:
     args, kwargs = kept
     sink = _Sink()
+    tol = TOLERANCE.get(dtype, 6e-2)
+
+    def run(scale: float, only: torch.Tensor | None = None, record: bool = False) -> torch.Tensor:
+        with probe.known_outputs(scale, only):
+            sink.on = record
+            out = _first_tensor(module(*_clone(args), **_clone(kwargs))).double()
+            sink.on = False
+        return out
+
     handles = family.attach(model, layer, sink, logits=False, hidden=False)
     try:
-        with probe.known_outputs(1.0):
-            module(*_clone(args), **_clone(kwargs))
+        run(1.0)
         probe.balance()
-        outs = {}
-        for scale in (1.0, 0.0, 2.0):
-            with probe.known_outputs(scale):
-                sink.on = scale == 1.0
-                outs[scale] = _first_tensor(module(*_clone(args), **_clone(kwargs))).double()
-                sink.on = False
+        groups = probe.groups()
+        zero = run(0.0)
+        d1 = run(1.0, groups[0], record=True) - zero
+        d2 = run(2.0, groups[0]) - zero
         basis = probe.basis()
+        width = basis.shape[1]
+        # Decode the block's output when it is linear in the experts' outputs and in their space;
+        # else (a norm after the experts, a projection out of the experts' space) the experts module's.
+        linear = float((d2 - 2 * d1).abs().max()) <= tol * 2 * max(float(d1.abs().max()), 1e-30)
+        decoded_at = "block"
+        if not linear or d1.shape[-1] != width:
+            if probe.experts_output is None or len(groups) > 1:
+                return _failed(layer, dtype, "the block's output is not linear in its experts' outputs")
+            d1, decoded_at = probe.experts_output.double(), "experts"
+        # More experts than the output has dimensions: one pass per group of experts, the others silent.
+        parts = [(groups[0], d1.reshape(-1, width))]
+        parts += [(g, (run(1.0, g) - zero).reshape(-1, width)) for g in groups[1:]]
     finally:
         for handle in handles:
             handle.remove()
-    width = basis.shape[1]
-    tol = TOLERANCE.get(dtype, 6e-2)
-    d1 = outs[1.0] - outs[0.0]
-    d2 = outs[2.0] - outs[0.0]
-    decoded_at = "block"
-    # Decode the block's output when it is linear in the experts' outputs and in their space;
-    # else (a norm after the experts, a projection out of the experts' space) the experts module's.
-    linear = float((d2 - 2 * d1).abs().max()) <= tol * 2 * max(float(d1.abs().max()), 1e-30)
-    if not linear or d1.shape[-1] != width:
-        if probe.experts_output is None:
-            return _failed(layer, dtype, "the block's output is not linear in its experts' outputs")
-        d1, decoded_at = probe.experts_output.double(), "experts"
-    d1 = d1.reshape(-1, width)
     if len(sink.calls) != 1:
         return _failed(layer, dtype, f"the adapter reported {len(sink.calls)} routing records for one block call")
+    n = parts[0][1].shape[0]
+    decoded = np.zeros((n, layer.n_experts + 1))
+    residual = 0.0
+    for group, routed in parts:
+        columns = group.cpu().numpy()
+        y = basis[group].cpu().numpy().T  # (H, |group|)
+        rank = np.linalg.matrix_rank(y)
+        if rank < y.shape[1]:
+            return _failed(layer, dtype, f"the experts' outputs are not linearly independent (rank {rank} < {y.shape[1]})")
+        target = routed.cpu().numpy().T  # (H, N)
+        coef, *_ = np.linalg.lstsq(y, target, rcond=None)
+        decoded[:, columns] = coef.T
+        norm = np.maximum(np.abs(target).max(axis=0), 1e-30)
+        residual = np.maximum(residual, np.abs(target - y @ coef).max(axis=0) / norm)
     observable = None
-    if probe.unobservable is not None and probe.unobservable.numel() == d1.shape[0]:
+    if probe.unobservable is not None and probe.unobservable.numel() == n:
         observable = ~probe.unobservable.cpu().numpy()
-    return _compare(layer, d1, basis, sink.calls[0], tol, decoded_at, observable)
+    return _compare(layer, decoded, np.broadcast_to(residual, (n,)), sink.calls[0], tol, decoded_at, observable)
 
 
-def _compare(layer: MoELayer, routed: torch.Tensor, basis: torch.Tensor, call: tuple, tol: float,
+def _compare(layer: MoELayer, decoded: np.ndarray, residual: np.ndarray, call: tuple, tol: float,
              decoded_at: str, observable: np.ndarray | None = None) -> LayerProof:
-    """Read the weights back from `routed` (N, H) over `basis` and compare with the adapter's `call`."""
+    """Compare the weights read back, `decoded` (N, E + 1), with the adapter's record `call`."""
     ids, weights, dropped = call
     n, k = ids.shape
     if weights is None:
         return LayerProof(layer.layer, layer.path, False, 0.0, float("inf"), tol, float("inf"), decoded_at, n,
                           "the adapter records no weights")
-    if routed.shape[0] != n:
+    if decoded.shape[0] != n:
         return LayerProof(layer.layer, layer.path, False, 0.0, float("inf"), tol, float("inf"), decoded_at, n,
-                          f"the adapter recorded {n} tokens but the block computed {routed.shape[0]}")
-    y = basis.cpu().numpy().T  # (H, C)
-    rank = np.linalg.matrix_rank(y)
-    if rank < y.shape[1]:
-        return LayerProof(layer.layer, layer.path, False, 0.0, float("inf"), tol, float("inf"), decoded_at, n,
-                          f"the experts' outputs are not linearly independent (rank {rank} < {y.shape[1]})")
-    target = routed.cpu().numpy().T  # (H, N)
-    coef, *_ = np.linalg.lstsq(y, target, rcond=None)
-    decoded = np.zeros((n, layer.n_experts + 1))
-    decoded[:, : y.shape[1]] = coef.T
-    fitted = y @ coef
-    norm = np.maximum(np.abs(target).max(axis=0), 1e-30)
-    residual = float((np.abs(target - fitted).max(axis=0) / norm).max()) if n else 0.0
-
+                          f"the adapter recorded {n} tokens but the block computed {decoded.shape[0]}")
     recorded = np.zeros((n, layer.n_experts + 1))
     w = weights.double().cpu().numpy()
     keep = np.ones_like(w, dtype=bool) if dropped is None else ~dropped.cpu().numpy().astype(bool)
@@ -292,11 +298,10 @@ def _compare(layer: MoELayer, routed: torch.Tensor, basis: torch.Tensor, call: t
     full = decoded.copy()
     if observable is not None:  # rows whose weights cannot show in the output are left out
         full[~observable] = np.nan
-        decoded, recorded = decoded[observable], recorded[observable]
-        fitted_ok = observable
-        residual = float((np.abs(target - fitted).max(axis=0) / norm)[fitted_ok].max()) if fitted_ok.any() else 0.0
+        decoded, recorded, residual = decoded[observable], recorded[observable], residual[observable]
         n = int(observable.sum())
     error = float(np.abs(decoded - recorded).max()) if n else 0.0
+    worst_residual = float(residual.max()) if n else 0.0
     big = max(1.0, float(np.abs(recorded).max()) if n else 1.0)
     seen_rec, seen_dec = np.abs(recorded) > tol * big, np.abs(decoded) > tol * big
     union = int((seen_rec | seen_dec).sum())
@@ -306,10 +311,10 @@ def _compare(layer: MoELayer, routed: torch.Tensor, basis: torch.Tensor, call: t
         reasons.append(f"{(1 - match):.1%} of token-expert assignments differ")
     if error > tol * big:
         reasons.append(f"weights differ by up to {error:.3g} (tolerance {tol * big:.3g})")
-    if residual > max(tol, 1e-6) * 10:
-        reasons.append(f"{residual:.3g} of the routed output is not explained by the experts")
+    if worst_residual > max(tol, 1e-6) * 10:
+        reasons.append(f"{worst_residual:.3g} of the routed output is not explained by the experts")
     seen = int((np.abs(decoded[:, : layer.n_experts]) > tol * big).any(axis=0).sum())
-    return LayerProof(layer.layer, layer.path, not reasons, match, error, tol * big, residual, decoded_at, n,
+    return LayerProof(layer.layer, layer.path, not reasons, match, error, tol * big, worst_residual, decoded_at, n,
                       "; ".join(reasons), seen, full)
 
 

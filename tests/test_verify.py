@@ -16,6 +16,7 @@ import functools
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -180,3 +181,20 @@ def test_verify_exits_non_zero_when_a_layer_fails(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["passed"] is False and not any(layer["passed"] for layer in result["layers"])
     assert "not verified" in printed.out
+
+
+def test_more_experts_than_dimensions_are_read_back_in_groups():
+    """Doge's product keys: 256 one-neuron experts for a 64-wide output. One pass cannot tell 256
+    vectors apart in 64 dimensions; groups of 32 experts (the rest silent) can."""
+    model = tiny_model("doge", seed=0, num_experts=256)
+    proof = prove_tiny(model)
+    assert proof.passed, [layer.reason for layer in proof.layers]
+    assert all(layer.experts_seen > 32 for layer in proof.layers)  # more than one group was exercised
+    broken = prove_tiny(model, family=_Mutated(family_for_model(model), _swap(*_two_used_experts(model))))
+    assert not broken.passed
+
+
+def _two_used_experts(model):
+    proof = prove_tiny(model)
+    used = np.flatnonzero(np.nan_to_num(np.abs(proof.layers[0].decoded[:, :-1])).max(axis=0) > 0.01)
+    return int(used[0]), int(used[-1])

@@ -83,9 +83,27 @@ class ExpertsProbe:
         self.unobservable: torch.Tensor | None = None
 
     @contextlib.contextmanager
-    def known_outputs(self, scale: float) -> Iterator[None]:
-        """Inside: every routed expert e outputs ``scale * y_e`` (0 = all routed experts output zero)."""
+    def known_outputs(self, scale: float, only: torch.Tensor | None = None) -> Iterator[None]:
+        """Inside: every routed expert e outputs ``scale * y_e`` (0 = all routed experts output zero);
+        with `only` (expert ids), the others output zero."""
         raise NotImplementedError
+
+    def groups(self) -> list[torch.Tensor]:
+        """Expert ids to read back together: all at once, unless there are more than the output
+        has dimensions to tell apart (then groups of half the width, one pass each)."""
+        n = self.n_experts + (1 if self.zero_column else 0)
+        y = getattr(self, "y", None)
+        size = n if y is None else max(1, min(n, y.shape[1] // 2))
+        return list(torch.arange(n).split(size))
+
+    def _y(self, scale: float, only: torch.Tensor | None) -> torch.Tensor:
+        """The known vectors times `scale`, zero outside `only`."""
+        y = self.y * scale
+        if only is not None and len(only) < len(y):
+            mask = torch.zeros(len(y), 1, dtype=y.dtype, device=y.device)
+            mask[only.to(y.device)] = 1
+            y = y * mask
+        return y
 
     def balance(self) -> None:
         """Adjust the known outputs' scale after a first ``known_outputs`` call (default: nothing)."""
@@ -128,7 +146,10 @@ class ContractProbe(ExpertsProbe):
         self.alpha = best
 
     @contextlib.contextmanager
-    def known_outputs(self, scale: float) -> Iterator[None]:
+    def known_outputs(self, scale: float, only: torch.Tensor | None = None) -> Iterator[None]:
+        if only is not None and len(only) < self.n_experts + (1 if self.zero_column else 0):
+            raise NotImplementedError("contract experts cannot be silenced one by one")
+
         def pre(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             hidden, ids, weights = _contract_args(self.experts, args, kwargs)
             u = self._u(hidden).expand_as(hidden).contiguous()
@@ -178,11 +199,12 @@ class PerExpertModulesProbe(ExpertsProbe):
         self.y = _fixed_vectors(n_experts, width, like)
 
     @contextlib.contextmanager
-    def known_outputs(self, scale: float) -> Iterator[None]:
+    def known_outputs(self, scale: float, only: torch.Tensor | None = None) -> Iterator[None]:
+        y = self._y(scale, only)
         with contextlib.ExitStack() as stack:
             for e, child in enumerate(self.children):
                 def forward(x: torch.Tensor, *_a: Any, e: int = e, **_k: Any) -> torch.Tensor:
-                    return (self.y[e] * scale).to(x.dtype).expand(x.shape[0], -1).clone()
+                    return y[e].to(x.dtype).expand(x.shape[0], -1).clone()
                 stack.enter_context(patched_forward(child, forward))
             yield
 
@@ -200,7 +222,9 @@ class Llama4Probe(ExpertsProbe):
         self._h: torch.Tensor | None = None
 
     @contextlib.contextmanager
-    def known_outputs(self, scale: float) -> Iterator[None]:
+    def known_outputs(self, scale: float, only: torch.Tensor | None = None) -> Iterator[None]:
+        y = self._y(scale, only).float()
+
         def remember(_m: nn.Module, args: tuple) -> None:
             self._h = args[0].reshape(-1, args[0].shape[-1])
 
@@ -210,7 +234,7 @@ class Llama4Probe(ExpertsProbe):
             norm = (h * h).sum(-1)
             self.unobservable = norm == 0
             s = (x * h[None]).sum(-1) / torch.where(norm > 0, norm, 1)[None]  # (E, N): the weight applied
-            out = s[..., None] * (self.y.float() * scale)[:, None, :]
+            out = s[..., None] * y[:, None, :]
             return out.reshape(-1, out.shape[-1]).to(self.y.dtype)
 
         handle = self.block.register_forward_pre_hook(remember)
@@ -234,10 +258,12 @@ class JetMoeProbe(ExpertsProbe):
         self.y = _fixed_vectors(n_experts, weight.shape[1], weight)
 
     @contextlib.contextmanager
-    def known_outputs(self, scale: float) -> Iterator[None]:
+    def known_outputs(self, scale: float, only: torch.Tensor | None = None) -> Iterator[None]:
+        y = self._y(scale, only)
+
         def forward(inputs: torch.Tensor, expert_size: Any) -> torch.Tensor:
             sizes = [int(s) for s in expert_size]
-            rows = [(self.y[e] * scale).expand(n, -1) for e, n in enumerate(sizes)]
+            rows = [y[e].expand(n, -1) for e, n in enumerate(sizes)]
             return torch.cat(rows, dim=0).to(inputs.dtype)
 
         with patched_forward(self.output_linear, forward):
@@ -257,7 +283,9 @@ class DogeProbe(ExpertsProbe):
         self._h: torch.Tensor | None = None
 
     @contextlib.contextmanager
-    def known_outputs(self, scale: float) -> Iterator[None]:
+    def known_outputs(self, scale: float, only: torch.Tensor | None = None) -> Iterator[None]:
+        y = self._y(scale, only)
+
         def remember(_m: nn.Module, args: tuple, kwargs: dict) -> None:
             hidden = args[0] if args else kwargs["hidden_states"]
             self._h = hidden.reshape(-1, hidden.shape[-1])
@@ -268,7 +296,7 @@ class DogeProbe(ExpertsProbe):
             return unit[:, None, :].expand(*indices.shape, -1).to(self._h.dtype)
 
         def up(indices: torch.Tensor) -> torch.Tensor:
-            return (self.y * scale)[indices]
+            return y[indices]
 
         handle = self.block.register_forward_pre_hook(remember, with_kwargs=True)
         try:
