@@ -194,7 +194,7 @@ class PerExpertModulesProbe(ExpertsProbe):
 
     def __init__(self, block: nn.Module, n_experts: int, experts: nn.Module, width: int) -> None:
         super().__init__(block, n_experts)
-        self.children = [getattr(experts, f"expert_{e}") for e in range(n_experts)]
+        self.expert_modules = [getattr(experts, f"expert_{e}") for e in range(n_experts)]
         like = next(experts.parameters())
         self.y = _fixed_vectors(n_experts, width, like)
 
@@ -202,7 +202,7 @@ class PerExpertModulesProbe(ExpertsProbe):
     def known_outputs(self, scale: float, only: torch.Tensor | None = None) -> Iterator[None]:
         y = self._y(scale, only)
         with contextlib.ExitStack() as stack:
-            for e, child in enumerate(self.children):
+            for e, child in enumerate(self.expert_modules):
                 def forward(x: torch.Tensor, *_a: Any, e: int = e, **_k: Any) -> torch.Tensor:
                     return y[e].to(x.dtype).expand(x.shape[0], -1).clone()
                 stack.enter_context(patched_forward(child, forward))
@@ -348,14 +348,15 @@ def probe_for(block: nn.Module, n_experts: int, *, identity_experts: bool = Fals
     if isinstance(getattr(block, "up_embed", None), nn.Embedding) and isinstance(getattr(block, "down_embed", None), nn.Embedding):
         return DogeProbe(block, n_experts)
     if isinstance(experts, nn.Module) and hasattr(experts, "expert_0"):
-        width = _first_tensor(list(experts.expert_0.parameters())[-1]).shape[0]
-        return PerExpertModulesProbe(block, n_experts, experts, _output_width(experts.expert_0, width))
+        return PerExpertModulesProbe(block, n_experts, experts, _output_width(experts.expert_0))
     if isinstance(experts, nn.Module) and (is_contract_experts(experts) or len(_param_names(experts)) >= 3):
         return ContractProbe(block, n_experts, experts, identity_experts=identity_experts)
     raise NotImplementedError(f"no read-back probe for MoE block {type(block).__name__}")
 
 
-def _output_width(expert: nn.Module, fallback: int) -> int:
+def _output_width(expert: nn.Module) -> int:
     """Output width of a dense expert MLP (its last Linear's out_features)."""
     linears = [m for m in expert.modules() if isinstance(m, nn.Linear)]
-    return linears[-1].out_features if linears else fallback
+    if not linears:
+        raise NotImplementedError(f"no read-back probe for expert {type(expert).__name__} (no Linear layer)")
+    return linears[-1].out_features
