@@ -15,20 +15,19 @@ def register(app: typer.Typer, **_: object) -> None:
     def models(
         details: bool = typer.Option(False, "--details", help="Full router descriptions, notes and caveats."),
     ) -> None:
-        """List every supported MoE model type: family, experts, top-k, shared experts, verified (router with --details)."""
+        """List every supported MoE model type: family, experts, top-k, shared experts, verified (--details: routers, notes)."""
         from moescope.adapters.catalog import NO_DEFAULT, catalog, unsupported
         from moescope.adapters.registry import family_for
 
         console = Console()
         rows = catalog()
-        show_router = details or console.width >= _ROUTER_COLUMN_MIN_WIDTH
+        show_router = console.width >= _ROUTER_COLUMN_MIN_WIDTH
         # No vertical rules: at 80 columns every row stays on one line.
         table = Table(title=f"{len(rows)} MoE model types", title_justify="left", box=box.SIMPLE_HEAD)
         table.add_column("model type", no_wrap=True)
         table.add_column("family", overflow="fold")
         if show_router:
-            table.add_column("router", overflow="fold" if details else "ellipsis", no_wrap=not details,
-                             max_width=None if details else 32)
+            table.add_column("router", overflow="ellipsis", no_wrap=True, max_width=32)
         for col in ("E", "k", "shared", "verified"):
             table.add_column(col, justify="right", no_wrap=True)
         for row in rows:
@@ -45,7 +44,8 @@ def register(app: typer.Typer, **_: object) -> None:
                       "Run `moescope verify --model YOUR_MODEL` on your own checkpoint.")
         for row in rows:
             family = family_for(row.model_type)
-            extra = "; ".join(x for x in (row.verified_note, family.notes if details else "") if x)
+            extra = "; ".join(x for x in (row.router if details else "", family.notes if details else "",
+                                          row.verified_note) if x)
             if extra:
                 console.print(f"[bold]{row.model_type}[/]: {extra}")
         console.print("\n[bold]Not supported[/] (in transformers but no routing to record):")
