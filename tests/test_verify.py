@@ -198,3 +198,15 @@ def _two_used_experts(model):
     proof = prove_tiny(model)
     used = np.flatnonzero(np.nan_to_num(np.abs(proof.layers[0].decoded[:, :-1])).max(axis=0) > 0.01)
     return int(used[0]), int(used[-1])
+
+
+def test_verify_refuses_a_dense_model_in_one_line(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    build_tokenizer(tmp_path / "dense")
+    LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "dense")
+    code, printed = _run_cli(["verify", "--model", str(tmp_path / "dense")], capsys)
+    assert code not in (0, None)
+    errors = [line for line in printed.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no MoE layers" in errors[0] and "Traceback" not in printed.err
