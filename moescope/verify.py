@@ -34,6 +34,7 @@ from torch import nn
 from moescope.adapters.base import Family, MoELayer, text_config
 from moescope.adapters.probes import ExpertsProbe, probe_for, watched_module
 from moescope.adapters.registry import family_for_model
+from moescope.errors import UnsupportedModelError
 
 # Largest allowed |decoded - recorded| weight, by the dtype the model computes in. bf16 keeps
 # 8 bits of mantissa and the shared/dense outputs it subtracts can be larger than the routed part.
@@ -185,9 +186,17 @@ def prove(model: nn.Module, inputs: dict[str, Any], *, family: Family | None = N
 
     Returns:
         A :class:`ModelProof` with one :class:`LayerProof` per MoE layer.
+
+    Raises:
+        UnsupportedModelError: the family finds no MoE layer (among `layers`) in the model.
     """
     family = family or family_for_model(model)
     found = [lay for lay in family.find_layers(model) if layers is None or lay.layer in layers]
+    if not found:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no MoE layers moescope can find"
+            + (f" among layers {layers}" if layers is not None else "") + "; there is nothing to verify"
+        )
     dtype = _model_dtype(model)
     result = ModelProof(getattr(model.config, "model_type", "?"), family.name, str(dtype).replace("torch.", ""))
     watched = {lay.layer: watched_module(model, lay.path) for lay in found}

@@ -210,3 +210,10 @@ def test_verify_refuses_a_dense_model_in_one_line(tmp_path, capsys):
     assert code not in (0, None)
     errors = [line for line in printed.err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "no MoE layers" in errors[0] and "Traceback" not in printed.err
+
+
+def test_no_layer_to_prove_is_an_error_not_a_pass():
+    from moescope.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="nothing to verify"):
+        prove_tiny(_model("qwen3_moe"), layers=[99])
