@@ -13,7 +13,7 @@ import sys
 import typer
 from rich.console import Console
 
-from moescope.errors import MoescopeError
+from moescope.errors import Interrupted, MoescopeError
 
 app = typer.Typer(
     name="moescope",
@@ -50,14 +50,17 @@ def main() -> None:
     """Entry point of the console script."""
     _register_commands()
     try:
-        code = app(standalone_mode=False)  # a command's typer.Exit(code) comes back as the return value
-        if isinstance(code, int) and code:
-            sys.exit(code)
+        # In non-standalone mode typer turns Ctrl-C into a returned 130 and `typer.Exit(n)`
+        # into a returned n: both must become the exit status (`capture && analyze` stops).
+        code = app(standalone_mode=False)
+    except Interrupted as exc:
+        err_console.print(str(exc), highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
     except MoescopeError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        err_console.print("interrupted; what was captured so far is kept and the same command resumes it")
+        err_console.print("interrupted")
         sys.exit(130)
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", None) or getattr(exc, "code", 0) or 0
@@ -68,6 +71,10 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    if code == 130:
+        err_console.print("interrupted")
+    if isinstance(code, int) and code != 0:
+        sys.exit(code)
 
 
 def _is_usage_error(exc: Exception) -> bool:

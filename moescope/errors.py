@@ -22,3 +22,9 @@ class TraceError(MoescopeError):
 
 class DataError(MoescopeError):
     """An input data file is missing, unreadable or malformed."""
+
+
+class Interrupted(MoescopeError):
+    """The user interrupted a command (Ctrl-C); exit status 130 like any interrupted program."""
+
+    exit_code = 130

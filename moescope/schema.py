@@ -42,6 +42,7 @@ SEQUENCES = (
     Column("seq_id", pa.uint32(), True, "Sequence id, unique in the trace (the record's index in the input for datasets)."),
     Column("text", pa.string(), True, "The input text (the prompt, for generation)."),
     Column("generated_text", pa.string(), False, "Decoded generated continuation (generate mode only)."),
+    Column("truncated", pa.bool_(), False, "True when the text was longer than max_length and cut (capture)."),
     # Any further column is a metadata field of the input record (e.g. `label`), kept as is.
 )
 

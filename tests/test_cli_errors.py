@@ -136,7 +136,7 @@ def test_output_directory_holding_a_different_trace(tmp_path, tiny_dir, data, ca
     assert code == 0
     other = write(tmp_path / "other.jsonl", [json.dumps({"text": "something else"})])
     code, err = run_cli(["capture", "--model", str(tiny_dir), "--data", str(other), "--out", str(out)], capsys)
-    assert_one_line_error(code, err, "holds a different trace", "--overwrite")
+    assert_one_line_error(code, err, "holds a different trace", "input.sha256", "--overwrite")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk/file.txt").write_text("x")
     code, err = run_cli(["capture", "--model", str(tiny_dir), "--data", str(data), "--out", str(tmp_path / "junk")], capsys)

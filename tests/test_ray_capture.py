@@ -153,3 +153,36 @@ def test_a_worker_user_error_is_one_line(cluster, tiny_dir, tmp_path):
     with pytest.raises(DataError, match="record 6 is .* tokens, longer than --max-length"):
         capture_distributed(str(tiny_dir), data, tmp_path / "t", run=RunOptions(batch_size=4, on_long="refuse"),
                             ray_options=RayOptions(num_workers=2, chunk_size=4))
+
+
+def test_sigkill_of_the_ray_driver_mid_run_then_resume_gives_every_sequence_once(cluster, tiny_dir, tmp_path):
+    import signal
+    import time
+
+    n = 120
+    data = write_jsonl(tmp_path / "d.jsonl", n)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "moescope.cli", "capture", "--engine", "ray", "--num-workers", "2",
+           "--ray-address", cluster, "--chunk-size", "4", "--model", str(tiny_dir), "--data", str(data),
+           "--out", str(out), "--batch-size", "4", "--shard-rows", "300"]
+    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 170
+    committed = 0
+    while time.time() < deadline and driver.poll() is None:
+        try:
+            committed = len(manifest(out)["shards"])
+        except (OSError, ValueError, KeyError):
+            committed = 0
+        if committed >= 3:  # mid-run: some chunks committed, most still to do
+            break
+        time.sleep(0.01)
+    assert driver.poll() is None, "the Ray capture ended before it could be killed: " + driver.stderr.read()[-2000:]
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    m = manifest(out)
+    assert not m["complete"] and 0 < sum(s["n_sequences"] for s in m["shards"]) < n  # killed before completion
+    capture_single_process(tiny_dir, data, out)  # the dead driver's lock is gone with it
+    trace = moescope.open_trace(out)
+    assert trace.rows("SELECT count(*), count(DISTINCT seq_id), min(seq_id), max(seq_id) FROM sequences") == [
+        (n, n, 0, n - 1)]
+    assert validate(trace).ok

@@ -100,44 +100,78 @@ def test_validation_catches_a_damaged_shard(tiny, tmp_path):
     capture_dataset(model, tok, data, tmp_path / "t")
     shard = next((tmp_path / "t/routes").iterdir())
     shard.write_bytes(shard.read_bytes()[:-10])
-    result = validate(moescope.open_trace(tmp_path / "t"))
+    with pytest.raises(TraceError, match="damaged"):  # analyses never read it
+        moescope.open_trace(tmp_path / "t")
+    result = validate(moescope.open_trace(tmp_path / "t", verify=False))
     assert not result.ok and "checksum" in result.problems[0]
     r = subprocess.run(MOESCOPE + ["inspect", str(tmp_path / "t")], capture_output=True, text=True)
     assert r.returncode != 0 and "failed validation" in r.stderr
 
 
-def test_kill_9_at_any_moment_then_resume_gives_every_sequence_once(tiny_dir, tmp_path):
-    data = write_jsonl(tmp_path / "d.jsonl", 600)
+def committed_sequences(out: Path) -> int:
+    """Sequences in the shards the manifest lists (-1 before the manifest exists)."""
+    try:
+        return sum(s["n_sequences"] for s in json.loads((out / "manifest.json").read_text())["shards"])
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+def kill_at_random_moments(cmd: list[str], out: Path, total: int, trials: int, seed: int) -> list[int]:
+    """Run `cmd` (a capture into `out` of `total` records) `trials` times, each resuming the last,
+    and SIGKILL each run at a random moment; returns the committed sequences at each kill.
+
+    The moments are spread over the whole run: kill i waits until the committed sequences reach
+    a target drawn uniformly over the run (sorted, so each run has work left), then sleeps a
+    random part of a batch so the kill lands anywhere in writing a shard, renaming it or
+    replacing the manifest. Each kill must land before the run completes."""
+    import random
+
+    rng = random.Random(seed)
+    targets = sorted(rng.uniform(0.0, 0.85) * total for _ in range(trials))
+    at_kill = []
+    for target in targets:
+        proc = subprocess.Popen(cmd + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and committed_sequences(out) < target:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.03))  # within the next batch or shard write, even on a fast machine
+        assert proc.poll() is None, f"the run ended before its kill (target {target:.0f} of {total} sequences)"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        at_kill.append(committed_sequences(out))
+        assert not json.loads((out / "manifest.json").read_text())["complete"]
+    return at_kill
+
+
+def check_kills_then_resume(tiny_dir: Path, tmp_path: Path, n: int, trials: int, seed: int) -> list[int]:
+    data = write_jsonl(tmp_path / "d.jsonl", n)
     cmd = MOESCOPE + ["capture", "--model", str(tiny_dir), "--data", str(data), "--batch-size", "4",
-                      "--shard-rows", "400"]
+                      "--shard-rows", "200"]
     clean = subprocess.run(cmd + ["--out", str(tmp_path / "clean")], capture_output=True, text=True)
     assert clean.returncode == 0, clean.stderr
     out = tmp_path / "killed"
-    kills = 0
-    for wait_shards in (0, 2, 5, 9):  # kill before any shard, then at later points
-        proc = subprocess.Popen(cmd + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                shards = len(json.loads((out / "manifest.json").read_text())["shards"])
-            except (OSError, ValueError, KeyError):
-                shards = -1
-            if shards >= wait_shards and (wait_shards > 0 or (out / "manifest.json").exists()):
-                break
-            time.sleep(0.005)
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            kills += 1
-        proc.wait()
-    assert kills >= 2, "the capture finished before it could be killed; make the data bigger"
+    at_kill = kill_at_random_moments(cmd, out, n, trials, seed)
     resumed = subprocess.run(cmd + ["--out", str(out)], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     a, b = _tables(tmp_path / "clean"), _tables(out)
     for name in a:
         assert a[name].equals(b[name]), name
+    assert b["sequences"].column("seq_id").to_pylist() == list(range(n))  # every sequence exactly once
     assert validate(moescope.open_trace(out)).ok
     leftovers = [p for p in out.rglob("*") if p.name.endswith(".tmp")]
     assert not leftovers
+    return at_kill
+
+
+def test_kill_9_at_random_moments_then_resume_gives_every_sequence_once(tiny_dir, tmp_path):
+    at_kill = check_kills_then_resume(tiny_dir, tmp_path, n=160, trials=3, seed=1)
+    assert at_kill == sorted(at_kill) and at_kill[-1] > 0
+
+
+@pytest.mark.slow
+def test_kill_9_at_many_random_moments(tiny_dir, tmp_path):
+    at_kill = check_kills_then_resume(tiny_dir, tmp_path, n=600, trials=8, seed=2)
+    assert sum(k > 40 for k in at_kill) >= 4  # most kills after several shards
 
 
 def test_writer_commits_files_written_elsewhere_and_tracks_done_ranges(tmp_path):
@@ -163,6 +197,9 @@ def test_writer_commits_files_written_elsewhere_and_tracks_done_ranges(tmp_path)
     with pytest.raises(TraceError, match="overlap"):
         writer.commit(part(2, 6), 2, 6, 4)
     leftover = part(4, 8)  # written, never committed (the driver died)
+    with pytest.raises(TraceError, match=f"pid {os.getpid()}"):  # the first writer still holds the lock
+        TraceWriter(tmp_path / "t", header, "fp")
+    writer.close()  # as the OS does when the driver dies
     reopened = TraceWriter(tmp_path / "t", header, "fp")
     assert not (tmp_path / "t" / leftover["routes"]["path"]).exists()
     assert reopened.pending(12) == [(4, 8)]

@@ -15,13 +15,33 @@ from moescope.errors import DataError
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 _SCALARS = (str, int, float, bool)
+TRUNCATED = "truncated"  # the sequences column capture adds: whether the text was cut at max_length
+# Columns of the sequences table that capture writes itself: an input field of the same name is
+# kept under RENAME_PREFIX + name (with a note), never dropped or overwritten.
+RESERVED_FIELDS = ("seq_id", "text", "generated_text", TRUNCATED)
+RENAME_PREFIX = "input_"
 
 
 @dataclass(frozen=True)
 class Record:
-    index: int  # position in the file (0-based; the sequence id in the trace)
+    """One text of the input.
+
+    Attributes:
+        index: position among the records captured (0-based; skipped empty texts do not
+            count): what shards' input ranges count.
+        text: the text.
+        metadata: the record's other fields (reserved names renamed, see RESERVED_FIELDS).
+        seq_id: the record's index in the input file (empty texts count): the trace's seq_id.
+    """
+
+    index: int
     text: str
     metadata: dict[str, Any]
+    seq_id: int = -1
+
+    def __post_init__(self) -> None:
+        if self.seq_id < 0:
+            object.__setattr__(self, "seq_id", self.index)
 
 
 @dataclass(frozen=True)
@@ -32,6 +52,7 @@ class DataSummary:
     sha256: str
     fields: dict[str, str]  # metadata field -> type name (str, int, float, bool, json)
     n_empty: int
+    renamed: dict[str, str] | None = None  # input field -> name in the trace (reserved names)
 
 
 class TextDataset:
@@ -47,6 +68,7 @@ class TextDataset:
         self.path = Path(path)
         self.text_field = text_field
         self.skip_empty = skip_empty
+        self._renamed: dict[str, str] = {}
         if not self.path.exists():
             raise DataError(f"data file {self.path} does not exist")
         if self.path.is_dir():
@@ -91,7 +113,8 @@ class TextDataset:
         except Exception as exc:
             raise DataError(f"{self.path} is not a readable Parquet file ({exc})") from exc
         if self.text_field not in pf.schema_arrow.names:
-            raise DataError(f"{self.path} has no {self.text_field!r} column (columns: {', '.join(pf.schema_arrow.names)})")
+            raise DataError(f"{self.path} has no {self.text_field!r} column (columns: {', '.join(pf.schema_arrow.names)}); "
+                            "pass --text-field NAME to read the text from another column")
         row = 0
         for batch in pf.iter_batches(batch_size=4096):
             for obj in batch.to_pylist():
@@ -102,10 +125,18 @@ class TextDataset:
         for where, kind, obj in self._raw():
             text = obj.get(self.text_field)
             if not isinstance(text, str):
+                fields = ", ".join(sorted(obj)[:8]) or "none"
                 raise DataError(
-                    f"{self.path} {kind} {where}: {self.text_field!r} is missing or not a string; every record needs one"
+                    f"{self.path} {kind} {where}: {self.text_field!r} is missing or not a string (fields: {fields}); "
+                    "every record needs one: pass --text-field NAME if the text is in another field"
                 )
-            meta = {k: v for k, v in obj.items() if k != self.text_field}
+            for key in obj:
+                if key in RESERVED_FIELDS and key != self.text_field:
+                    if RENAME_PREFIX + key in obj:
+                        raise DataError(f"{self.path} {kind} {where}: fields {key!r} and {RENAME_PREFIX + key!r} both "
+                                        f"present, and moescope writes {key!r} itself; rename one of them")
+                    self._renamed[key] = RENAME_PREFIX + key
+            meta = {_stored_name(k): v for k, v in obj.items() if k != self.text_field}
             yield where, kind, text, meta
 
     def _scan(self) -> DataSummary:
@@ -131,7 +162,16 @@ class TextDataset:
                     fields[key] = "float" if {previous, kind_name} == {"int", "float"} else "str"
         if n == 0:
             raise DataError(f"{self.path} holds no texts")
-        return DataSummary(str(self.path), self.format.lstrip("."), n, digest.hexdigest(), fields, n_empty)
+        return DataSummary(str(self.path), self.format.lstrip("."), n, digest.hexdigest(), fields, n_empty,
+                           dict(self._renamed) or None)
+
+    def notes(self) -> list[str]:
+        """One-line notes about how the file is read (reserved field names renamed, empty texts skipped)."""
+        out = [f"note: input field {old!r} is stored as {new!r} (moescope writes {old!r} itself)"
+               for old, new in (self.summary.renamed or {}).items()]
+        if self.summary.n_empty:
+            out.append(f"note: {self.summary.n_empty:,} empty text(s) skipped; seq_id stays the record's index in the file")
+        return out
 
     def __len__(self) -> int:
         return self.summary.n_records
@@ -142,11 +182,11 @@ class TextDataset:
     def iter_from(self, start: int) -> Iterator[Record]:
         """Records from the `start`-th (0-based, counting kept records) on."""
         index = 0
-        for _where, _kind, text, meta in self._records():
+        for seq_id, (_where, _kind, text, meta) in enumerate(self._records()):
             if not text.strip():
                 continue
             if index >= start:
-                yield Record(index, text, self._normalise(meta))
+                yield Record(index, text, self._normalise(meta), seq_id)
             index += 1
 
     def _normalise(self, meta: dict[str, Any]) -> dict[str, Any]:
@@ -165,3 +205,8 @@ class TextDataset:
             else:
                 out[key] = value
         return out
+
+
+def _stored_name(field: str) -> str:
+    """The name an input field is stored under: reserved names get RENAME_PREFIX."""
+    return RENAME_PREFIX + field if field in RESERVED_FIELDS else field

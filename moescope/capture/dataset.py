@@ -19,10 +19,11 @@ import torch
 
 import moescope
 from moescope.capture.assemble import TokenTexts, assemble_group
-from moescope.capture.data import Record, TextDataset
+from moescope.capture.data import TRUNCATED, Record, TextDataset
 from moescope.capture.loading import describe_model
 from moescope.capture.recorder import CaptureOptions, Recorder
 from moescope.errors import DataError, MoescopeError
+from moescope.capture.identity import model_directory, normalised_path, tokenizer_identity, weights_identity
 from moescope.store.manifest import fingerprint
 from moescope.store.writer import DEFAULT_SHARD_ROWS, TraceWriter
 
@@ -100,6 +101,10 @@ def _max_length(tokenizer: Any, model: Any, requested: int | None) -> int:
     return limit
 
 
+# Options that change how a capture runs, not what it records: a resume may change them.
+RESUMABLE_OPTIONS = ("batch_size",)
+
+
 @dataclass(frozen=True)
 class TraceIdentity:
     """What a capture writes into the manifest header, and its fingerprint (the resume check).
@@ -125,6 +130,12 @@ def trace_identity(model: Any, tokenizer: Any, dataset: TextDataset, options: Ca
         tokenizer.padding_side = "left"
     max_length = _max_length(tokenizer, model, run.max_length)
     model_info = describe_model(model, name)
+    model_info["path"] = normalised_path(name)
+    snapshot = model_directory(model, name)
+    if snapshot is not None and not Path(str(name)).is_dir():  # a hub id: where its files really are
+        model_info["snapshot"] = str(snapshot)
+    weights = weights_identity(model, name)
+    model_info["weights"] = weights
     capture_info = {
         "mode": "generate" if run.generate else "forward",
         **{k: v for k, v in asdict(run).items() if k != "shard_rows"},
@@ -132,6 +143,7 @@ def trace_identity(model: Any, tokenizer: Any, dataset: TextDataset, options: Ca
         **{f"option_{k}": v for k, v in asdict(options).items()},
         "has_weights": True,
     }
+    tokenizer_info = tokenizer_identity(tokenizer)
     header = {
         "moescope_version": moescope.__version__,
         "software": {"torch": torch.__version__, "transformers": _version("transformers"), "python": platform.python_version()},
@@ -140,11 +152,26 @@ def trace_identity(model: Any, tokenizer: Any, dataset: TextDataset, options: Ca
             "name_or_path": getattr(tokenizer, "name_or_path", name),
             "vocab_size": len(tokenizer),
             "padding_side": tokenizer.padding_side,
+            "digest": tokenizer_info["digest"],
         },
         "capture": capture_info,
-        "input": asdict(dataset.summary),
+        "input": {**asdict(dataset.summary), "text_field": dataset.text_field},
     }
-    fp = fingerprint({"model": model_info, "capture": capture_info, "input_sha256": dataset.summary.sha256})
+    # What the recorded content depends on. Paths are not part of it (the weights' content is),
+    # nor is the batch size unless sampling seeds depend on it: a resume may change it, and each
+    # shard records the batch size it was captured with.
+    content_options = {k: v for k, v in capture_info.items() if k not in RESUMABLE_OPTIONS}
+    if run.generate and run.do_sample:
+        content_options["batch_size"] = run.batch_size
+    identity = {
+        "model": {k: v for k, v in model_info.items() if k not in ("name_or_path", "path", "snapshot", "revision")},
+        "tokenizer": tokenizer_info,
+        "input": {"sha256": dataset.summary.sha256, "text_field": dataset.text_field,
+                  "n_records": dataset.summary.n_records},
+        "capture": content_options,
+    }
+    header["identity"] = identity
+    fp = fingerprint(identity)
     return TraceIdentity(header, fp, max_length)
 
 
@@ -164,10 +191,11 @@ class BatchCapture:
     def forward(self, batch: list[Record]) -> tuple[list, int, int]:
         """Run one batch; returns (recorded groups, texts truncated, tokens processed)."""
         model, run = self.model, self.run
-        enc, offsets, truncated = _tokenize(self.tokenizer, batch, self.max_length, run.on_long,
-                                            add_special_tokens=run.add_special_tokens)
-        self.recorder.expect([r.index for r in batch], texts=[r.text for r in batch],
-                             metadata=[r.metadata for r in batch], offsets=offsets)
+        enc, offsets, too_long = _tokenize(self.tokenizer, batch, self.max_length, run.on_long,
+                                           add_special_tokens=run.add_special_tokens)
+        metadata = [{**r.metadata, TRUNCATED: flag} for r, flag in zip(batch, too_long)]
+        self.recorder.expect([r.seq_id for r in batch], texts=[r.text for r in batch],
+                             metadata=metadata, offsets=offsets)
         device = _input_device(model)
         input_ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         if run.generate:
@@ -182,7 +210,7 @@ class BatchCapture:
             model.get_encoder()(input_ids=input_ids, attention_mask=mask)
         else:
             model(input_ids=input_ids, attention_mask=mask, use_cache=False)
-        return self.recorder.take(), truncated, int(mask.sum()) + run.generate * len(batch)
+        return self.recorder.take(), sum(too_long), int(mask.sum()) + run.generate * len(batch)
 
     def assemble(self, groups: list) -> dict[str, pa.Table]:
         """The Arrow tables (sequences, tokens, routes, hidden) of recorded groups."""
@@ -205,24 +233,59 @@ def capture_dataset(
     model_name: str | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int, int], None] | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Capture the routing of every record of `data` into the trace directory `out`.
 
     Returns the finished manifest. `progress(done_sequences, total_sequences, tokens)` is
     called after each batch. Rerunning with the same arguments resumes an interrupted run
     (also one started by the distributed engine: every input range not yet committed is done).
+    `notify(line)` receives one-line notes (already complete, where a resume starts, renamed
+    fields, truncated texts); without it, truncation is a warning.
     """
     options = options or CaptureOptions(seed=(run.seed if run else 0))
     run = run or RunOptions()
     dataset = data if isinstance(data, TextDataset) else TextDataset(data)
+    say = notify or (lambda line: None)
+    for line in dataset.notes():
+        say(line)
     ident = trace_identity(model, tokenizer, dataset, options, run, model_name)
-    writer = TraceWriter(out, ident.header, ident.fingerprint, shard_rows=run.shard_rows, overwrite=overwrite)
-    if writer.complete:
-        return writer.manifest
+    with TraceWriter(out, ident.header, ident.fingerprint, shard_rows=run.shard_rows, overwrite=overwrite,
+                     shard_info={"batch_size": run.batch_size}) as writer:
+        total = len(dataset)
+        pending_ranges = writer.pending(total)
+        if writer.complete:
+            say(f"{out} is already complete ({total:,} sequences); nothing to do")
+            return writer.manifest
+        say(resume_note(pending_ranges, total))
+        n_truncated = _capture_into(writer, model, tokenizer, dataset, options, run, ident, pending_ranges, progress)
+        if n_truncated:
+            line = truncation_note(n_truncated, ident.max_length)
+            say(line) if notify else warnings.warn(line)
+        return writer.finish({"run": {"truncated_texts": n_truncated}})
 
+
+def resume_note(pending: list[tuple[int, int]], total: int) -> str:
+    """"capturing N sequences" for a new trace, or where a resume starts."""
+    todo = sum(end - start for start, end in pending)
+    if todo == total:
+        return f"capturing {total:,} sequences"
+    return (f"resuming at sequence {pending[0][0]:,} of {total:,}: {total - todo:,} already committed, "
+            f"{todo:,} to capture")
+
+
+def truncation_note(n_truncated: int, max_length: int) -> str:
+    """The one-line note on truncated texts (each is flagged in the sequences table)."""
+    return (f"note: {n_truncated:,} text(s) were longer than {max_length} tokens and were truncated "
+            "(column `truncated` in sequences; --on-long refuse to stop instead)")
+
+
+def _capture_into(writer: TraceWriter, model: Any, tokenizer: Any, dataset: TextDataset, options: CaptureOptions,
+                  run: RunOptions, ident: TraceIdentity, pending_ranges: list[tuple[int, int]],
+                  progress: Callable[[int, int, int], None] | None) -> int:
+    """Capture the pending ranges into `writer`; returns how many texts were truncated."""
     capture = BatchCapture(model, tokenizer, options, run, ident.max_length)
     total = len(dataset)
-    pending_ranges = writer.pending(total)
     done = total - sum(end - start for start, end in pending_ranges)
     tokens_seen = 0
     pending: list[Future] = []
@@ -231,6 +294,8 @@ def capture_dataset(
     def write(groups: list, input_start: int, input_end: int, n_seq: int) -> None:
         writer.add(capture.assemble(groups), input_end=input_end, n_sequences=n_seq, input_start=input_start)
 
+    # On an exception (Ctrl-C included) the pool's exit waits for the writes in flight: what
+    # was computed is committed, and the same call resumes after it.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="moescope-writer") as pool, capture.recorder, \
             torch.inference_mode():
         for batch in batches_in(dataset, pending_ranges, run.batch_size):
@@ -245,14 +310,12 @@ def capture_dataset(
                 progress(done, total, tokens_seen)
         for fut in pending:
             fut.result()
-    if n_truncated:
-        warnings.warn(f"{n_truncated} text(s) were longer than {ident.max_length} tokens and were truncated")
-    return writer.finish({"run": {"truncated_texts": n_truncated}})
+    return n_truncated
 
 
 def _tokenize(tokenizer: Any, batch: list[Record], max_length: int, on_long: str, *,
-              add_special_tokens: bool = True) -> tuple[dict, list, int]:
-    """Tokenized batch, per-row char offsets of the real tokens, and how many were truncated."""
+              add_special_tokens: bool = True) -> tuple[dict, list, list[bool]]:
+    """Tokenized batch, per-row char offsets of the real tokens, and per row whether it was truncated."""
     texts = [r.text for r in batch]
     full = tokenizer(texts, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]
     too_long = [r for r, ids in zip(batch, full) if len(ids) > max_length]
@@ -269,7 +332,7 @@ def _tokenize(tokenizer: Any, batch: list[Record], max_length: int, on_long: str
     if "offset_mapping" in enc:
         om, mask = enc.pop("offset_mapping").tolist(), enc["attention_mask"].tolist()
         offsets = [[tuple(span) for span, m in zip(row, mrow) if m] for row, mrow in zip(om, mask)]
-    return enc, offsets, len(too_long)
+    return enc, offsets, [len(ids) > max_length for ids in full]
 
 
 def _input_device(model: Any) -> torch.device:

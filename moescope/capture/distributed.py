@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from moescope.capture.data import Record, TextDataset
-from moescope.capture.dataset import RunOptions, TraceIdentity
+from moescope.capture.dataset import RunOptions, TraceIdentity, resume_note, truncation_note
 from moescope.capture.loading import LoadOptions
 from moescope.capture.recorder import CaptureOptions
 from moescope.errors import MoescopeError, TraceError
@@ -82,6 +82,7 @@ class WorkerSpec:
     threads: int
     out: str
     fingerprint: str | None = None  # None for the identity probe
+    identity: dict | None = None  # the driver's, to name what differs when a worker disagrees
 
 
 def plan_chunks(pending: list[tuple[int, int]], chunk_size: int) -> list[tuple[int, int]]:
@@ -157,8 +158,12 @@ class CaptureWorker:
         try:
             model, tokenizer, ident = _load(spec)
             if ident.fingerprint != spec.fingerprint:
-                raise TraceError("a worker loaded a different model or software than the driver's probe; "
-                                 "install the same moescope, torch and transformers on every node")
+                from moescope.store.manifest import identity_differences
+
+                diffs = identity_differences(ident.header.get("identity") or {}, spec.identity or {})
+                what = f" ({'; '.join(diffs[:3])}, 'here' being the worker)" if diffs else ""
+                raise TraceError(f"a worker loaded a different model or software than the driver's probe{what}; "
+                                 "give every node the same model files, moescope, torch and transformers")
         except MoescopeError as exc:
             self.error = exc
             return
@@ -219,12 +224,14 @@ def capture_distributed(
     model_name: str | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int, int], None] | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Capture every record of `data` with `model` (a local directory or hub id; None: the
     built-in model) on Ray workers into the trace directory `out`.
 
     Returns the manifest (finished, unless `ray_options.max_chunks` stopped the run early).
-    `progress(done_sequences, total_sequences, tokens)` is called as chunks are committed.
+    `progress(done_sequences, total_sequences, tokens)` is called as chunks are committed;
+    `notify(line)` receives the same one-line notes as :func:`capture_dataset`.
     The trace equals the one `capture_dataset` writes for the same arguments, row for row.
     """
     run = run or RunOptions()
@@ -239,7 +246,7 @@ def capture_distributed(
                  configure_logging=False)
     try:
         return _drive(ray, model, dataset, Path(out), load, options, run, ray_options, model_name, overwrite,
-                      progress)
+                      progress, notify)
     finally:
         if started_here:
             ray.shutdown()
@@ -247,7 +254,8 @@ def capture_distributed(
 
 def _drive(ray: Any, model: str | None, dataset: TextDataset, out: Path, load: LoadOptions,
            options: CaptureOptions, run: RunOptions, ray_options: RayOptions, model_name: str | None,
-           overwrite: bool, progress: Callable[[int, int, int], None] | None) -> dict[str, Any]:
+           overwrite: bool, progress: Callable[[int, int, int], None] | None,
+           notify: Callable[[str], None] | None = None) -> dict[str, Any]:
     gpus, threads = ray_options.gpus_per_worker, ray_options.threads_per_worker
     # Workers may run in another directory (or on another node): give them absolute paths,
     # while the manifest keeps the names as the user gave them (the same as a local run's).
@@ -258,35 +266,48 @@ def _drive(ray: Any, model: str | None, dataset: TextDataset, out: Path, load: L
                       replace(load, device=worker_device(load.device, gpus)), readable, options, run,
                       model_name if model_name is not None else model, threads, str(out.resolve()))
     ident = _identity(ray, spec, gpus)
-    writer = TraceWriter(out, ident.header, ident.fingerprint, shard_rows=run.shard_rows, overwrite=overwrite)
-    if writer.complete:
-        return writer.manifest
-    total = len(dataset)
-    pending = writer.pending(total)
-    chunks = plan_chunks(pending, chunk_size_for(ray_options.chunk_size, run.batch_size))
-    if ray_options.max_chunks is not None:
-        chunks = chunks[:ray_options.max_chunks]
-    done = total - sum(end - start for start, end in pending)
-    tokens = truncated = 0
-    cpu_seconds = 0.0
-    for row in _results(ray, chunks, replace(spec, fingerprint=ident.fingerprint), ray_options):
-        if row["error"]:
-            raise _error_from(row["error"])
-        meta = json.loads(row["meta"])
-        writer.commit(meta["files"], int(row["start"]), int(row["end"]), int(row["n_sequences"]), meta["seq_ids"])
-        done, tokens, truncated = done + int(row["n_sequences"]), tokens + int(row["tokens"]), truncated + int(row["truncated"])
-        cpu_seconds += float(row["cpu_seconds"])
-        if progress:
-            progress(done, total, tokens)
-    if writer.pending(total):
-        return writer.manifest  # stopped early on purpose (max_chunks): resumable
-    if truncated:
-        import warnings
+    say = notify or (lambda line: None)
+    for line in dataset.notes():
+        say(line)
+    with TraceWriter(out, ident.header, ident.fingerprint, shard_rows=run.shard_rows, overwrite=overwrite,
+                     shard_info={"batch_size": run.batch_size}) as writer:
+        total = len(dataset)
+        pending = writer.pending(total)
+        if writer.complete:
+            say(f"{out} is already complete ({total:,} sequences); nothing to do")
+            return writer.manifest
+        say(resume_note(pending, total))
+        chunks = plan_chunks(pending, chunk_size_for(ray_options.chunk_size, run.batch_size))
+        if ray_options.max_chunks is not None:
+            chunks = chunks[:ray_options.max_chunks]
+        done = total - sum(end - start for start, end in pending)
+        tokens = truncated = 0
+        cpu_seconds = 0.0
+        for row in _results(ray, chunks, replace(spec, fingerprint=ident.fingerprint,
+                                                     identity=ident.header.get("identity")), ray_options):
+            if row["error"]:
+                raise _error_from(row["error"])
+            meta = json.loads(row["meta"])
+            writer.commit(meta["files"], int(row["start"]), int(row["end"]), int(row["n_sequences"]), meta["seq_ids"])
+            done, tokens = done + int(row["n_sequences"]), tokens + int(row["tokens"])
+            truncated += int(row["truncated"])
+            cpu_seconds += float(row["cpu_seconds"])
+            if progress:
+                progress(done, total, tokens)
+        if writer.pending(total):
+            return writer.manifest  # stopped early on purpose (max_chunks): resumable
+        if truncated:
+            line = truncation_note(truncated, ident.max_length)
+            if notify:
+                say(line)
+            else:
+                import warnings
 
-        warnings.warn(f"{truncated} text(s) were longer than {ident.max_length} tokens and were truncated")
-    # "run" describes this session, not the trace (it is no part of the fingerprint).
-    return writer.finish({"run": {"truncated_texts": truncated, "engine": "ray", "workers": ray_options.num_workers,
-                                  "gpus_per_worker": ray_options.gpus_per_worker, "worker_cpu_seconds": cpu_seconds}})
+                warnings.warn(line)
+        # "run" describes this session, not the trace (it is no part of the fingerprint).
+        return writer.finish({"run": {"truncated_texts": truncated, "engine": "ray", "workers": ray_options.num_workers,
+                                      "gpus_per_worker": ray_options.gpus_per_worker,
+                                      "worker_cpu_seconds": cpu_seconds}})
 
 
 def _identity(ray: Any, spec: WorkerSpec, gpus: float) -> TraceIdentity:

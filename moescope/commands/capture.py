@@ -34,7 +34,7 @@ def register(app: typer.Typer, **_: object) -> None:
         generate: int = typer.Option(0, "--generate", help="Generate N new tokens per text and record them too (0: forward only)."),
         batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward / generate call."),
         max_length: Optional[int] = typer.Option(None, "--max-length", help="Longest prompt in tokens (default: the model's context)."),
-        on_long: str = typer.Option("truncate", "--on-long", help="Texts over --max-length: 'truncate' (warn) or 'refuse'."),
+        on_long: str = typer.Option("truncate", "--on-long", help="Texts over --max-length: 'truncate' (a note; flagged in sequences.truncated) or 'refuse'."),
         device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, mps, or auto (spread over devices)."),
         dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
         sample: bool = typer.Option(False, "--sample", help="Sample when generating (default: greedy)."),
@@ -65,7 +65,7 @@ def register(app: typer.Typer, **_: object) -> None:
         from moescope.capture.dataset import RunOptions
         from moescope.capture.loading import LoadOptions, load_model
         from moescope.capture.recorder import CaptureOptions
-        from moescope.errors import MoescopeError
+        from moescope.errors import Interrupted, MoescopeError
 
         if engine not in ("local", "ray"):
             raise MoescopeError(f"--engine must be 'local' or 'ray', not {engine!r}")
@@ -78,17 +78,35 @@ def register(app: typer.Typer, **_: object) -> None:
                                  hidden_layers=_int_list(hidden_layers, "--hidden-layers"))
         load = LoadOptions(device=device, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
                            allow_pickle=allow_pickle)
-        if engine == "ray":
-            from moescope.capture.distributed import RayOptions
+        try:
+            if engine == "ray":
+                from moescope.capture.distributed import RayOptions
 
-            ray_options = RayOptions(num_workers=num_workers, gpus_per_worker=gpus_per_worker,
-                                     threads_per_worker=threads_per_worker, chunk_size=chunk_size, address=ray_address)
-            manifest = run_distributed_with_progress(model, dataset, out, load, options, run, ray_options, overwrite)
-        else:
-            console.print(f"loading {model or 'the built-in default model'} ...")
-            loaded, tokenizer = load_model(model, load)
-            manifest = run_with_progress(loaded, tokenizer, dataset, out, options, run, model, overwrite)
+                ray_options = RayOptions(num_workers=num_workers, gpus_per_worker=gpus_per_worker,
+                                         threads_per_worker=threads_per_worker, chunk_size=chunk_size,
+                                         address=ray_address)
+                manifest = run_distributed_with_progress(model, dataset, out, load, options, run, ray_options,
+                                                         overwrite)
+            else:
+                console.print(f"loading {model or 'the built-in default model'} ...")
+                loaded, tokenizer = load_model(model, load)
+                manifest = run_with_progress(loaded, tokenizer, dataset, out, options, run, model, overwrite)
+        except KeyboardInterrupt:
+            raise Interrupted(interrupted_line(out)) from None
         print_summary(out, manifest)
+
+
+def interrupted_line(out: Path) -> str:
+    """What Ctrl-C leaves: how much is committed, and that the same command resumes it."""
+    import json
+
+    try:
+        manifest = json.loads((Path(out) / "manifest.json").read_text(encoding="utf-8"))
+        done = sum(s["n_sequences"] for s in manifest.get("shards", []))
+        kept = f"{done:,} sequences are committed in {out}"
+    except (OSError, ValueError, KeyError, TypeError):
+        kept = f"nothing was committed in {out}"
+    return f"interrupted; {kept} and the same command resumes it"
 
 
 def _sequences_progress(bar: Progress, total: int):  # noqa: ANN202
@@ -105,6 +123,11 @@ def _sequences_progress(bar: Progress, total: int):  # noqa: ANN202
     return progress
 
 
+def note(line: str) -> None:
+    """Print a one-line note of the capture (resume point, truncation, renamed fields)."""
+    console.print(line, highlight=False, soft_wrap=True)
+
+
 def run_with_progress(model, tokenizer, dataset, out, options, run, name, overwrite=False):  # noqa: ANN001
     """capture_dataset with a progress bar; returns the manifest."""
 
@@ -113,7 +136,7 @@ def run_with_progress(model, tokenizer, dataset, out, options, run, name, overwr
     with progress_bar() as bar:
         progress = _sequences_progress(bar, len(dataset))
         return capture_dataset(model, tokenizer, dataset, out, options=options, run=run,
-                               model_name=name, overwrite=overwrite, progress=progress)
+                               model_name=name, overwrite=overwrite, progress=progress, notify=note)
 
 
 def run_distributed_with_progress(model, dataset, out, load, options, run, ray_options, overwrite=False):  # noqa: ANN001
@@ -127,7 +150,8 @@ def run_distributed_with_progress(model, dataset, out, load, options, run, ray_o
     with progress_bar() as bar:
         progress = _sequences_progress(bar, len(dataset))
         return capture_distributed(model, dataset, out, load=load, options=options, run=run,
-                                   ray_options=ray_options, model_name=model, overwrite=overwrite, progress=progress)
+                                   ray_options=ray_options, model_name=model, overwrite=overwrite, progress=progress,
+                                   notify=note)
 
 
 def _int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
@@ -145,6 +169,9 @@ def _int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
 def print_summary(out: Path, manifest: dict) -> None:
     totals = manifest.get("totals", {})
     rows = totals.get("rows", {})
+    if not manifest.get("complete"):  # a partial run on purpose (Ray max_chunks)
+        console.print(f"[yellow]trace unfinished[/]: {out}; the same command completes it")
+        return
     console.print(
         f"[green]trace complete[/]: {out}  ({totals.get('n_sequences', 0):,} sequences, "
         f"{rows.get('tokens', 0):,} tokens, {rows.get('routes', 0):,} token-layer routes)"

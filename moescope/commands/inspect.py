@@ -19,7 +19,7 @@ def register(app: typer.Typer, **_: object) -> None:
         from moescope.store.reader import open_trace
         from moescope.store.validate import trace_dir_size, validate
 
-        trace = open_trace(trace_dir, allow_incomplete=True)
+        trace = open_trace(trace_dir, allow_incomplete=True, verify=False)  # validate() reports every problem
         console = Console()
         m = trace.manifest
         model = m.get("model", {})
@@ -48,5 +48,45 @@ def register(app: typer.Typer, **_: object) -> None:
         data.add_row("tables", ", ".join(t for t in ("sequences", "tokens", "routes", "hidden") if trace.has(t)))
         data.add_row("on disk", f"{size / 1e6:,.2f} MB in {len(m.get('shards', []))} shard group(s); "
                                 f"{size / max(n_routes, 1):.1f} bytes per token-layer")
+        for name, value in stored_extras(trace).items():
+            data.add_row(name, value)
         console.print(data)
         console.print(f"[green]valid[/]: {result.checked_files} shard files checked")
+
+
+def stored_extras(trace) -> dict[str, str]:  # noqa: ANN001
+    """What else the trace holds besides expert ids and weights: metadata fields (with their
+    types), truncated texts, router scores and router inputs (hidden states) with their rate."""
+    from moescope.schema import SEQUENCES
+
+    m = trace.manifest
+    cap = m.get("capture", {})
+    out: dict[str, str] = {}
+    standard = {c.name for c in SEQUENCES}
+    columns = trace.columns("sequences") if trace.has("sequences") else []
+    declared = (m.get("input") or {}).get("fields") or {}
+    fields = [c for c in columns if c not in standard]
+    out["metadata fields"] = ", ".join(f"{c} ({declared[c]})" if c in declared else c for c in fields) or "none"
+    renamed = (m.get("input") or {}).get("renamed") or {}
+    if renamed:
+        out["metadata fields"] += "; renamed: " + ", ".join(f"{a} -> {b}" for a, b in renamed.items())
+    if "truncated" in columns:
+        n = trace.scalar("SELECT count(*) FROM sequences WHERE truncated")
+        out["truncated texts"] = f"{n:,} (cut at {cap.get('max_length')} tokens; column `truncated`)"
+    scores = [c for c in ("router_logits", "router_probs") if c in trace.columns("routes")]
+    out["router scores"] = ", ".join(scores) if scores else "not stored (capture with --router-scores)"
+    if trace.has("hidden"):
+        rows = trace.scalar("SELECT count(*) FROM hidden")
+        routes = max(trace.scalar("SELECT count(*) FROM routes") or 1, 1)
+        how = []
+        if cap.get("option_hidden_positions"):
+            how.append(f"positions {cap['option_hidden_positions']}")
+        elif cap.get("option_hidden_rate") is not None:
+            how.append(f"rate {cap['option_hidden_rate']:g}")
+        if cap.get("option_hidden_layers"):
+            how.append(f"layers {cap['option_hidden_layers']}")
+        out["hidden states"] = (f"{rows:,} router inputs ({rows / routes:.2%} of token-layers"
+                                + (f"; requested {', '.join(how)}" if how else "") + ")")
+    else:
+        out["hidden states"] = "not stored (capture with --hidden-rate)"
+    return out

@@ -83,3 +83,24 @@ def fingerprint(parts: dict[str, Any]) -> str:
     """A stable short hash of JSON-serialisable capture identity (model, data, options)."""
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def identity_differences(ours: dict[str, Any], theirs: dict[str, Any], prefix: str = "") -> list[str]:
+    """Human-readable fields that differ between two identities, e.g.
+    "model.weights.digest (1f2e3d4c… here, 9a8b7c6d… in the trace)"."""
+    out = []
+    for key in sorted(set(ours) | set(theirs)):
+        a, b = ours.get(key), theirs.get(key)
+        if a == b:
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += identity_differences(a, b, name + ".")
+        else:
+            out.append(f"{name} ({_short(a)} here, {_short(b)} in the trace)")
+    return out
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else value
+    return text[:12] + "…" if len(text) > 16 else text

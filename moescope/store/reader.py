@@ -19,7 +19,7 @@ import pyarrow.dataset as ds
 
 from moescope.errors import TraceError
 from moescope.schema import TABLES, required_columns
-from moescope.store.manifest import read_manifest
+from moescope.store.manifest import read_manifest, sha256_file
 
 
 class Trace:
@@ -30,13 +30,18 @@ class Trace:
         manifest: the parsed manifest.json.
     """
 
-    def __init__(self, path: str | os.PathLike, *, allow_incomplete: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, *, allow_incomplete: bool = False, verify: bool = True) -> None:
         self.path = Path(path)
+        self.verify = verify
+        self._verified: set[str] = set()
         self.manifest: dict[str, Any] = read_manifest(self.path)
         if not self.manifest.get("complete") and not allow_incomplete:
             raise TraceError(
                 f"{self.path} is an unfinished capture; rerun the same `moescope capture` command to complete it"
             )
+        if verify:  # every shard, before any analysis reads one (cost: docs/trace-format.md)
+            for table in TABLES:
+                self.files(table)
         if not self.files("routes"):
             raise TraceError(f"{self.path} has no routes shards; the trace is empty")
 
@@ -76,7 +81,12 @@ class Trace:
 
     # -- files ---------------------------------------------------------------------------
     def files(self, table: str) -> list[str]:
-        """Absolute paths of the table's shards, in shard order."""
+        """Absolute paths of the table's shards, in shard order.
+
+        Every path handed out has been checked against the manifest (size and SHA-256, once
+        per process) unless the trace was opened with ``verify=False``: a damaged shard is
+        refused here, so no analysis reads one silently.
+        """
         if table not in TABLES:
             raise TraceError(f"unknown table {table!r}; tables are {', '.join(TABLES)}")
         shards = self.manifest.get("shards")
@@ -84,7 +94,12 @@ class Trace:
             # Traces written by other programs may omit the shard list: take the directory.
             d = self.path / table
             return sorted(str(p) for p in d.glob("*.parquet")) if d.is_dir() else []
-        return [str(self.path / s["files"][table]["path"]) for s in shards if table in s["files"]]
+        entries = [s["files"][table] for s in shards if table in s["files"]]
+        if self.verify and table not in self._verified:
+            for info in entries:
+                check_shard(self.path, info)
+            self._verified.add(table)
+        return [str(self.path / info["path"]) for info in entries]
 
     def dataset(self, table: str) -> ds.Dataset:
         """A pyarrow dataset over the table's shards (streams; nothing loaded yet)."""
@@ -160,6 +175,43 @@ def require_weights(trace: Trace, what: str) -> None:
     )
 
 
-def open_trace(path: str | os.PathLike, *, allow_incomplete: bool = False) -> Trace:
-    """Open a trace directory for reading (DuckDB via `.sql()`, Arrow via `.table()`)."""
-    return Trace(path, allow_incomplete=allow_incomplete)
+def open_trace(path: str | os.PathLike, *, allow_incomplete: bool = False, verify: bool = True) -> Trace:
+    """Open a trace directory for reading (DuckDB via `.sql()`, Arrow via `.table()`).
+
+    With `verify` (the default) each table's shards are checked against the manifest (size,
+    SHA-256) before their first use; `moescope inspect` opens with verify=False and reports
+    every problem instead of stopping at the first.
+    """
+    return Trace(path, allow_incomplete=allow_incomplete, verify=verify)
+
+
+# Shards this process has already verified: (path, size, mtime_ns, inode, sha256). A file
+# rewritten since has another size or mtime and is hashed again.
+_VERIFIED: set[tuple] = set()
+
+
+def check_shard(trace_dir: Path, info: dict[str, Any]) -> None:
+    """TraceError naming the shard unless the file listed by manifest entry `info` exists and
+    has the size and SHA-256 the manifest records (either may be absent for other writers)."""
+    path = Path(trace_dir) / info["path"]
+    try:
+        st = path.stat()
+    except OSError:
+        raise TraceError(_damaged(trace_dir, info["path"], "the file is missing")) from None
+    expected = info.get("bytes")
+    if expected is not None and st.st_size != expected:
+        raise TraceError(_damaged(trace_dir, info["path"], f"{st.st_size:,} bytes, the manifest says {expected:,}"))
+    digest = info.get("sha256")
+    if not digest:
+        return
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, digest)
+    if key in _VERIFIED:
+        return
+    if sha256_file(path) != digest:
+        raise TraceError(_damaged(trace_dir, info["path"], "its checksum differs from the manifest's"))
+    _VERIFIED.add(key)
+
+
+def _damaged(trace_dir: Path, shard: str, why: str) -> str:
+    return (f"{trace_dir}: shard {shard} is damaged ({why}); nothing was computed from it. Capture the trace "
+            f"again (the same `moescope capture` command with --overwrite), or see `moescope inspect {trace_dir}`")

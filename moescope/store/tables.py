@@ -66,25 +66,26 @@ def write_trace(
                     and routes_t.column("weights").null_count < routes_t.num_rows, **(capture or {})},
     }
     fp = fingerprint({"header": header, "rows": routes_t.num_rows})
-    writer = TraceWriter(path, header, fp, shard_rows=shard_rows, overwrite=overwrite)
-    # Sort every table by seq_id once, then cut all of them at the same sequence boundaries.
-    for name, table in list(tables.items()):
-        if table is not None:
-            tables[name] = table.take(pa.compute.sort_indices(table.column("seq_id")))
-    seq_ids = tables["sequences"].column("seq_id").to_numpy()
-    keys = {name: t.column("seq_id").to_numpy() for name, t in tables.items() if t is not None}
-    route_counts = np.diff(np.searchsorted(keys["routes"], seq_ids, side="left"), append=len(keys["routes"]))
-    start = 0
-    while start < len(seq_ids):
-        end = start + 1 + int(np.searchsorted(np.cumsum(route_counts[start + 1:]), shard_rows - route_counts[start], side="right"))
-        end = min(end, len(seq_ids))
-        lo, hi = seq_ids[start], seq_ids[end - 1]
-        part = {}
-        for name, table in tables.items():
+    # The writer holds the directory lock until finish() (or until an error closes it).
+    with TraceWriter(path, header, fp, shard_rows=shard_rows, overwrite=overwrite) as writer:
+        # Sort every table by seq_id once, then cut all of them at the same sequence boundaries.
+        for name, table in list(tables.items()):
             if table is not None:
-                a, b = np.searchsorted(keys[name], lo, side="left"), np.searchsorted(keys[name], hi, side="right")
-                part[name] = table.slice(a, b - a)
-        writer.add(part, input_end=end, n_sequences=end - start)
-        writer.flush()
-        start = end
-    return writer.finish()
+                tables[name] = table.take(pa.compute.sort_indices(table.column("seq_id")))
+        seq_ids = tables["sequences"].column("seq_id").to_numpy()
+        keys = {name: t.column("seq_id").to_numpy() for name, t in tables.items() if t is not None}
+        route_counts = np.diff(np.searchsorted(keys["routes"], seq_ids, side="left"), append=len(keys["routes"]))
+        start = 0
+        while start < len(seq_ids):
+            end = start + 1 + int(np.searchsorted(np.cumsum(route_counts[start + 1:]), shard_rows - route_counts[start], side="right"))
+            end = min(end, len(seq_ids))
+            lo, hi = seq_ids[start], seq_ids[end - 1]
+            part = {}
+            for name, table in tables.items():
+                if table is not None:
+                    a, b = np.searchsorted(keys[name], lo, side="left"), np.searchsorted(keys[name], hi, side="right")
+                    part[name] = table.slice(a, b - a)
+            writer.add(part, input_end=end, n_sequences=end - start)
+            writer.flush()
+            start = end
+        return writer.finish()

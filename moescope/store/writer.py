@@ -23,7 +23,9 @@ import pyarrow.parquet as pq
 
 from moescope.errors import TraceError
 from moescope.schema import FORMAT_NAME, FORMAT_VERSION, TABLES
-from moescope.store.manifest import MANIFEST, _fsync_dir, read_manifest, sha256_file, write_manifest
+from moescope.store.lock import LOCK_FILE, TraceLock
+from moescope.store.manifest import (MANIFEST, _fsync_dir, identity_differences, read_manifest, sha256_file,
+                                     write_manifest)
 
 DEFAULT_SHARD_ROWS = 1 << 21  # ~2M token-layer rows: ~50 MB in memory, ~30 MB on disk for k=8
 PARQUET_OPTIONS = dict(compression="zstd", compression_level=3, use_dictionary=True, write_statistics=True)
@@ -79,9 +81,15 @@ class TraceWriter:
         path: the trace directory (created if missing).
         header: manifest fields describing the model, tokenizer and capture options.
         fingerprint: identity of (model, input, options); a directory holding a trace with
-            another fingerprint is refused rather than mixed or overwritten.
+            another fingerprint is refused rather than mixed or overwritten (naming the fields
+            that differ when both headers carry an ``identity``).
         shard_rows: routes rows per shard (the memory bound).
         overwrite: delete whatever trace is at `path` first.
+        shard_info: fields recorded in every shard this writer commits (e.g. the batch size
+            of this run, which a resume may change).
+
+    The writer holds an exclusive lock on the directory (:class:`~moescope.store.lock.TraceLock`)
+    from construction to :meth:`finish` or :meth:`close`: a second writer is refused.
     """
 
     def __init__(
@@ -92,32 +100,48 @@ class TraceWriter:
         *,
         shard_rows: int = DEFAULT_SHARD_ROWS,
         overwrite: bool = False,
+        shard_info: dict[str, Any] | None = None,
     ) -> None:
         self.path = Path(path)
         self.shard_rows = shard_rows
+        self.shard_info = dict(shard_info or {})
         self._buffers: dict[str, list[pa.Table]] = {t: [] for t in TABLES}
         self._buffered_routes = 0
         self._buffered_sequences = 0
         self._buffer_start = 0  # input range [_buffer_start, _cursor) of what is buffered
         self._cursor = 0
-        if overwrite and self.path.exists():
-            shutil.rmtree(self.path)
-        self.manifest = self._open(header, fingerprint)
+        if not overwrite and not (self.path / MANIFEST).exists() and _has_entries(self.path):
+            raise TraceError(f"{self.path} exists and is not a trace; choose an empty or new --out directory")
+        self.lock = TraceLock(self.path)
+        try:
+            if overwrite:
+                _empty_directory(self.path)
+            self.manifest = self._open(header, fingerprint)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def close(self) -> None:
+        """Release the directory lock (idempotent); what is committed stays committed."""
+        self.lock.release()
+
+    def __enter__(self) -> "TraceWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- opening / resuming -------------------------------------------------------------
     def _open(self, header: dict[str, Any], fp: str) -> dict[str, Any]:
         if (self.path / MANIFEST).exists():
             manifest = read_manifest(self.path)
             if manifest.get("fingerprint") != fp:
-                raise TraceError(
-                    f"{self.path} holds a different trace (another model, input or options); "
-                    "choose another --out, or pass --overwrite to replace it"
-                )
+                raise TraceError(_mismatch(self.path, header.get("identity"), manifest.get("identity")))
             self._remove_unlisted(manifest)
             self.manifest = manifest
             self._cursor = self._buffer_start = self.input_done
             return manifest
-        if self.path.exists() and any(self.path.iterdir()):
+        if _has_entries(self.path):
             raise TraceError(f"{self.path} exists and is not a trace; choose an empty or new --out directory")
         self.path.mkdir(parents=True, exist_ok=True)
         manifest = {
@@ -243,6 +267,7 @@ class TraceWriter:
             "input_end": input_end,
             "n_sequences": n_sequences,
             "seq_id_first_last": seq_ids,
+            **self.shard_info,
             "files": files,
         }
         self.manifest["shards"] = self.manifest["shards"] + [entry]
@@ -269,4 +294,35 @@ class TraceWriter:
             self.manifest.update(summary)
         self.manifest["complete"] = True
         write_manifest(self.path, self.manifest)
+        self.close()
         return self.manifest
+
+
+def _has_entries(path: Path) -> bool:
+    """Whether `path` is a directory holding anything besides a trace lock file."""
+    return path.is_dir() and any(p.name != LOCK_FILE for p in path.iterdir())
+
+
+def _empty_directory(path: Path) -> None:
+    """Delete everything in `path` except its lock file (which the caller holds)."""
+    for p in path.iterdir():
+        if p.name == LOCK_FILE:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def _mismatch(path: Path, ours: dict[str, Any] | None, theirs: dict[str, Any] | None) -> str:
+    """The one-line refusal to mix two captures, naming what differs when it is known."""
+    what = "another model, input or options"
+    if ours and theirs:
+        diffs = identity_differences(ours, theirs)
+        if diffs:
+            shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+            what = f"it differs in {shown}"
+    elif ours and not theirs:
+        what = "written by an older moescope or another tool, so its capture cannot be compared"
+    return (f"{path} holds a different trace ({what}); rerun with what it was captured with to resume it, "
+            "choose another --out, or pass --overwrite to replace it")
