@@ -1,7 +1,8 @@
 """Analysis benchmark: routing statistics + signatures vs a straightforward pandas implementation.
 
     .venv/bin/python benchmarks/bench_analysis.py            # 10M rows, writes benchmarks/results/analysis.md
-    .venv/bin/python benchmarks/bench_analysis.py --quick    # 1M rows (a smoke run)
+    .venv/bin/python benchmarks/bench_analysis.py --quick    # 1M rows
+    .venv/bin/python benchmarks/bench_analysis.py --rows 300000   # a smoke run (printed only)
 
 Data: synthetic traces written by the streaming generator (moescope.testing.synthetic.stream_trace):
 E=64 experts, top-8, 16 MoE layers, sequences of 1024 prompt tokens in 4 labels, a 4096-token
@@ -10,8 +11,9 @@ Sizes: ~10M token-layer rows (611 sequences) and ~5M (306 sequences) for the mem
 
 Both implementations produce the same inputs (every count the analyses need) and then run
 the SAME pure evaluation functions (moescope.analysis.stats.summarise_statistics and
-moescope.analysis.signatures.evaluate_signatures, figures off, 20 label permutations,
-2 load-balancing draws), so the difference is in reading and counting:
+moescope.analysis.signatures.evaluate_signatures with the signatures' defaults: 5 x 5 CV, 200
+label permutations through the full procedure, 3 load-balancing draws, figures off; folds on 2
+threads), so the difference is in reading and counting:
 
 - moescope: routing_statistics + routing_signatures (DuckDB aggregations over the Parquet
   shards, one numpy pass over Arrow batches for pairs/transitions/weights).
@@ -40,7 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 SPEC = dict(seq_len=1024, layers=16, n_experts=64, top_k=8, vocab=4096, biased_layers=(10, 11, 12, 13), strength=0.3,
             token_strength=1.0, noise=1.0, label_vocab=0.1, seed=0)
-EVAL = dict(permutations=20, control_draws=2, seed=0, figures=False)
+# The signatures' defaults (5 x 5 grouped-capable CV, 200 permutations, 3 load-balancing draws), folds on 2 threads.
+EVAL = dict(permutations=200, repeats=5, folds=5, control_draws=3, seed=0, figures=False, n_jobs=2)
 LABEL = "label"
 
 
@@ -73,6 +76,7 @@ def pandas_inputs(trace_dir: Path):
 
     import moescope
     from moescope.analysis.routing_counts import RouteScan, SequenceCounts
+    from moescope.analysis.signature_controls import SequenceTokenExperts
     from moescope.analysis.signatures import SignatureInputs, first_n_grid
     from moescope.analysis.stats import StatsInputs
 
@@ -167,8 +171,15 @@ def pandas_inputs(trace_dir: Path):
     st = tokens[tokens["phase"] == "prompt"].groupby(["seq_id", "token_id"]).size().reset_index(name="n")
     seq_tokens = {"seq_id": st["seq_id"].to_numpy(np.int64), "token_id": st["token_id"].to_numpy(np.int64),
                   "n": st["n"].to_numpy(np.int64)}
+    # per (sequence, layer, token, expert): what the fold-fitted token-id control needs
+    ps = tl[tl["seq_id"].isin(seq_ids)].groupby(["seq_id", "li", "token_id", "experts"]).size().reset_index(name="n")
+    vocab, v_idx = np.unique(ps["token_id"].to_numpy(np.int64), return_inverse=True)
+    ste = SequenceTokenExperts.from_rows(np.searchsorted(seq_ids, ps["seq_id"].to_numpy(np.int64)),
+                               (ps["li"].to_numpy(np.int64) * len(vocab) + v_idx) * E + ps["experts"].to_numpy(np.int64),
+                               ps["n"].to_numpy(np.int64), vocab, (L, len(vocab), E))
     stats_in = StatsInputs(scan, token_counts, token_text, counts.sum(axis=1), y, None)
-    sig_in = SignatureInputs(SequenceCounts(seq_ids, counts, n_tok, edges), y, layers, E, k, token_counts, seq_tokens, [])
+    sig_in = SignatureInputs(SequenceCounts(seq_ids, counts, n_tok, edges), y, layers, E, k, token_counts, seq_tokens, [],
+                             seq_token_experts=ste)
     return stats_in, sig_in
 
 
@@ -259,6 +270,7 @@ def make_trace(path: Path, rows: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1M / 0.5M rows instead of 10M / 5M")
+    parser.add_argument("--rows", type=int, default=None, help="rows of the big trace (the small one: half); a smoke run")
     parser.add_argument("--workdir", type=Path, default=None, help="where to write the traces (default: a temp dir)")
     parser.add_argument("--child", nargs=2, metavar=("IMPL", "TRACE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -266,6 +278,8 @@ def main() -> None:
         child(*args.child)
         return
     big, small = (1_000_000, 500_000) if args.quick else (10_000_000, 5_000_000)
+    if args.rows:
+        big, small = args.rows, args.rows // 2
     with tempfile.TemporaryDirectory(prefix="moescope-bench-", dir=args.workdir) as tmp:
         work = Path(tmp)
         load_before = os.getloadavg()
@@ -283,6 +297,8 @@ def main() -> None:
         problems = check_equal(mo, pdr)
     report = render(info, mo, pdr, mem, problems, quick=args.quick)
     print(report)
+    if args.rows:  # a smoke run checks that the script works; it is printed, not kept
+        return
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / ("analysis-quick.md" if args.quick else "analysis.md")).write_text(report, encoding="utf-8")
 
@@ -300,8 +316,8 @@ def render(info: dict, mo: dict, pdr: dict, mem: dict, problems: list[str], *, q
         f"over a synthetic trace of {big['rows']:,} token-layer rows (E=64, k=8, 16 MoE layers, "
         f"{big['sequences']} sequences of 1024 tokens, 4 labels; {big['disk_mb']:.0f} MB of Parquet), "
         "against a straightforward pandas implementation (read_parquet, explode, groupby, merge) of the same "
-        "counts. Both then run the same evaluation code (figures off, 20 label permutations, 2 load-balancing "
-        f"draws). Machine: {os.cpu_count()} CPU cores, load average {info['load_before'][0]:.2f} before the run (other "
+        "counts. Both then run the same evaluation code (the signatures' defaults: 5 x 5 CV, 200 label permutations, "
+        f"3 load-balancing draws, folds on 2 threads; figures off). Machine: {os.cpu_count()} CPU cores, load average {info['load_before'][0]:.2f} before the run (other "
         "processes share the cores on a busy machine, so CPU seconds are steadier than wall seconds).",
         "",
         "| | moescope | pandas | pandas / moescope |",
@@ -331,8 +347,8 @@ def render(info: dict, mo: dict, pdr: dict, mem: dict, problems: list[str], *, q
         "",
         f"Goal: at least 20x faster than pandas. Reading and counting (the part the implementations differ in) "
         f"is {mo_g:.1f}x faster by wall time and {mo_c:.1f}x by CPU time; the whole analysis {t_pd['wall'] / t_mo['wall']:.1f}x "
-        f"(wall) and {t_pd['cpu'] / t_mo['cpu']:.1f}x (CPU). The evaluation is the same code in both (a few hundred "
-        f"logistic-regression fits: cross-validation, 20 label permutations, controls, per layer, per number of tokens) "
+        f"(wall) and {t_pd['cpu'] / t_mo['cpu']:.1f}x (CPU). The evaluation is the same code in both (closed-form ridge "
+        f"fits with in-fold tuning: 5 x 5 CV, 200 label permutations, controls, per layer, per number of tokens) "
         f"and takes {mo['times']['evaluate']['cpu']:.1f} CPU s here, so no reading engine could make the total more than "
         f"{t_pd['cpu'] / mo['times']['evaluate']['cpu']:.0f}x faster than pandas on this machine. Memory: moescope's peak "
         "grows only with the per-token and per-sequence arrays (token keys, signature counts), pandas' with every "
@@ -342,9 +358,9 @@ def render(info: dict, mo: dict, pdr: dict, mem: dict, problems: list[str], *, q
                                                               "sequence counts and headline numbers)" if not problems
                                                               else "NO: " + ", ".join(problems)),
         "",
-        f"Headline numbers on this trace: CV accuracy {sig['cv_accuracy_mean']:.3f} ± {sig['cv_accuracy_sd']:.3f} "
-        f"(chance {sig['chance_accuracy']:.2f}, permutation {sig['permutation_accuracy_mean']:.3f}, p = "
-        f"{sig['permutation_p_value']:.3f}), token-id control {sig['token_id_control_accuracy_mean']:.3f}, bag of "
+        f"Headline numbers on this trace: CV accuracy {sig['cv_accuracy_mean']:.3f} [95% CI {sig['cv_accuracy_ci_low']:.3f}, "
+        f"{sig['cv_accuracy_ci_high']:.3f}] (chance {sig['chance_accuracy']:.2f}, permutation "
+        f"{sig['permutation_accuracy_mean']:.3f}, {sig['permutation_p_value_text']}), token-id control {sig['token_id_control_accuracy_mean']:.3f}, bag of "
         f"tokens {sig['bag_of_tokens_accuracy_mean']:.3f}, load-balanced {sig['load_balanced_accuracy_mean']:.3f}; "
         f"best layer {sig['best_layer']} (planted: 10-13).",
         "",

@@ -61,6 +61,7 @@ def _common_checks(rows: list[dict], fields: set[str], labels: set[str]) -> None
         assert row["label"] in labels, f"{row['id']}: unknown label {row['label']!r}"
         assert row["text"] == row["text"].strip(), f"{row['id']}: surrounding whitespace"
         assert "\ufffd" not in row["text"], f"{row['id']}: replacement character"
+        assert row["doc_id"] == row["id"], f"{row['id']}: every prompt is its own document"
     ids = [r["id"] for r in rows]
     assert len(ids) == len(set(ids)), [i for i, n in Counter(ids).items() if n > 1]
     texts = [" ".join(r["text"].lower().split()) for r in rows]
@@ -71,7 +72,7 @@ def _common_checks(rows: list[dict], fields: set[str], labels: set[str]) -> None
 
 
 def test_tasks_fields_ids_and_duplicates(tasks):
-    _common_checks(tasks, {"id", "label", "text", "source"}, TASK_LABELS)
+    _common_checks(tasks, {"id", "doc_id", "label", "text", "source"}, TASK_LABELS)
     for row in tasks:
         assert row["id"].startswith(row["label"] + "-"), row["id"]
 
@@ -104,7 +105,7 @@ def test_tasks_no_near_duplicates(tasks):
 
 
 def test_shared_fields_ids_and_duplicates(shared):
-    _common_checks(shared, {"id", "label", "subject", "text", "source"}, SHARED_LABELS)
+    _common_checks(shared, {"id", "doc_id", "label", "subject", "text", "source"}, SHARED_LABELS)
 
 
 def test_shared_every_subject_has_all_three_forms(shared):

@@ -8,7 +8,8 @@ import pyarrow as pa
 import pytest
 
 import moescope
-from moescope.analysis.signatures import cosine_stats, load_balanced_counts, routing_signatures
+from moescope.analysis.signature_controls import load_balanced_counts
+from moescope.analysis.signatures import cosine_stats, routing_signatures
 from moescope.errors import DataError
 from moescope.store.tables import write_trace
 from moescope.testing.synthetic import labelled_trace, null_trace, token_routed_trace
@@ -158,6 +159,140 @@ def test_cli_signatures(tmp_path):
     _register_commands()
     path = labelled_trace(tmp_path / "t", layers=2, n_seq=24, seq_len=16, biased_layers=(1,))
     res = CliRunner().invoke(app, ["analyze", "signatures", str(path), "--label", "label", "--out", str(tmp_path / "o"),
-                                   "--permutations", "5", "--control-draws", "1", "--folds", "3"])
+                                   "--permutations", "5", "--control-draws", "1", "--folds", "3", "--repeats", "2",
+                                   "--group", "none", "--jobs", "2"])
     assert res.exit_code == 0, res.output
-    assert "label permutation" in res.output and (tmp_path / "o" / "results.json").is_file()
+    assert "label permutation" in res.output and "95% CI" in res.output and (tmp_path / "o" / "results.json").is_file()
+
+
+# -- known answers of the inference (issue 13): document leak, vocabulary only, planted layers ------
+def document_leak_trace(path, *, n_docs=20, pieces=4, seq_len=32, layers=4, n_experts=8, top_k=2, seed=0):
+    """Labels random per document (balanced), every piece of a document routed by the document's own
+    fingerprint (a random expert preference), tokens random: the labels carry no routing signal that
+    generalises to a new document, but pieces of one document look alike."""
+    rng = np.random.default_rng(seed)
+    doc_label = rng.permutation(np.arange(n_docs) % 2)
+    pref = rng.normal(size=(n_docs, layers, n_experts)) * 3.0
+    S = n_docs * pieces
+    doc = np.repeat(np.arange(n_docs), pieces)
+    seq = np.repeat(np.arange(S), seq_len * layers)
+    pos = np.tile(np.repeat(np.arange(seq_len), layers), S)
+    layer = np.tile(np.arange(layers), S * seq_len)
+    scores = pref[doc[seq], layer] + rng.gumbel(size=(len(seq), n_experts))
+    experts = np.argsort(-scores, axis=1)[:, :top_k]
+    tokens = {"seq_id": np.repeat(np.arange(S), seq_len).astype(np.uint32),
+              "pos": np.tile(np.arange(seq_len), S).astype(np.uint32),
+              "token_id": rng.integers(0, 50, S * seq_len).astype(np.uint32), "phase": ["prompt"] * (S * seq_len)}
+    write_trace(path, model={"n_experts": n_experts, "top_k": top_k, "moe_layers": list(range(layers))}, tokens=tokens,
+                routes={"seq_id": seq.astype(np.uint32), "pos": pos.astype(np.uint32), "layer": layer.astype(np.uint16),
+                        "experts": pa.array(experts.astype(np.uint8).tolist(), pa.list_(pa.uint8()))},
+                sequences={"seq_id": np.arange(S, dtype=np.uint32), "text": ["piece"] * S,
+                           "label": np.array(["x", "y"])[doc_label[doc]].tolist(),
+                           "doc_id": [f"doc-{d}" for d in doc]})
+    return moescope.open_trace(path)
+
+
+def test_document_leak_trap_is_high_without_groups_and_at_chance_with_them(tmp_path):
+    trace = document_leak_trace(tmp_path / "t")
+    kw = dict(label="label", permutations=19, control_draws=0, figures=False, repeats=3)
+    leaky = routing_signatures(trace, group="none", **kw).values
+    grouped = routing_signatures(trace, **kw).values  # doc_id found and used
+    assert leaky["group_field"] is None and leaky["cv_accuracy_mean"] >= 0.9 and leaky["permutation_p_value"] <= 0.05
+    assert grouped["group_field"] == "doc_id" and any("doc_id" in n for n in grouped["notes"])
+    assert grouped["cv_accuracy_mean"] <= 0.65 and grouped["permutation_p_value"] > 0.05
+    assert grouped["cv_accuracy_ci_low"] <= 0.5
+
+
+def test_vocabulary_only_labels_routing_adds_nothing_over_the_token_id_control(tmp_path):
+    v = _run(token_routed_trace(tmp_path / "t", layers=2, n_seq=60), repeats=3)
+    assert v["cv_accuracy_mean"] >= 0.7
+    assert v["adds_over_token_id_control_ci_low"] <= 0.0 or v["adds_over_token_id_control_p_value"] > 0.05
+    assert v["token_id_control_unseen_token_share"] < 0.05
+
+
+def test_planted_layers_are_significant_after_holm_and_only_there(tmp_path):
+    v = _run(labelled_trace(tmp_path / "t", layers=4, biased_layers=(1, 3), strength=1.0), permutations=99,
+             control_draws=0, repeats=2)
+    holm = v["per_layer_p_value_holm"]
+    assert len(holm) == 4 and holm[1] < 0.05 and holm[3] < 0.05
+    assert holm[0] > 0.05 and holm[2] > 0.05
+    assert v["best_layer"] in (1, 3) and 0 < v["best_layer_stability"] <= 1
+    for key in ("cv_accuracy_ci_low", "cv_accuracy_ci_high", "adds_over_bag_of_tokens_p_value",
+                "adds_over_token_id_control_ci_low", "cv_repeats", "group_field"):
+        assert key in v
+    assert v["cv_accuracy_ci_low"] <= v["cv_accuracy_mean"] <= v["cv_accuracy_ci_high"]
+
+
+def test_token_id_control_is_fitted_on_the_training_fold_only():
+    """Brute force: the map from the training sequences' counts, the fallback for unseen ids."""
+    from scipy.sparse import csr_matrix
+
+    from moescope.analysis.signature_controls import SequenceTokenExperts, TokenIdControl
+
+    rng = np.random.default_rng(0)
+    S, L, V, E, k = 6, 2, 5, 4, 2
+    per_seq = rng.integers(0, 3, size=(S, L, V, E))
+    per_seq[:2, :, 4, :] = 0
+    per_seq[2:, :, 4, :] = 0
+    per_seq[0, :, 4, :] = [3, 0, 1, 2]  # token 4 occurs in sequence 0 only
+    s, li, v, e = np.nonzero(per_seq)
+    ste = SequenceTokenExperts.from_rows(s, (li * V + v) * E + e, per_seq[s, li, v, e], np.arange(V), (L, V, E))
+    occ = rng.integers(1, 4, size=(S, V)).astype(float)
+    occ[1:, 4] = 0
+    n_tok = occ.sum(axis=1, keepdims=True).repeat(L, axis=1)
+    ctrl = TokenIdControl(ste, csr_matrix(occ), n_tok, k)
+    train, test = np.array([1, 2, 3, 4, 5]), np.array([0])
+    feats, unseen = ctrl.fold(train, test)
+    counts = per_seq[train].sum(axis=0)  # (L, V, E)
+    expect = np.zeros((S, L, E))
+    for layer in range(L):
+        freq = counts[layer].sum(axis=0)
+        for tok in range(V):
+            if counts[layer, tok].sum() == 0:
+                row = k * freq / freq.sum()
+            else:
+                order = sorted(range(E), key=lambda x: (-counts[layer, tok, x], x))[:k]
+                row = np.isin(np.arange(E), order).astype(float)
+            expect[:, layer] += occ[:, [tok]] * row
+    np.testing.assert_allclose(feats, (expect / n_tok[:, :, None]).reshape(S, -1))
+    assert unseen == pytest.approx(occ[0, 4] / occ[0].sum())
+
+
+def test_group_errors_name_the_fix(tmp_path):
+    trace = document_leak_trace(tmp_path / "t", n_docs=3, pieces=3, seq_len=8, layers=1)
+    with pytest.raises(DataError, match="fewer than 2 groups of 'doc_id'.*--group none"):
+        routing_signatures(trace, label="label", **FAST)
+    with pytest.raises(DataError, match="no field 'document'; available: .*doc_id"):
+        routing_signatures(trace, label="label", group="document", **FAST)
+
+
+def test_token_id_control_falls_back_to_the_whole_trace_map_when_too_large(tmp_path, monkeypatch):
+    import moescope.analysis.signatures as sigmod
+
+    path = token_routed_trace(tmp_path / "t", layers=2, n_seq=40)
+    monkeypatch.setattr(sigmod, "MAX_SEQUENCE_TOKEN_EXPERT_ROWS", 0)
+    v = _run(path, repeats=2, permutations=5, control_draws=0)
+    assert v["token_id_control_fitted_per_fold"] is False and v["token_id_control_unseen_token_share"] == 0.0
+    assert any("whole-trace map" in n for n in v["notes"])
+    assert v["token_id_control_accuracy_mean"] >= 0.6
+
+
+def test_streamed_token_expert_keys_match_a_duckdb_count(tmp_path):
+    from moescope.analysis.signature_controls import sequence_token_expert_counts
+
+    trace = moescope.open_trace(labelled_trace(tmp_path / "t", layers=3, n_seq=12, seq_len=10, generated=3,
+                                               token_strength=1.0))
+    seq_ids = np.array([1, 2, 5, 7, 11])
+    ste = sequence_token_expert_counts(trace, phase="prompt", seq_ids=seq_ids)
+    L, V, E = ste.shape
+    got = {}
+    for j, s in enumerate(seq_ids):
+        c = ste.counts(ste.rows_of([j]), minlength=L * V * E)
+        for key in np.flatnonzero(c):
+            li, rest = divmod(int(key), V * E)
+            v, e = divmod(rest, E)
+            got[(int(s), li, int(ste.vocab[v]), e)] = int(c[key])
+    rows = trace.rows("SELECT r.seq_id, r.layer, t.token_id, e, count(*) FROM (SELECT seq_id, pos, layer, "
+                      "unnest(experts) AS e FROM routes) r JOIN tokens t ON r.seq_id = t.seq_id AND r.pos = t.pos "
+                      "WHERE t.phase = 'prompt' AND r.seq_id IN (1, 2, 5, 7, 11) GROUP BY ALL")
+    assert got == {(int(s), int(li), int(t), int(e)): int(n) for s, li, t, e, n in rows}

@@ -6,26 +6,33 @@ to k). :func:`routing_signatures` asks whether signatures tell the sequences' la
 and how much of that is more than chance, load balance and token identity:
 
 - cosine similarity within vs across labels, Cohen's d;
-- logistic regression (standardised features), stratified k-fold CV: accuracy, macro-F1,
-  confusion matrix; per MoE layer; on the first n tokens only;
-- label permutation baseline (the same CV on shuffled labels);
+- a linear classifier (moescope.inference.ridge_cv: penalty tuned inside every training fold)
+  under repeated stratified *grouped* K-fold CV (default 5 x 5; folds never split a group such
+  as a document): accuracy with a 95% CI (corrected resampled t), macro-F1, confusion matrix;
+  per MoE layer (CI, permutation p, Holm across layers); on the first n tokens only;
+- label permutation baseline: labels shuffled at the group level, the identical procedure;
 - load-balancing control: per layer each expert's total count is kept and the assignments
   are dealt to the sequences at random (see :func:`load_balanced_counts`);
-- bag of token ids (tf-idf) with the same classifier and folds;
+- bag of token ids (tf-idf fitted per training fold) with the same classifier and folds;
 - token-id routing control: every token given the k experts its token id gets most often
-  at that layer (see :func:`token_id_control_counts`), then the same signature classifier.
+  at that layer in the training fold (see signature_controls.TokenIdControl), then the same
+  classifier. Routing vs each token-identity baseline: paired difference on the same folds
+  with CI and p.
 
 docs/analyses/signatures.md defines every number and its baseline.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
+from moescope import inference as inf
 from moescope.analysis.result import AnalysisResult
+from moescope.analysis.signature_controls import (SequenceTokenExperts, TokenIdControl, load_balanced_counts,
+                                                   sequence_token_expert_counts, tfidf_fold_features, token_count_matrix,
+                                                   whole_trace_control)
 from moescope.analysis.routing_counts import RouteCounts, SequenceCounts, count_routes, sequence_token_counts, trace_phases
 from moescope.errors import DataError
 from moescope.store.reader import Trace
@@ -101,136 +108,11 @@ def cosine_stats(X: np.ndarray, y: np.ndarray) -> dict[str, float]:
             "cohens_d": float(d), "n_within_pairs": int(w_n), "n_across_pairs": int(a_n)}
 
 
-# -- classification --------------------------------------------------------------------------------
-def signature_classifier(seed: int = 0) -> Any:
-    """Standardised features -> multinomial logistic regression (L2, C = 1), fixed seed."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
-
-
-def bag_of_tokens_classifier(seed: int = 0) -> Any:
-    """tf-idf of token-id counts -> the same logistic regression."""
-    from sklearn.feature_extraction.text import TfidfTransformer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-
-    return make_pipeline(TfidfTransformer(), LogisticRegression(max_iter=2000, random_state=seed))
-
-
-def folds_for(y: np.ndarray, folds: int) -> int:
-    """The folds actually usable: at most the size of the smallest class."""
-    return int(min(folds, np.unique(y, return_counts=True)[1].min()))
-
-
-@dataclass
-class CVScore:
-    """Out-of-fold accuracy per fold, pooled predictions, macro-F1 and confusion matrix."""
-
-    fold_accuracy: np.ndarray
-    predictions: np.ndarray
-    macro_f1: float
-    confusion: np.ndarray
-
-    @property
-    def mean(self) -> float:
-        return float(self.fold_accuracy.mean())
-
-    @property
-    def sd(self) -> float:
-        return float(self.fold_accuracy.std(ddof=1)) if len(self.fold_accuracy) > 1 else 0.0
-
-
-def cross_validate(model: Any, X: Any, y: np.ndarray, folds: int, seed: int) -> CVScore:
-    """Stratified k-fold (shuffled with `seed`) accuracy of `model` on (X, y)."""
-    from sklearn.base import clone
-    from sklearn.metrics import confusion_matrix, f1_score
-    from sklearn.model_selection import StratifiedKFold
-
-    pred = np.empty(len(y), dtype=y.dtype)
-    acc = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # convergence chatter on tiny folds; accuracy is what we report
-        for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y):
-            fitted = clone(model).fit(X[train], y[train])
-            pred[test] = fitted.predict(X[test])
-            acc.append(float(np.mean(pred[test] == y[test])))
-    labels = np.unique(y)
-    return CVScore(np.array(acc), pred, float(f1_score(y, pred, labels=labels, average="macro")),
-                   confusion_matrix(y, pred, labels=labels))
-
-
-def permutation_scores(model: Any, X: np.ndarray, y: np.ndarray, folds: int, seed: int, permutations: int) -> np.ndarray:
-    """Mean CV accuracy on `permutations` label shuffles (sklearn permutation_test_score)."""
-    from sklearn.model_selection import StratifiedKFold, permutation_test_score
-
-    if permutations <= 0:
-        return np.zeros(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _, scores, _ = permutation_test_score(model, X, y, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
-                                              n_permutations=permutations, random_state=seed, n_jobs=1)
-    return np.asarray(scores)
-
-
-# -- controls --------------------------------------------------------------------------------------
-def load_balanced_counts(counts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Load-balancing control: per layer, each expert keeps its total count over all sequences and
-    each sequence keeps its number of assignments, but which sequence gets which expert
-    assignment is re-drawn uniformly (a random table with both margins fixed, drawn expert
-    by expert as multivariate hypergeometric draws). Equivalent to shuffling the single
-    expert assignments over all (token, slot) positions of the layer."""
-    S, L, E = counts.shape
-    out = np.zeros_like(counts)
-    for li in range(L):
-        remaining = counts[:, li, :].sum(axis=1).astype(np.int64)
-        totals = counts[:, li, :].sum(axis=0).astype(np.int64)
-        for e in np.argsort(-totals):  # largest first: numerically the cheapest order
-            if totals[e] == 0:
-                continue
-            draw = rng.multivariate_hypergeometric(remaining, int(totals[e]))
-            out[:, li, e] = draw
-            remaining -= draw
-    return out
-
-
-def token_id_control_counts(tok_exp: dict[str, np.ndarray], seq_tok: dict[str, np.ndarray], seq_ids: np.ndarray,
-                            n_layers: int, n_experts: int, top_k: int) -> np.ndarray:
-    """Token-id routing control: (S, L, E) counts if every occurrence of a token id were sent to
-    that id's k most frequent experts at the layer (ties to the lower expert id), frequencies
-    taken over the analysed phase of the whole trace. A token id seen once keeps its own
-    routing, so the control is an upper bound on what token identity alone explains."""
-    from scipy.sparse import csr_matrix
-
-    li, tok, ex = tok_exp["layer_index"], tok_exp["token_id"], tok_exp["expert"]
-    key = li * (int(max(tok.max(initial=0), seq_tok["token_id"].max(initial=0))) + 1) + tok
-    first = np.r_[0, np.flatnonzero(np.diff(key)) + 1]
-    rank = np.arange(len(key)) - np.repeat(first, np.diff(np.r_[first, len(key)]))
-    top = rank < top_k  # rows are sorted by (layer, token, count desc, expert)
-    vocab, tok_col = np.unique(np.concatenate([tok, seq_tok["token_id"]]), return_inverse=True)
-    tok_idx, seq_tok_idx = tok_col[:len(tok)], tok_col[len(tok):]
-    keep = np.isin(seq_tok["seq_id"], seq_ids)
-    A = csr_matrix((seq_tok["n"][keep].astype(np.float64),
-                    (np.searchsorted(seq_ids, seq_tok["seq_id"][keep]), seq_tok_idx[keep])),
-                   shape=(len(seq_ids), len(vocab)))
-    out = np.zeros((len(seq_ids), n_layers, n_experts))
-    for layer in range(n_layers):
-        sel = top & (li == layer)
-        M = csr_matrix((np.ones(int(sel.sum())), (tok_idx[sel], ex[sel])), shape=(len(vocab), n_experts))
-        out[:, layer, :] = (A @ M).toarray()
-    return out
-
-
-def bag_of_tokens(seq_tok: dict[str, np.ndarray], seq_ids: np.ndarray) -> Any:
-    """(S, V) sparse counts of each token id in each sequence (columns: ids present)."""
-    from scipy.sparse import csr_matrix
-
-    keep = np.isin(seq_tok["seq_id"], seq_ids)
-    vocab, col = np.unique(seq_tok["token_id"][keep], return_inverse=True)
-    return csr_matrix((seq_tok["n"][keep].astype(np.float64), (np.searchsorted(seq_ids, seq_tok["seq_id"][keep]), col)),
-                      shape=(len(seq_ids), len(vocab)))
+# -- classification: see moescope.inference -------------------------------------------------------
+#: What the classifier is, for params and docs (moescope.inference.ridge_cv).
+CLASSIFIER = ("one-vs-rest ridge on one-hot labels, features standardised in each training fold, penalty tuned in "
+              "each training fold by exact leave-one-group-out error over " + ", ".join(map(str, inf.ALPHA_FACTORS))
+              + " x mean squared singular value")
 
 
 # -- the analysis ----------------------------------------------------------------------------------
@@ -258,8 +140,10 @@ class SignatureInputs:
     """Everything the signature analysis reads from a trace (then it is pure computation).
 
     seq_counts: expert counts per labelled sequence (and position bucket); labels: (S,) text;
-    token_expert: :func:`token_expert_counts` output and seq_tokens: :func:`sequence_token_counts`
-    output (None without a tokens table)."""
+    groups: (S,) group of each sequence (e.g. its document id) or None; seq_tokens:
+    :func:`sequence_token_counts` output and seq_token_experts: per-sequence token-expert
+    counts (None without a tokens table); token_expert: whole-trace counts (kept for callers
+    that read them; the control is fitted per fold from seq_token_experts)."""
 
     seq_counts: SequenceCounts
     labels: np.ndarray
@@ -269,6 +153,18 @@ class SignatureInputs:
     token_expert: dict[str, np.ndarray] | None
     seq_tokens: dict[str, np.ndarray] | None
     notes: list[str]
+    groups: np.ndarray | None = None
+    group_field: str | None = None
+    seq_token_experts: SequenceTokenExperts | None = None
+
+
+#: Above this many expert assignments (tokens x MoE layers x k; 4 bytes each, kept per sequence),
+#: the token-id control falls back to one whole-trace map (noted).
+MAX_SEQUENCE_TOKEN_EXPERT_ROWS = 100_000_000
+
+#: The sequences field that groups pieces of one document, used without --group when present
+#: (the built-in prompts and the default model's probe texts carry it).
+DEFAULT_GROUP_FIELD = "doc_id"
 
 
 def signature_buckets(trace: Trace, phase: str = "prompt", first_n: Sequence[int] | None = None) -> list[int]:
@@ -284,148 +180,254 @@ def shared_counts(trace: Trace, *, phase: str = "prompt", first_n: Sequence[int]
                         token_experts=trace.has("tokens"))
 
 
-def gather_signature_inputs(trace: Trace, label: str, *, phase: str = "prompt",
+def resolve_group(trace: Trace, group: str | None) -> str | None:
+    """The grouping field to use: `group` as given ('none' for no grouping), else
+    DEFAULT_GROUP_FIELD when the sequences carry it, else None."""
+    if group is not None:
+        return None if group.lower() == "none" else group
+    columns = trace.columns("sequences") if trace.has("sequences") else []
+    return DEFAULT_GROUP_FIELD if DEFAULT_GROUP_FIELD in columns else None
+
+
+def gather_signature_inputs(trace: Trace, label: str, *, phase: str = "prompt", group: str | None = None,
                             first_n: Sequence[int] | None = None, counts: RouteCounts | None = None) -> SignatureInputs:
     """Read the counts of the analysis from the trace (DuckDB aggregations, bounded memory) and
     check the labels (DataError with the fix when they cannot be analysed). `counts`: a
     :func:`count_routes` result of the same phase with sequences split at
-    :func:`signature_buckets` (and token experts), e.g. shared with the statistics."""
+    :func:`signature_buckets` (and token experts), e.g. shared with the statistics. `group`:
+    sequences field grouping the sequences for CV (None: DEFAULT_GROUP_FIELD when present;
+    'none': no grouping)."""
     notes: list[str] = []
     if phase != "prompt" and not trace.has("tokens"):
         raise DataError(f"{trace.path} has no tokens table, so phases are unknown; use --phase prompt")
     if phase == "prompt" and not trace.has("tokens"):
         notes.append("no tokens table: every routed token is taken as a prompt token")
     labels_by_seq = read_labels(trace, label)
+    group_field = resolve_group(trace, group)
+    groups_by_seq = read_labels(trace, group_field) if group_field else None
+    if group_field and group is None:
+        notes.append(f"cross-validation grouped by the sequences field {group_field!r} (found in the trace): pieces of one "
+                     "document never sit in both train and test; --group none to switch off")
     if counts is None:
         counts = count_routes(trace, phase=phase, scan=False, sequences=True,
                               bucket_edges=signature_buckets(trace, phase, first_n), token_experts=trace.has("tokens"))
     seqc = counts.sequences
     keep = np.isin(seqc.seq_ids, list(labels_by_seq)) & (seqc.n_tokens.sum(axis=(1, 2)) > 0)
+    if groups_by_seq is not None:
+        keep &= np.isin(seqc.seq_ids, list(groups_by_seq))
     if (~keep).any():
-        notes.append(f"{int((~keep).sum())} sequence(s) without a label or without {phase} tokens left out")
+        notes.append(f"{int((~keep).sum())} sequence(s) without a label{' or group' if group_field else ''} "
+                     f"or without {phase} tokens left out")
     if not keep.all():  # boolean indexing copies the largest array: only when something is left out
         seqc = SequenceCounts(seqc.seq_ids[keep], seqc.counts[keep], seqc.n_tokens[keep], seqc.bucket_edges)
     y = np.array([labels_by_seq[int(s)] for s in seqc.seq_ids], dtype=object).astype(str)
     check_labels(y, label)
-    tok_exp, seq_tok = counts.token_experts, None
+    groups = (np.array([groups_by_seq[int(s)] for s in seqc.seq_ids], dtype=object).astype(str)
+              if groups_by_seq is not None else None)
+    tok_exp, seq_tok, ste = counts.token_experts, None, None
     if trace.has("tokens"):
         seq_tok = sequence_token_counts(trace, phase=phase)
+        rows = int(seq_tok["n"][np.isin(seq_tok["seq_id"], seqc.seq_ids)].sum()) * len(trace.moe_layers) * trace.top_k
+        if rows <= MAX_SEQUENCE_TOKEN_EXPERT_ROWS:
+            ste = sequence_token_expert_counts(trace, phase=phase, seq_ids=seqc.seq_ids)
+        else:
+            notes.append(f"{rows:,} per-sequence token-expert assignments are too many to hold, so the token-id "
+                         "control uses one whole-trace map for every fold: it has seen the test sequences' own routing "
+                         "(optimistic for the control, conservative for 'routing adds')")
     else:
         notes.append("no tokens table: bag-of-tokens and token-id controls skipped")
-    return SignatureInputs(seqc, y, trace.moe_layers, trace.n_experts, trace.top_k, tok_exp, seq_tok, notes)
+    return SignatureInputs(seqc, y, trace.moe_layers, trace.n_experts, trace.top_k, tok_exp, seq_tok, notes,
+                           groups=groups, group_field=group_field, seq_token_experts=ste)
 
 
 def routing_signatures(
     trace: Trace,
     *,
     label: str,
+    group: str | None = None,
     folds: int = 5,
+    repeats: int = 5,
     permutations: int = 200,
     seed: int = 0,
     phase: str = "prompt",
     control_draws: int = 3,
     first_n: Sequence[int] | None = None,
     figures: bool = True,
+    n_jobs: int = 1,
 ) -> AnalysisResult:
     """Task routing signatures of a labelled trace against their baselines (analysis="signatures").
 
     Args:
         label: the sequences field holding each sequence's label.
-        folds: stratified CV folds (reduced to the smallest label's size, noted in params).
-        permutations: label shuffles for the permutation baseline.
+        group: the sequences field grouping sequences that must stay on one side of every split
+            (e.g. a document id). None: 'doc_id' when the trace has it; 'none': no grouping.
+        folds: stratified grouped CV folds (reduced to the groups of the rarest label, noted).
+        repeats: CV repeats, each with its own shuffle (the CI is over all repeats x folds).
+        permutations: group-level label shuffles, each through the identical procedure.
         phase: 'prompt' (default), 'generated' or 'all' tokens; prefill and decode are kept
             apart unless asked. A trace without a tokens table counts as prompt only.
         control_draws: re-draws of the load-balancing control (mean +- sd over them).
         first_n: token counts for the accuracy-vs-tokens-seen curve (default 1, 2, 4, ...).
+        n_jobs: threads over the CV folds.
     """
-    inputs = gather_signature_inputs(trace, label, phase=phase, first_n=first_n)
-    values, figs = evaluate_signatures(inputs, label=label, folds=folds, permutations=permutations, seed=seed,
-                                       phase=phase, control_draws=control_draws, figures=figures)
-    params = {"label": label, "folds_requested": folds, "folds": values["folds"], "permutations": permutations,
-              "seed": seed, "phase": phase, "control_draws": control_draws,
-              "first_n": inputs.seq_counts.bucket_edges[1:].tolist(), "phases_in_trace": sorted(trace_phases(trace)),
-              "classifier": "StandardScaler + LogisticRegression(C=1, lbfgs, max_iter=2000)", "notes": values["notes"]}
+    inputs = gather_signature_inputs(trace, label, phase=phase, group=group, first_n=first_n)
+    values, figs = evaluate_signatures(inputs, label=label, folds=folds, repeats=repeats, permutations=permutations,
+                                       seed=seed, phase=phase, control_draws=control_draws, figures=figures, n_jobs=n_jobs)
+    params = {"label": label, "group": inputs.group_field, "folds_requested": folds, "folds": values["folds"],
+              "repeats": repeats, "permutations": permutations, "seed": seed, "phase": phase,
+              "control_draws": control_draws, "first_n": inputs.seq_counts.bucket_edges[1:].tolist(),
+              "phases_in_trace": sorted(trace_phases(trace)), "classifier": CLASSIFIER, "notes": values["notes"]}
     return AnalysisResult("signatures", values, params=params, figures=figs, trace=str(trace.path))
 
 
-def evaluate_signatures(inputs: SignatureInputs, *, label: str, folds: int = 5, permutations: int = 200, seed: int = 0,
-                        phase: str = "prompt", control_draws: int = 3, figures: bool = True) -> tuple[dict[str, Any], dict]:
+def evaluate_signatures(inputs: SignatureInputs, *, label: str, folds: int = 5, repeats: int = 5, permutations: int = 200,
+                        seed: int = 0, phase: str = "prompt", control_draws: int = 3, figures: bool = True,
+                        n_jobs: int = 1) -> tuple[dict[str, Any], dict]:
     """The pure half of :func:`routing_signatures`: (values, figures) from the gathered counts."""
     from threadpoolctl import threadpool_limits
 
-    # Hundreds of small model fits: BLAS/OpenMP threads only contend (measured 10x slower with
-    # 2 threads on a busy 2-core machine), so this part runs single-threaded.
+    # Many small factorisations: BLAS threads inside each only contend on a busy machine, so
+    # BLAS is single-threaded and the parallelism (n_jobs) is over folds.
     with threadpool_limits(limits=1):
-        return _evaluate(inputs, label, folds, permutations, seed, phase, control_draws, figures)
+        return _evaluate(inputs, label, folds, repeats, permutations, seed, phase, control_draws, figures, n_jobs)
 
 
-def _evaluate(inputs: SignatureInputs, label: str, folds: int, permutations: int, seed: int, phase: str,
-              control_draws: int, figures: bool) -> tuple[dict[str, Any], dict]:
+def _cv_keys(prefix: str, res: inf.CVResult) -> dict[str, Any]:
+    ci = res.ci()
+    return {f"{prefix}_mean": res.accuracy, f"{prefix}_sd": float(np.std(res.folds, ddof=1)) if len(res.folds) > 1 else 0.0,
+            f"{prefix}_ci_low": ci["ci_low"], f"{prefix}_ci_high": ci["ci_high"]}
+
+
+def _paired(name: str, a: inf.CVResult, b: inf.CVResult) -> dict[str, Any]:
+    r = inf.paired_comparison(a.folds, b.folds, a.n_train, a.n_test)
+    return {name: r["difference"], f"{name}_ci_low": r["ci_low"], f"{name}_ci_high": r["ci_high"],
+            f"{name}_p_value": r["p_value"]}
+
+
+def _evaluate(inputs: SignatureInputs, label: str, folds: int, repeats: int, permutations: int, seed: int, phase: str,
+              control_draws: int, figures: bool, n_jobs: int) -> tuple[dict[str, Any], dict]:
+    from sklearn.metrics import confusion_matrix, f1_score
+
     notes = list(inputs.notes)
-    seqc, y = inputs.seq_counts, inputs.labels
+    seqc, y, groups = inputs.seq_counts, inputs.labels, inputs.groups
     grid = seqc.bucket_edges[1:].tolist()
-    k_used = folds_for(y, folds)
+    k_used = inf.usable_folds(y, groups, folds)
+    if k_used < 2:
+        raise DataError(f"a label of field {label!r} sits in fewer than 2 groups of {inputs.group_field!r}; "
+                        "cross-validation needs every label in at least 2 groups (add documents or use --group none)")
     if k_used < folds:
-        notes.append(f"folds reduced from {folds} to {k_used}: the smallest label has {k_used} sequences")
+        unit = f"groups of {inputs.group_field!r}" if groups is not None else "sequences"
+        notes.append(f"folds reduced from {folds} to {k_used}: the rarest label has {k_used} {unit}")
+    repeats = max(1, int(repeats))
+    splits = inf.repeated_grouped_splits(y, groups, folds=k_used, repeats=repeats, seed=seed)
+    perms = inf.fold_permutations(y, groups, splits, permutations, seed=seed + 7919)
+
+    def cv(features: Any, *, with_perms: bool = False, standardize: bool = True) -> inf.CVResult:
+        return inf.ridge_cv(features, y, splits, groups=groups, permuted_labels=perms if with_perms else None,
+                            standardize=standardize, n_jobs=n_jobs)
+
     S, L, E = len(y), len(inputs.moe_layers), inputs.n_experts
     counts, n_tok = seqc.total()
     X = signature_vectors(counts, n_tok)
-    model = signature_classifier(seed)
     names, per_label = np.unique(y, return_counts=True)
     v: dict[str, Any] = {"label": label, "labels": names.tolist(), "n_per_label": per_label.tolist(), "n_sequences": S,
-                         "phase": phase, "moe_layers": inputs.moe_layers, "folds": k_used,
+                         "phase": phase, "moe_layers": inputs.moe_layers, "folds": k_used, "cv_repeats": repeats,
+                         "group_field": inputs.group_field,
+                         "n_groups": int(len(np.unique(groups))) if groups is not None else S,
                          "chance_accuracy": float(per_label.max() / S), "uniform_chance_accuracy": 1.0 / len(names)}
     v.update(cosine_stats(X, y))
-    cv = cross_validate(model, X, y, k_used, seed)
-    v.update(cv_accuracy_mean=cv.mean, cv_accuracy_sd=cv.sd, cv_fold_accuracies=cv.fold_accuracy, macro_f1=cv.macro_f1,
-             confusion_matrix=cv.confusion)
-    perm = permutation_scores(model, X, y, k_used, seed, permutations)
+    main = cv(X, with_perms=True)
+    pred0 = main.pooled_predictions(0)
+    v.update(_cv_keys("cv_accuracy", main))
+    v.update(cv_fold_accuracies=main.folds, cv_repeat_accuracies=main.repeat_accuracy,
+             macro_f1=float(np.mean([f1_score(y, main.pooled_predictions(r), labels=names, average="macro")
+                                     for r in range(repeats)])),
+             confusion_matrix=confusion_matrix(y, pred0, labels=names),
+             penalty_factor_median=float(np.median(main.alpha_factor)))
+    perm = main.null_accuracy
     v.update(permutation_accuracies=perm,
              permutation_accuracy_mean=float(perm.mean()) if len(perm) else None,
              permutation_accuracy_sd=float(perm.std(ddof=1)) if len(perm) > 1 else None,
              permutation_accuracy_p95=float(np.percentile(perm, 95)) if len(perm) else None,
-             permutation_p_value=float((1 + np.sum(perm >= cv.mean)) / (1 + len(perm))) if len(perm) else None)
-    # load-balancing control
+             permutation_p_value=main.p_value,
+             permutation_p_value_floor=inf.permutation_floor(len(perm)) if len(perm) else None,
+             permutation_p_value_text=inf.format_p(main.p_value, len(perm)) if len(perm) else None)
+    # load-balancing control (label-free draws; the classifier is fitted and tuned as above)
     rng = np.random.default_rng(seed)
     lb_acc, lb_cos = [], []
     for _ in range(control_draws):
         Xb = signature_vectors(load_balanced_counts(counts, rng), n_tok)
-        lb_acc.append(cross_validate(model, Xb, y, k_used, seed).mean)
+        # each draw is a fresh random control: its first CV repeat suffices (draws x 5 fits, not draws x 25)
+        lb_acc.append(inf.ridge_cv(Xb, y, splits[:1], groups=groups, n_jobs=n_jobs).accuracy)
         lb_cos.append(cosine_stats(Xb, y))
     v.update(load_balanced_accuracy_mean=float(np.mean(lb_acc)) if lb_acc else None,
              load_balanced_accuracy_sd=float(np.std(lb_acc, ddof=1)) if len(lb_acc) > 1 else None,
              load_balanced_cohens_d=float(np.mean([c["cohens_d"] for c in lb_cos])) if lb_cos else None,
              load_balanced_within_cosine_mean=float(np.mean([c["within_cosine_mean"] for c in lb_cos])) if lb_cos else None,
              load_balanced_across_cosine_mean=float(np.mean([c["across_cosine_mean"] for c in lb_cos])) if lb_cos else None)
-    # token identity
-    v.update(bag_of_tokens_accuracy_mean=None, bag_of_tokens_accuracy_sd=None, token_id_control_accuracy_mean=None,
-             token_id_control_accuracy_sd=None, token_id_control_cohens_d=None, adds_over_bag_of_tokens=None,
-             adds_over_token_id_control=None)
-    if inputs.seq_tokens is not None and inputs.token_expert is not None:
-        seq_tok = inputs.seq_tokens
-        bag = cross_validate(bag_of_tokens_classifier(seed), bag_of_tokens(seq_tok, seqc.seq_ids), y, k_used, seed)
-        ctrl_counts = token_id_control_counts(inputs.token_expert, seq_tok, seqc.seq_ids, L, E, inputs.top_k)
-        Xt = signature_vectors(ctrl_counts, n_tok)
-        tcv = cross_validate(model, Xt, y, k_used, seed)
-        v.update(bag_of_tokens_accuracy_mean=bag.mean, bag_of_tokens_accuracy_sd=bag.sd,
-                 token_id_control_accuracy_mean=tcv.mean, token_id_control_accuracy_sd=tcv.sd,
-                 token_id_control_cohens_d=cosine_stats(Xt, y)["cohens_d"],
-                 adds_over_bag_of_tokens=cv.mean - bag.mean, adds_over_token_id_control=cv.mean - tcv.mean)
-    # per layer and per number of tokens seen
-    per_layer = [cross_validate(model, X[:, i * E:(i + 1) * E], y, k_used, seed).mean for i in range(L)]
+    # token identity: bag of token ids and the token-id routing control, both fitted per fold
+    for key in ("bag_of_tokens_accuracy", "token_id_control_accuracy"):
+        v.update({f"{key}_{s}": None for s in ("mean", "sd", "ci_low", "ci_high")})
+    for key in ("adds_over_bag_of_tokens", "adds_over_token_id_control"):
+        v.update({f"{key}{s}": None for s in ("", "_ci_low", "_ci_high", "_p_value")})
+    v.update(token_id_control_cohens_d=None, token_id_control_unseen_token_share=None, token_id_control_fitted_per_fold=None,
+             per_layer_token_id_control_accuracy=None)
+    control_features: list[np.ndarray] | None = None
+    if inputs.seq_tokens is not None and (inputs.seq_token_experts is not None or inputs.token_expert is not None):
+        bag_counts = token_count_matrix(inputs.seq_tokens, seqc.seq_ids)
+        bag = cv(tfidf_fold_features(bag_counts), standardize=False)
+        if inputs.seq_token_experts is not None:
+            ste = inputs.seq_token_experts
+            control = TokenIdControl(ste, token_count_matrix(inputs.seq_tokens, seqc.seq_ids, ste.vocab), n_tok,
+                                     inputs.top_k)
+        else:
+            vocab = np.unique(inputs.seq_tokens["token_id"][np.isin(inputs.seq_tokens["seq_id"], seqc.seq_ids)])
+            control = whole_trace_control(inputs.token_expert, token_count_matrix(inputs.seq_tokens, seqc.seq_ids, vocab),
+                                          vocab, n_tok, L, E, inputs.top_k)
+        flat = [sp for rep in splits for sp in rep]
+        if n_jobs != 1:
+            from joblib import Parallel, delayed
+
+            fitted = Parallel(n_jobs=n_jobs, prefer="threads")(delayed(control.fold)(tr, te) for tr, te in flat)
+        else:
+            fitted = [control.fold(tr, te) for tr, te in flat]
+        control_features = [f for f, _ in fitted]
+        tcv = cv(lambda j, tr, te: (control_features[j][tr], control_features[j][te]))
+        full_map = control.base_counts / np.maximum(n_tok[:, :, None], 1)
+        v.update(_cv_keys("bag_of_tokens_accuracy", bag))
+        v.update(_cv_keys("token_id_control_accuracy", tcv))
+        v.update(_paired("adds_over_bag_of_tokens", main, bag))
+        v.update(_paired("adds_over_token_id_control", main, tcv))
+        v.update(token_id_control_cohens_d=cosine_stats(full_map.reshape(S, -1), y)["cohens_d"],
+                 token_id_control_unseen_token_share=float(np.mean([u for _, u in fitted])),
+                 token_id_control_fitted_per_fold=control.per_fold)
+    # per layer: accuracy with CI, permutation p (same shuffles), Holm; the control per layer
+    per_layer = [cv(X[:, i * E:(i + 1) * E], with_perms=True) for i in range(L)]
+    p_layer = [r.p_value if r.p_value is not None else float("nan") for r in per_layer]
+    cis = [r.ci() for r in per_layer]
     gaps = [(lambda c: c["within_cosine_mean"] - c["across_cosine_mean"])(cosine_stats(X[:, i * E:(i + 1) * E], y))
             for i in range(L)]
-    v.update(per_layer_accuracy=per_layer, per_layer_cosine_gap=gaps,
-             best_layer=int(inputs.moe_layers[int(np.argmax(per_layer))]))
+    rep_acc = np.array([r.repeat_accuracy for r in per_layer])  # (L, R)
+    best = int(np.argmax(rep_acc.mean(axis=1)))
+    v.update(per_layer_accuracy=[r.accuracy for r in per_layer], per_layer_accuracy_ci_low=[c["ci_low"] for c in cis],
+             per_layer_accuracy_ci_high=[c["ci_high"] for c in cis], per_layer_p_value=p_layer,
+             per_layer_p_value_holm=inf.holm(p_layer).tolist(), per_layer_cosine_gap=gaps,
+             best_layer=int(inputs.moe_layers[best]),
+             best_layer_stability=float(np.mean(np.argmax(rep_acc, axis=0) == best)))
+    if control_features is not None:
+        v["per_layer_token_id_control_accuracy"] = [
+            cv(lambda j, tr, te, i=i: (control_features[j][tr, i * E:(i + 1) * E],
+                                       control_features[j][te, i * E:(i + 1) * E])).accuracy for i in range(L)]
     curve_n, curve_acc, curve_tokens = [], [], []
     for n in grid:
         c_n, t_n = seqc.first(n)
         curve_n.append(n)
         curve_tokens.append(float(t_n.max(axis=1).mean()))
-        curve_acc.append(cross_validate(model, signature_vectors(c_n, t_n), y, k_used, seed).mean)
+        # descriptive curve: the first CV repeat only (a fifth of the fits of the full design)
+        curve_acc.append(inf.ridge_cv(signature_vectors(c_n, t_n), y, splits[:1], groups=groups, n_jobs=n_jobs).accuracy)
     curve_n.append(int(n_tok.max()))
     curve_tokens.append(float(n_tok.max(axis=1).mean()))
-    curve_acc.append(cv.mean)
+    curve_acc.append(float(main.repeat_accuracy[0]))
     v.update(first_n_tokens=curve_n, first_n_mean_tokens=curve_tokens, first_n_accuracy=curve_acc)
     v["notes"] = notes
     figs = {}

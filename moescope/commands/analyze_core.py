@@ -56,10 +56,26 @@ def stats_table(v: dict[str, Any]) -> Table:
     return table
 
 
+def _ci(v: dict[str, Any], prefix: str) -> str:
+    lo, hi = v.get(f"{prefix}_ci_low"), v.get(f"{prefix}_ci_high")
+    mean = v.get(f"{prefix}_mean", v.get(prefix))
+    return _fmt(mean) if lo is None or hi is None else f"{_fmt(mean)} [{_fmt(lo)}, {_fmt(hi)}]"
+
+
+def _adds(v: dict[str, Any], name: str) -> str:
+    if v.get(name) is None:
+        return "n/a"
+    lo, hi = v.get(f"{name}_ci_low"), v.get(f"{name}_ci_high")
+    ci = f" [{lo:+.3f}, {hi:+.3f}]" if lo is not None and hi is not None else ""
+    return f"signature adds {v[name]:+.3f}{ci}, p = {_fmt(v.get(f'{name}_p_value'), 3)}"
+
+
 def signatures_table(v: dict[str, Any]) -> Table:
     """The headline numbers of a signatures result, each next to its baseline."""
+    grouped = f", grouped by {v['group_field']!r} ({v.get('n_groups')} groups)" if v.get("group_field") else ""
     table = Table(title=f"Routing signatures by {v['label']!r}: {v['n_sequences']} sequences, "
-                        f"{len(v['labels'])} labels, {v['folds']}-fold CV, {v['phase']} tokens")
+                        f"{len(v['labels'])} labels, {v.get('cv_repeats', 1)}x{v['folds']}-fold CV{grouped}, "
+                        f"{v['phase']} tokens")
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_column("baseline", justify="right")
@@ -67,24 +83,27 @@ def signatures_table(v: dict[str, Any]) -> Table:
                   f"across: {_pm(v['across_cosine_mean'], v['across_cosine_sd'])}")
     table.add_row("Cohen's d (within vs across)", _fmt(v["cohens_d"]),
                   f"load-balanced control: {_fmt(v['load_balanced_cohens_d'])}")
-    table.add_row("CV accuracy", _pm(v["cv_accuracy_mean"], v["cv_accuracy_sd"]),
-                  f"chance {_fmt(v['chance_accuracy'])}")
+    table.add_row("CV accuracy [95% CI]", _ci(v, "cv_accuracy"),
+                  f"chance {_fmt(v['chance_accuracy'])} (majority; uniform {_fmt(v.get('uniform_chance_accuracy'))})")
     table.add_row("macro-F1", _fmt(v["macro_f1"]), "")
     if v.get("permutation_accuracy_mean") is not None:
         table.add_row("label permutation", _pm(v["permutation_accuracy_mean"], v["permutation_accuracy_sd"]),
-                      f"p = {_fmt(v['permutation_p_value'], 4)} ({len(v['permutation_accuracies'])} shuffles)")
+                      f"{v.get('permutation_p_value_text') or _fmt(v['permutation_p_value'], 4)} "
+                      f"({len(v['permutation_accuracies'])} shuffles)")
     if v.get("load_balanced_accuracy_mean") is not None:
         table.add_row("load-balancing control", _pm(v["load_balanced_accuracy_mean"], v["load_balanced_accuracy_sd"]),
                       "loads kept, assignments re-drawn")
     if v.get("bag_of_tokens_accuracy_mean") is not None:
-        table.add_row("bag of token ids", _pm(v["bag_of_tokens_accuracy_mean"], v["bag_of_tokens_accuracy_sd"]),
-                      f"signature adds {v['adds_over_bag_of_tokens']:+.3f}")
-        table.add_row("token-id routing control",
-                      _pm(v["token_id_control_accuracy_mean"], v["token_id_control_accuracy_sd"]),
-                      f"signature adds {v['adds_over_token_id_control']:+.3f}")
+        table.add_row("bag of token ids", _ci(v, "bag_of_tokens_accuracy"), _adds(v, "adds_over_bag_of_tokens"))
+        table.add_row("token-id routing control", _ci(v, "token_id_control_accuracy"),
+                      _adds(v, "adds_over_token_id_control"))
     best = v["per_layer_accuracy"][v["moe_layers"].index(v["best_layer"])]
-    table.add_row("best single layer", f"layer {v['best_layer']}: {_fmt(best)}",
+    stability = v.get("best_layer_stability")
+    table.add_row("best single layer", f"layer {v['best_layer']}: {_fmt(best)}"
+                  + (f" (best in {100 * stability:.0f}% of repeats)" if stability is not None else ""),
                   "per layer: " + " ".join(_fmt(a, 2) for a in v["per_layer_accuracy"]))
+    if v.get("per_layer_p_value_holm") is not None:
+        table.add_row("per-layer p (Holm)", "", " ".join(_fmt(p, 2) for p in v["per_layer_p_value_holm"]))
     table.add_row("first n tokens", " ".join(f"{n}:{_fmt(a, 2)}" for n, a in zip(v["first_n_tokens"], v["first_n_accuracy"])),
                   "accuracy by tokens seen")
     return table
@@ -123,11 +142,16 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None
         trace_dir: Path = typer.Argument(..., help="A trace whose sequences carry a label field."),
         label: str = typer.Option(..., "--label", help="The sequences field holding each sequence's label."),
         out: Path = typer.Option(..., "--out", help="Directory for results.json and figures/."),
-        folds: int = typer.Option(5, "--folds", help="Stratified cross-validation folds."),
+        group: Optional[str] = typer.Option(None, "--group", help="Sequences field grouping sequences that must stay on "
+                                            "one side of every split (e.g. a document id). Default: doc_id when the "
+                                            "trace has it; 'none' for no grouping."),
+        folds: int = typer.Option(5, "--folds", help="Stratified (grouped) cross-validation folds."),
+        repeats: int = typer.Option(5, "--repeats", help="Cross-validation repeats, each with its own shuffle."),
         permutations: int = typer.Option(200, "--permutations", help="Label shuffles of the permutation baseline."),
         seed: int = typer.Option(0, "--seed"),
         phase: str = typer.Option("prompt", "--phase", help="Tokens in the signature: prompt, generated or all."),
         control_draws: int = typer.Option(3, "--control-draws", help="Re-draws of the load-balancing control."),
+        jobs: int = typer.Option(1, "--jobs", help="Threads over the cross-validation folds."),
     ) -> None:
         """Per-sequence routing signatures: do they separate the labels, and by more than chance,
         load balance and token identity?"""
@@ -140,9 +164,12 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None
             raise MoescopeError(f"--folds must be at least 2, not {folds}")
         if permutations < 0 or control_draws < 0:
             raise MoescopeError("--permutations and --control-draws cannot be negative")
+        if repeats < 1 or jobs < 1:
+            raise MoescopeError("--repeats and --jobs must be at least 1")
         trace = open_trace(trace_dir)
-        result = routing_signatures(trace, label=label, folds=folds, permutations=permutations, seed=seed, phase=phase,
-                                    control_draws=control_draws)
+        result = routing_signatures(trace, label=label, group=group, folds=folds, repeats=repeats,
+                                    permutations=permutations, seed=seed, phase=phase, control_draws=control_draws,
+                                    n_jobs=jobs)
         path = result.save(out)
         console.print(signatures_table(result.values))
         _notes(result.values["notes"])

@@ -28,7 +28,8 @@ def progress_bar() -> Progress:
 def register(app: typer.Typer, **_: object) -> None:
     @app.command("capture")
     def capture(
-        data: Path = typer.Option(..., "--data", help="Texts: .txt (one per line), .jsonl (`text` + metadata) or .parquet."),
+        data: Optional[Path] = typer.Option(None, "--data", help="Texts: .txt (one per line), .jsonl (`text` + metadata) or .parquet."),
+        replay: Optional[Path] = typer.Option(None, "--replay", help="Instead of --data: run the model over exactly the token ids of this trace (e.g. an engine import)."),
         out: Path = typer.Option(..., "--out", help="Trace directory to write (resumed if it holds this same capture)."),
         model: Optional[str] = typer.Option(None, "--model", help="Local model directory or hub id (default: the built-in model)."),
         generate: int = typer.Option(0, "--generate", help="Generate N new tokens per text and record them too (0: forward only)."),
@@ -69,6 +70,19 @@ def register(app: typer.Typer, **_: object) -> None:
 
         if engine not in ("local", "ray"):
             raise MoescopeError(f"--engine must be 'local' or 'ray', not {engine!r}")
+        if (data is None) == (replay is None):
+            raise MoescopeError("give either --data (texts to capture) or --replay (a trace whose tokens to replay)")
+        if replay is not None:
+            from moescope.commands.replay import run_replay
+
+            if generate or engine != "local" or hidden_rate or hidden_positions:
+                raise MoescopeError("--replay runs the trace's own tokens in this process: it takes no --generate, "
+                                    "--engine ray or hidden-state options")
+
+            run_replay(replay, out, model=model, device=device, dtype=dtype, router_scores=router_scores,
+                       batch_size=batch_size, revision=revision, trust_remote_code=trust_remote_code,
+                       allow_pickle=allow_pickle, overwrite=overwrite, shard_rows=shard_rows)
+            return
         dataset = TextDataset(data, text_field=text_field, skip_empty=skip_empty)
         run = RunOptions(batch_size=batch_size, max_length=max_length, on_long=on_long, generate=generate,
                          do_sample=sample, temperature=temperature, top_p=top_p, seed=seed,

@@ -29,14 +29,15 @@ def register(app: typer.Typer, **_: object) -> None:
             result = run_demo(out, model=model, generate=generate, permutations=permutations, device=device,
                               on_stage=lambda s: (status.update(s), console.log(s)))
         table = Table(title=f"Does the prompt's category leave a fingerprint in routing? ({result.model})")
-        for col in ("prompt set", "routing signature", "chance", "labels permuted", "bag of token ids",
+        for col in ("prompt set", "routing signature [95% CI]", "chance (majority)", "labels permuted", "bag of token ids",
                     "token-id routing control"):
             table.add_column(col, justify="right" if col != "prompt set" else "left")
         pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
         for name, v in result.signatures.items():
-            table.add_row(name, f"{pct(v.get('cv_accuracy_mean'))} ± {pct(v.get('cv_accuracy_sd'))}",
+            table.add_row(name, f"{pct(v.get('cv_accuracy_mean'))} [{pct(v.get('cv_accuracy_ci_low'))}, "
+                          f"{pct(v.get('cv_accuracy_ci_high'))}]",
                           pct(v.get("chance_accuracy")),
-                          f"{pct(v.get('permutation_accuracy_mean'))} (p={v.get('permutation_p_value', float('nan')):.3g})",
+                          f"{pct(v.get('permutation_accuracy_mean'))} ({v.get('permutation_p_value_text') or 'p = n/a'})",
                           pct(v.get("bag_of_tokens_accuracy_mean")), pct(v.get("token_id_control_accuracy_mean")))
         console.print(table)
         console.print(f"[green]done[/] in {time.perf_counter() - started:.0f} s. Open the report: "

@@ -146,6 +146,7 @@ def import_requests(
     overwrite: bool = False,
     shard_rows: int = DEFAULT_SHARD_ROWS,
     extra_capture: dict[str, Any] | None = None,
+    model: Any = None,
 ) -> dict[str, Any]:
     """Import every request of `source` into the trace directory `out`; returns the manifest.
 
@@ -153,8 +154,16 @@ def import_requests(
     `used_slots_only` those where some token was routed: sources whose axis covers dense
     layers too). layers: the model layer id of each kept slot (None: the slot's index).
     n_experts: E (None: largest id + 1, with a warning that unused top experts are unseen).
+    model: an :class:`~moescope.importers.engine_model.EngineModel` (``--model``): the source's
+    layer axis is already its MoE layers; it gives their ids, E, the manifest's model section
+    and the tokenizer that writes each token's text.
     """
     summary = scan(source)
+    if model is not None:
+        layers, n_experts, n_layers = list(model.moe_layers), model.n_experts, model.n_layers
+        model_name = model_name or model.name
+        if slots is None and summary.n_slots != len(layers):
+            raise DataError(f"the routing has {summary.n_slots} layers but {model.name} has {len(layers)} MoE layers")
     if slots is None:
         slots = sorted(summary.used_slots) if used_slots_only else list(range(summary.n_slots))
     elif max(slots) >= summary.n_slots:
@@ -170,27 +179,37 @@ def import_requests(
                       "pass --n-experts so experts never chosen count as dead experts")
     elif summary.max_id >= n_experts:
         raise DataError(f"expert id {summary.max_id} found but --n-experts is {n_experts}; pass the model's E")
+    described = {**model.description, "top_k": summary.top_k} if model is not None else {}
     header = {
         "moescope_version": moescope.__version__,
         "model": {"name_or_path": model_name or "unknown", "model_type": None, "family": None, "router": None,
                   "n_layers": n_layers if n_layers is not None else max(layers) + 1, "moe_layers": layers,
                   "n_experts": n_experts, "top_k": summary.top_k, "shared_experts": 0, "zero_experts": False,
-                  "capacity_drops": False},
+                  "capacity_drops": False, **described},
         "capture": {"mode": "import", "source": source.name, "has_weights": False,
                     "expert_order": "as the engine returned them (no weights to order them by)",
+                    # Engines return the router's logical expert ids; a dump without its physical-to-logical
+                    # map holds physical slots, which `analyze agreement` refuses to compare.
+                    "expert_ids": getattr(source, "expert_ids", "logical"),
                     "n_experts_given": given, **(extra_capture or {})},
         "input": {"paths": [str(p) for p in source.paths], "format": source.format, "n_records": summary.n_requests,
                   "sha256": _combined_sha(source.paths), "fields": summary.fields},
     }
     fp = fingerprint({"header": {k: v for k, v in header.items() if k != "moescope_version"}})
-    writer = TraceWriter(out, header, fp, shard_rows=shard_rows, overwrite=overwrite)
-    if writer.complete:
-        return writer.manifest
-    builder = _TableBuilder(np.asarray(slots), np.asarray(layers), summary, n_experts)
-    pending = writer.pending(summary.n_requests)
-    for start, reqs in _chunks(source.requests(), pending, rows=max(1, shard_rows // 4)):
-        writer.add(builder.tables(start, reqs), input_end=start + len(reqs), n_sequences=len(reqs), input_start=start)
-    return writer.finish()
+    texts = None
+    if model is not None and model.tokenizer is not None:
+        from moescope.capture.assemble import TokenTexts
+
+        texts = TokenTexts(model.tokenizer)
+    builder = _TableBuilder(np.asarray(slots), np.asarray(layers), summary, n_experts, texts)
+    with TraceWriter(out, header, fp, shard_rows=shard_rows, overwrite=overwrite) as writer:  # releases its lock
+        if writer.complete:
+            return writer.manifest
+        pending = writer.pending(summary.n_requests)
+        for start, reqs in _chunks(source.requests(), pending, rows=max(1, shard_rows // 4)):
+            writer.add(builder.tables(start, reqs), input_end=start + len(reqs), n_sequences=len(reqs),
+                       input_start=start)
+        return writer.finish()
 
 
 def _combined_sha(paths: Iterable[Path]) -> str:
@@ -230,8 +249,10 @@ def _chunks(requests: Iterator[Request], pending: list[tuple[int, int]], rows: i
 class _TableBuilder:
     """sequences / tokens / routes tables of a list of requests, vectorised over all of them."""
 
-    def __init__(self, slots: np.ndarray, layers: np.ndarray, summary: Summary, n_experts: int) -> None:
+    def __init__(self, slots: np.ndarray, layers: np.ndarray, summary: Summary, n_experts: int,
+                 token_texts: Any = None) -> None:
         self.slots, self.layers, self.summary = slots, layers.astype(np.uint16), summary
+        self.token_texts = token_texts  # token id array -> each token's text, or None
         self.k, self.id_type = summary.top_k, expert_id_type(n_experts)
 
     def tables(self, first: int, reqs: list[Request]) -> dict[str, pa.Table]:
@@ -266,13 +287,24 @@ class _TableBuilder:
         n_tok = np.array([len(r.token_ids) for r in reqs])
         pos = np.concatenate([self._positions(r, len(r.token_ids)) for r in reqs])
         phase = np.concatenate([_phases(r) for r in reqs])
-        return pa.table({"seq_id": pa.array(np.repeat(seq_ids, n_tok), pa.uint32()), "pos": pa.array(pos, pa.uint32()),
-                         "token_id": pa.array(np.concatenate([r.token_ids for r in reqs]).astype(np.uint32)),
-                         "phase": pa.array(phase, pa.string())})
+        ids = np.concatenate([r.token_ids for r in reqs]).astype(np.uint32)
+        cols = {"seq_id": pa.array(np.repeat(seq_ids, n_tok), pa.uint32()), "pos": pa.array(pos, pa.uint32()),
+                "token_id": pa.array(ids), "phase": pa.array(phase, pa.string())}
+        if self.token_texts is not None:
+            cols["token"] = pa.array(self.token_texts(ids), pa.string())
+        return pa.table(cols)
+
+    def _text(self, req: Request) -> str | None:
+        """The request's text: as given, else its prompt decoded by the model's tokenizer."""
+        text = _as_str(req.metadata.get("text"))
+        tokenizer = getattr(self.token_texts, "tokenizer", None)
+        if text is None and tokenizer is not None and req.token_ids is not None and req.n_prompt:
+            text = tokenizer.decode([int(t) for t in req.token_ids[:req.n_prompt]], skip_special_tokens=True)
+        return text
 
     def _sequences(self, seq_ids: np.ndarray, reqs: list[Request]) -> pa.Table:
         cols: dict[str, pa.Array] = {"seq_id": pa.array(seq_ids, pa.uint32()),
-                                     "text": pa.array([_as_str(r.metadata.get("text")) for r in reqs], pa.string())}
+                                     "text": pa.array([self._text(r) for r in reqs], pa.string())}
         for key, kind in self.summary.fields.items():
             if key == "text":
                 continue

@@ -31,6 +31,7 @@ are refused: counts cannot become a trace. Files are read with
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -38,33 +39,58 @@ import numpy as np
 
 from moescope.errors import DataError
 from moescope.importers.common import Request
+from moescope.importers.engine_model import EngineModel
+from moescope.importers.responses import read_jsonl, sglang_requests
 
 SUFFIXES = (".pt",)
+RESPONSE_SUFFIXES = (".jsonl", ".json")
+# sglang/srt/model_executor/forward_batch_info.py: ForwardMode (IntEnum, auto() from 1)
+EXTEND, DECODE, MIXED = 1, 2, 3
 
 
 class SglangSource:
-    """SGLang expert-distribution dumps (per_token mode), one or more .pt files or a directory."""
+    """SGLang routing: responses saved as JSONL (``/generate`` or OpenAI endpoints, with
+    ``--enable-return-routed-experts``; needs the model) or expert-distribution dumps
+    (per_token mode, .pt), files or directories of them."""
 
     name = "sglang"
-    format = "sglang-expert-distribution-per-token"
 
-    def __init__(self, inputs: list[str | Path]) -> None:
+    def __init__(self, inputs: list[str | Path], model: EngineModel | None = None) -> None:
+        self.model = model
         self.paths: list[Path] = []
         for item in map(Path, inputs):
             if item.is_dir():
-                self.paths += sorted(item.glob("*.pt"))
+                self.paths += sorted(p for p in item.iterdir() if p.suffix in SUFFIXES + RESPONSE_SUFFIXES)
             elif not item.exists():
                 raise DataError(f"{item} does not exist")
+            elif item.suffix not in SUFFIXES + RESPONSE_SUFFIXES:
+                raise DataError(f"{item}: expected SGLang responses (.jsonl / .json) or recorder dumps (.pt)")
             else:
                 self.paths.append(item)
         if not self.paths:
-            raise DataError(f"no .pt dumps in {', '.join(map(str, inputs))}")
+            raise DataError(f"no .jsonl, .json or .pt files in {', '.join(map(str, inputs))}")
+        kinds = {p.suffix in SUFFIXES for p in self.paths}
+        if len(kinds) > 1:
+            raise DataError("give either SGLang responses (.jsonl / .json) or recorder dumps (.pt), not both")
+        self.responses = kinds == {False}
+        if self.responses and model is None:
+            raise DataError("SGLang responses carry no shape: pass --model (the served model's directory or hub id) "
+                            "for its num_hidden_layers, num_experts_per_tok and MoE layers")
+        self.format = "sglang-responses" if self.responses else "sglang-expert-distribution-per-token"
+        self.expert_ids = "logical"  # responses: logical ids; dumps: mapped below, else refused when replicated
 
     def requests(self) -> Iterator[Request]:
+        if self.responses:
+            for path in self.paths:
+                for where, obj in _response_objects(path):
+                    yield from sglang_requests(where, obj, self.model)
+            return
         seen: set[bytes] = set()
         for path in self.paths:
             dump = load_dump(path)
             mapping = _mapping(path, dump)
+            if mapping is None:
+                self.expert_ids = "physical"
             for i, record in enumerate(dump["records"]):
                 where = f"{path} record {i}"
                 ids, positions, topk = _record_arrays(where, record)
@@ -143,21 +169,48 @@ def _segments(where: str, record: dict[str, Any], ids: np.ndarray, positions: np
     lens = record.get("extend_seq_lens")
     if lens is not None and hasattr(lens, "tolist"):
         lens = lens.tolist()
-    decode = not lens
+    mode = _int(record.get("forward_mode"))
+    if mode is not None and mode not in (EXTEND, DECODE, MIXED):
+        raise DataError(f"{where}: forward_mode {mode} (speculative or idle pass); record with speculative "
+                        "decoding off: draft and verify passes route tokens that may never be accepted")
+    decode = mode == DECODE or not lens
     if decode:
         lens = [1] * len(ids)
     if sum(lens) != len(ids):
         raise DataError(f"{where}: extend_seq_lens sum to {sum(lens)} but the pass has {len(ids)} tokens")
+    phases = ["generated" if decode else "prompt"] * len(lens)
+    if mode == MIXED:  # SGLang appends the running decode requests after the prefill chunks, one token each
+        for i in range(len(lens) - 1, -1, -1):
+            if lens[i] != 1:
+                break
+            phases[i] = "generated"
     routing = topk.transpose(1, 0, 2)  # (N, layers, 8)
-    meta = {"forward_pass_id": _int(record.get("forward_pass_id")), "rank": _int(record.get("rank"))}
+    meta = {"forward_pass_id": _int(record.get("forward_pass_id")), "rank": _int(record.get("rank")),
+            "forward_mode": mode}
     start = 0
     for segment, n in enumerate(lens):
         sl = slice(start, start + n)
         yield Request(experts=routing[sl], token_ids=ids[sl], positions=positions[sl],
-                      phase="generated" if decode else "prompt", metadata={**meta, "segment": segment},
+                      phase=phases[segment], metadata={**meta, "segment": segment},
                       where=f"{where} segment {segment}")
         start += n
 
 
 def _int(value: Any) -> int | None:
     return None if value is None else int(value)
+
+
+def _response_objects(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The response objects of a .jsonl (one a line; a batch /generate line is a list) or .json file."""
+    if path.suffix == ".json":
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        items = obj if isinstance(obj, list) else [obj]
+        for j, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise DataError(f"{path} item {j}: expected a response object")
+            yield (f"{path} item {j}" if isinstance(obj, list) else str(path)), item
+        return
+    yield from read_jsonl(path, allow_lists=True)

@@ -1,35 +1,27 @@
 """Import the routed experts that vLLM returns with ``--enable-return-routed-experts``.
 
-vLLM gives, per request, the expert ids each MoE layer's router chose for each token (int16;
-no weights). moescope reads them from files you write from vLLM's outputs, in one of three
-documented forms (docs/scale.md#vllm shows the few lines that write them):
+**Engine responses** (``--model`` needed): a JSONL of responses exactly as vLLM returned
+them, chat or completions form, any version with the output (see
+:mod:`moescope.importers.responses` and docs/scale.md#importing-routing-from-serving-engines).
 
-**JSONL**, one request per line, a JSON object with
-  - ``routed_experts``: ``[tokens][MoE layers][k]`` nested lists of expert ids;
-  - optionally ``prompt_routed_experts``: ``[prompt tokens][MoE layers][k]``. When present
-    (vLLM's split form: ``RequestOutput.prompt_routed_experts`` and
-    ``CompletionOutput.routed_experts``), the routing is the prompt's rows followed by
-    ``routed_experts``' rows; otherwise ``routed_experts`` alone covers the request's
-    tokens from the first;
-  - ``prompt_token_ids`` and ``output_token_ids`` (or ``token_ids``, vLLM's name on a
-    completion): the tokens, for the tokens table and the prompt / generated phases;
-  - optionally ``prompt`` (or ``text``) and ``generated_text`` (or ``output_text``), and any
-    other scalar field (``request_id``, ``label``, ...), kept as columns of the sequences table.
+**moescope's older flat forms** (without ``--model``; the layer axis is the MoE layers, named
+with --moe-layers):
 
-**.npz**, one request per file, arrays with the same names (``np.savez``; read without
-pickle: object arrays are refused). **.npy**, one request per file: the routing array alone
-(no tokens table). A directory is read as all its .jsonl / .npz / .npy files in name order.
+- JSONL, one request per line: ``routed_experts`` ([tokens][MoE layers][k]), optionally
+  ``prompt_routed_experts`` (vLLM 0.21's split form: the prompt's rows, then
+  ``routed_experts``' rows), ``prompt_token_ids`` and ``output_token_ids`` (or
+  ``token_ids``), and any scalar field (``prompt`` / ``text``, ``generated_text``,
+  ``request_id``, ``label``, ...) kept as sequence columns;
+- ``.npz``, one request per file, arrays with the same names (read without pickle);
+- ``.npy``, one request per file: the routing array alone (no tokens table).
 
-'tokens' is the request's prompt tokens followed by its generated tokens: row t of the
-routing is the t-th token of that sequence (position t). A row may be shorter than the
-tokens (the last generated token is never fed to the model); a row of -1 (vLLM's mark for
-positions served from the prefix cache) means the token was not routed in this request and
-gets no routes row. The layer axis is the model's MoE layers in order: pass --moe-layers
-to name their decoder-layer ids (default 0..L-1).
+Row t of the routing is the token at position t of prompt + generated tokens; a row may be
+missing for the last generated token (never fed to the model); a row of -1 (prefix-cache
+hits in vLLM 0.21) gets no routes row. A directory is read as all its .jsonl / .npz / .npy
+files in name order.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -37,6 +29,8 @@ import numpy as np
 
 from moescope.errors import DataError
 from moescope.importers.common import Request
+from moescope.importers.engine_model import EngineModel
+from moescope.importers.responses import is_response, read_jsonl, vllm_requests
 
 SUFFIXES = (".jsonl", ".npz", ".npy")
 ROUTING = ("routed_experts", "prompt_routed_experts")
@@ -45,23 +39,45 @@ TEXT = {"prompt": "text", "text": "text", "generated_text": "generated_text", "o
 
 
 class VllmSource:
-    """vLLM routed-experts files (see the module docstring for the accepted forms)."""
+    """vLLM routed experts: engine responses (JSONL, needs the model) or the files of the
+    module docstring."""
 
     name = "vllm"
+    expert_ids = "logical"  # vLLM captures the router's choice before any EPLB mapping
 
-    def __init__(self, inputs: list[str | Path]) -> None:
+    def __init__(self, inputs: list[str | Path], model: EngineModel | None = None) -> None:
         self.paths = _expand(inputs)
+        self.model = model
         kinds = {p.suffix for p in self.paths}
         self.format = "+".join(sorted(k.lstrip(".") for k in kinds))
 
     def requests(self) -> Iterator[Request]:
         for path in self.paths:
             if path.suffix == ".jsonl":
-                yield from _jsonl(path)
+                for where, obj in read_jsonl(path):
+                    if is_response(obj):
+                        if self.model is None:
+                            raise DataError(f"{where}: a vLLM response; pass --model (the served model's directory "
+                                            "or hub id) so its decoder layers can be told from its MoE layers")
+                        yield from vllm_requests(where, obj, self.model)
+                    else:
+                        yield self._flat(where, obj)
             elif path.suffix == ".npz":
-                yield _npz(path)
+                yield self._with_model(_npz(path))
             else:
-                yield _request(path.name, {"routed_experts": _load_npy(path)})
+                yield self._with_model(_request(path.name, {"routed_experts": _load_npy(path)}))
+
+    def _flat(self, where: str, obj: dict[str, Any]) -> Request:
+        if "routed_experts" not in obj and "prompt_routed_experts" not in obj:
+            raise DataError(f"{where}: no routed_experts and no 'choices' (was vLLM started with "
+                            "--enable-return-routed-experts? save its responses as returned)")
+        return self._with_model(_request(where, obj))
+
+    def _with_model(self, req: Request) -> Request:
+        """With --model, an array over every decoder layer keeps the MoE layers only."""
+        if self.model is not None:
+            req.experts = self.model.select_layers(req.where, req.experts)
+        return req
 
 
 def _expand(inputs: list[str | Path]) -> list[Path]:
@@ -79,20 +95,6 @@ def _expand(inputs: list[str | Path]) -> list[Path]:
         else:
             paths.append(item)
     return paths
-
-
-def _jsonl(path: Path) -> Iterator[Request]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path} line {lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path} line {lineno}: expected a JSON object with routed_experts")
-            yield _request(f"{path} line {lineno}", obj)
 
 
 def _npz(path: Path) -> Request:

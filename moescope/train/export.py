@@ -25,13 +25,15 @@ from typing import Any
 import torch
 import yaml
 
-from moescope.errors import MoescopeError
+from moescope.errors import DataError, MoescopeError
 
 
 def domain_probe_file(corpus_dir: Path, out: Path, *, per_domain: int = 40, chars: int = 600, seed: int = 0,
                       min_per_domain: int = 5) -> tuple[list[str], list[str]]:
     """Write to `out` a JSONL of held-out texts, `per_domain` per domain, each ~`chars` characters cut at
-    a line end, from the corpus validation split (never seen in training), with a `domain` field.
+    a line end, from the corpus validation split (never seen in training), with a `domain` field and a
+    `doc_id` field naming the validation document the piece was cut from (the signatures group their
+    cross-validation folds by it, so pieces of one document never sit in both train and test).
     Domains with fewer than `min_per_domain` such texts (too few to cross-validate) are left out.
     Returns (domains written, domains left out)."""
     import random
@@ -49,21 +51,23 @@ def domain_probe_file(corpus_dir: Path, out: Path, *, per_domain: int = 40, char
             left_out.append(domain)
             continue
         kept.append(domain)
-        lines += [json.dumps({"text": p, "domain": domain}, ensure_ascii=False) for p in pieces[:per_domain]]
+        lines += [json.dumps({"text": p, "domain": domain, "doc_id": f"{domain}-{d}"}, ensure_ascii=False)
+                  for d, p in pieces[:per_domain]]
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return kept, left_out
 
 
-def _pieces(docs: list[str], chars: int) -> list[str]:
-    """Consecutive pieces of ~`chars` characters of each document, cut at a line end when one is near."""
+def _pieces(docs: list[str], chars: int) -> list[tuple[int, str]]:
+    """(document index, piece): consecutive pieces of ~`chars` characters of each document, cut at a
+    line end when one is near."""
     pieces = []
-    for doc in docs:
+    for d, doc in enumerate(docs):
         for start in range(0, max(1, len(doc) - chars // 2), chars):
             piece = doc[start : start + chars]
             cut = piece.rfind("\n")
             piece = piece[: cut] if cut > chars // 2 else piece
             if len(piece.strip()) > chars // 4:
-                pieces.append(piece.strip())
+                pieces.append((d, piece.strip()))
     return pieces
 
 
@@ -107,16 +111,53 @@ def measure(out_dir: Path, run_dir: Path, *, threads: int = 2, permutations: int
         if len(kept) < 2:
             return result  # fewer than two domains with enough held-out text: nothing to separate
         capture_dataset(model, tokenizer, probes, Path(tmp) / "trace", run=RunOptions(batch_size=8, max_length=256))
-        sig = routing_signatures(open_trace(Path(tmp) / "trace"), label="domain", permutations=permutations,
-                                 figures=False)
-    keys = ("cv_accuracy_mean", "cv_accuracy_sd", "macro_f1", "permutation_accuracy_mean", "permutation_p_value",
-            "load_balanced_accuracy_mean", "bag_of_tokens_accuracy_mean", "token_id_control_accuracy_mean",
-            "per_layer_accuracy", "within_cosine_mean", "across_cosine_mean", "cohens_d")
-    result["domain_signatures"] = {k: sig.values.get(k) for k in keys}
-    result["domain_signatures"]["chance"] = 1 / len(sig.values.get("labels", [None] * 7))
+        trace = open_trace(Path(tmp) / "trace")
+        try:  # folds grouped by source document (doc_id, found automatically)
+            sig = routing_signatures(trace, label="domain", permutations=permutations, figures=False)
+            ungrouped_note = None
+        except DataError:  # a domain's validation pieces come from a single document: no grouped CV possible
+            sig = routing_signatures(trace, label="domain", group="none", permutations=permutations, figures=False)
+            ungrouped_note = ("a domain's held-out pieces come from one document, so folds could not be grouped by "
+                              "document: pieces of one document sit in train and test and accuracy is optimistic")
+    keys = ("cv_accuracy_mean", "cv_accuracy_sd", "cv_accuracy_ci_low", "cv_accuracy_ci_high", "cv_repeats", "folds",
+            "group_field", "n_groups", "macro_f1", "permutation_accuracy_mean", "permutation_p_value",
+            "permutation_p_value_text", "load_balanced_accuracy_mean", "bag_of_tokens_accuracy_mean",
+            "token_id_control_accuracy_mean", "adds_over_bag_of_tokens", "adds_over_bag_of_tokens_ci_low",
+            "adds_over_bag_of_tokens_ci_high", "adds_over_bag_of_tokens_p_value", "adds_over_token_id_control",
+            "adds_over_token_id_control_ci_low", "adds_over_token_id_control_ci_high",
+            "adds_over_token_id_control_p_value", "per_layer_accuracy", "per_layer_p_value_holm",
+            "within_cosine_mean", "across_cosine_mean", "cohens_d", "chance_accuracy", "uniform_chance_accuracy")
+    result["domain_signatures"] = {k: _plain(sig.values.get(k)) for k in keys}
+    result["domain_signatures"]["chance"] = sig.values.get("chance_accuracy")
     result["domain_signatures"]["n_sequences"] = sig.values.get("n_sequences")
     result["domain_signatures"]["domains_left_out"] = left_out
+    result["domain_signatures"]["ungrouped_note"] = ungrouped_note
     return result
+
+
+def _plain(value: Any) -> Any:
+    """numpy values as JSON-ready Python values."""
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
+def _card_ci(sig: dict[str, Any], prefix: str, pct: Any) -> str:
+    lo, hi = sig.get(f"{prefix}_ci_low"), sig.get(f"{prefix}_ci_high")
+    return f"[95% CI {pct(lo)} to {pct(hi)}]" if lo is not None and hi is not None else f"± {pct(sig[prefix + '_sd'])}"
+
+
+def _card_p(sig: dict[str, Any]) -> str:
+    return sig.get("permutation_p_value_text") or f"p = {sig['permutation_p_value']:.3g}"
+
+
+def _card_adds(sig: dict[str, Any]) -> list[str]:
+    """Lines on what routing adds over each token-identity baseline (paired, same folds)."""
+    out = []
+    for key, name in (("adds_over_token_id_control", "the token-id routing control"),
+                      ("adds_over_bag_of_tokens", "the bag of token ids")):
+        if sig.get(key) is not None and sig.get(f"{key}_ci_low") is not None:
+            out.append(f"Routing vs {name}: {100 * sig[key]:+.1f} points (95% CI {100 * sig[key + '_ci_low']:+.1f} to "
+                       f"{100 * sig[key + '_ci_high']:+.1f}, paired on the same folds, p = {sig[key + '_p_value']:.2g}).")
+    return out
 
 
 def model_card(run_dir: Path, out_dir: Path, measured: dict[str, Any]) -> str:
@@ -186,19 +227,26 @@ def model_card(run_dir: Path, out_dir: Path, measured: dict[str, Any]) -> str:
             "## Routing separates the domains",
             "",
             f"Routing signatures (per text, per layer, how often each expert was chosen) of {sig['n_sequences']} "
-            "held-out validation texts, classified by domain with cross-validated logistic regression"
+            "held-out validation texts, classified by domain with a cross-validated linear classifier (penalty tuned "
+            "inside each training fold; "
+            + ("folds grouped by source document, so pieces of one document never sit in both train and test; "
+               if sig.get("group_field") else "folds not grouped by document; ")
+            + "95% CIs over the repeated folds)"
             + (f" (left out, too few validation texts: {', '.join(sig['domains_left_out'])})"
                if sig.get("domains_left_out") else "") + ":",
             "",
             "| classifier | accuracy |",
             "| --- | ---: |",
-            f"| routing signature | **{pct(sig['cv_accuracy_mean'])}** ± {pct(sig['cv_accuracy_sd'])} |",
-            f"| chance (1 / domains) | {pct(sig['chance'])} |",
-            f"| same, labels permuted (p = {sig['permutation_p_value']:.3g}) | {pct(sig['permutation_accuracy_mean'])} |",
+            f"| routing signature | **{pct(sig['cv_accuracy_mean'])}** {_card_ci(sig, 'cv_accuracy', pct)} |",
+            f"| chance (the most common domain) | {pct(sig['chance'])} |",
+            f"| same, labels permuted ({_card_p(sig)}) | {pct(sig['permutation_accuracy_mean'])} |",
             f"| load-balancing control (layer counts kept, selections re-drawn) | {pct(sig['load_balanced_accuracy_mean'])} |",
             f"| bag of token ids (no routing at all) | {pct(sig['bag_of_tokens_accuracy_mean'])} |",
-            f"| token-id routing control (each token gets its id's usual experts) | {pct(sig['token_id_control_accuracy_mean'])} |",
+            f"| token-id routing control (each token gets its id's usual experts in the training fold) "
+            f"| {pct(sig['token_id_control_accuracy_mean'])} |",
             "",
+            *_card_adds(sig),
+            *([f"Caveat: {sig['ungrouped_note']}."] if sig.get("ungrouped_note") else []),
             "Per-layer accuracy: " + ", ".join(f"layer {i}: {pct(a)}" for i, a in enumerate(sig["per_layer_accuracy"])) + ".",
             "Much of it is vocabulary: compare with the two token-identity controls before reading routing as topical.",
         ]

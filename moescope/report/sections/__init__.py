@@ -19,6 +19,7 @@ SECTION_MODULES = {
     "geometry": "geometry",
     "compare": "compare",
     "design-choices": "design_choices",
+    "agreement": "agreement",
 }
 
 
