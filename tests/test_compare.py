@@ -147,6 +147,30 @@ def test_identical_traces_overlap_fully_and_shuffled_traces_sit_at_chance(tmp_pa
         assert v["per_layer_overlap_matched"][i] >= v["per_layer_overlap_matched_crossfit"][i]
 
 
+def test_token_identity_null_explains_token_routing_but_not_context_routing(tmp_path):
+    """Trap: both models route by token id alone (B: another labelling of the same function of
+    the id): the raw matched overlap is high, the token-id null reaches it. Planted: both route
+    by a per-token context variable (not the id): matched overlap beyond the token-id null."""
+    rng = np.random.default_rng(4)
+    texts, tokens = _corpus(n_seq=40, seed=5)
+    n = len(tokens["seq_id"])
+    by_id = _topk_random(rng, 200)  # one expert set per token id
+    context = _topk_random(rng, n)  # one expert set per token occurrence
+    perm = rng.permutation(E)
+    layers_a = {0: by_id[tokens["token_id"]], 1: context}
+    layers_b = {0: perm[by_id[tokens["token_id"]]], 1: perm[context]}
+    ta = _write(tmp_path / "a", texts, tokens, layers_a)
+    tb = _write(tmp_path / "b", texts, tokens, layers_b)
+    v = compare_traces(moescope.open_trace(ta), moescope.open_trace(tb), seed=1).values
+    real, null = v["per_layer_overlap_matched_crossfit"], v["per_layer_overlap_matched_token_null"]
+    sd, p = v["per_layer_matched_chance_sd"], v["per_layer_overlap_matched_token_null_p"]
+    assert real[0] > 0.9 and real[0] > v["per_layer_matched_chance"][0] + 0.5  # the old reading: "models agree"
+    assert null[0] == pytest.approx(real[0], abs=0.02) and p[0] > 0.2  # token identity explains it
+    assert real[1] > 0.9 and null[1] < 0.5 and p[1] == pytest.approx(1 / 21)  # context agreement stays
+    assert v["per_layer"][1]["matched_token_null_p_holm"] == pytest.approx(2 / 21)  # Holm over the 2 layers
+    assert all(s is not None and s >= 0 for s in sd) and v["per_layer"][0]["shuffles"] == 20
+
+
 def _split_tokens(tokens):
     """Another tokenizer: every 'wNN' word becomes two tokens 'w' + 'NN'; spaces stay single tokens."""
     out = {k: [] for k in tokens}
@@ -253,6 +277,9 @@ def test_compare_command_writes_the_documented_keys(permuted, tmp_path):
         assert len(saved[key]) == len(LAYERS)
     assert saved["expert_matching"][1] == perms[1].tolist()
     assert saved["expected_overlap_chance"] == K / E
+    assert len(saved["per_layer_overlap_matched_token_null"]) == len(LAYERS)
+    assert saved["traces"]["a"]["path"] == str(ta) and saved["traces"]["b"]["path"] == str(tb)
+    assert "matched chance" in run.output and "prompt" in run.output
     assert saved["share_at_least_one_chance"] == pytest.approx(rs.share_at_least_one_chance(E, K))
     import jinja2
 

@@ -215,3 +215,42 @@ def test_quick_experiment_end_to_end(corpus, tmp_path):
     clash = _run("--out", str(out), "--corpus", str(corpus), "--quick", "--threads", "1", "--routing", "token",
                  "--top-k", "1", "--router", "learned", "--max-tokens", "1024")
     assert isinstance(clash.exception, MoescopeError) and "different configuration" in str(clash.exception)
+
+
+def test_domain_routing_explained_by_vocabulary_is_not_called_domain_specialisation():
+    """Trap: each domain has its own vocabulary and the router follows the token id only: domain
+    NMI beats the between-sequence shuffles (the old verdict: "domains"), the vocabulary-only
+    control router reaches it. Planted: routing by the domain itself beats the control."""
+    d, rng = _synthetic(), np.random.default_rng(6)
+    d["token_id"] = d["domain"] * 50 + rng.integers(0, 50, len(d["domain"]))  # 50 ids per domain, no sharing
+    by_id = (np.arange(200) // 50) * 2 + rng.integers(0, 2, 200)  # a domain's ids favour its two experts
+    experts = _top2(_noisy(by_id[d["token_id"]], rng, keep=0.9), rng)[None]
+    s = _spec(experts, d)
+    assert s["domain"]["mean"]["p_value"] == pytest.approx(0.05) and s["domain"]["mean"]["excess"] > 0.05
+    assert s["domain_vocabulary_control"]["mean"]["excess"] >= s["domain"]["mean"]["excess"] - 0.01
+    assert specialises_by(s) != "domains"
+    shared = _synthetic()  # token ids shared by all domains: the vocabulary says nothing about the domain
+    planted = _top2(_noisy(2 * shared["domain"], rng, keep=0.8), rng)[None]  # routed by the domain itself
+    p = _spec(planted, shared)
+    assert p["domain"]["mean"]["excess"] > p["domain_vocabulary_control"]["mean"]["excess"] + 0.05
+    assert specialises_by(p) == "domains"
+
+
+def test_findings_report_same_seed_ratios_with_their_spread():
+    from moescope.analysis.design_choices import cells, findings
+
+    def row(router, k, seed, ppl):
+        nmi = {"mean": {"nmi": 0.1, "chance": 0.0, "excess": 0.1}}
+        return {"routing": "token", "top_k": k, "router": router, "seed": seed, "mean_ppl": ppl, "unigram_mean_ppl": 50.0,
+                "specialises_by": "neither", "domain_nmi": nmi, "token_type_nmi": nmi,
+                "token_type_nmi_within_sequence": nmi, "token_id_nmi": nmi, "domain_nmi_vocabulary_control": nmi}
+
+    rows = [row("learned", 2, s, 10.0 + s) for s in range(3)] + [row("frozen", 2, s, 11.0 + 2 * s) for s in range(3)]
+    rows += [row("learned", 1, s, 12.0) for s in range(3)]
+    f = findings(cells(rows), rows)
+    fl = f["frozen_vs_learned"][0]
+    expected = [11 / 10, 13 / 11, 15 / 12]
+    assert fl["ratio_values"] == pytest.approx(expected) and fl["ratio_n"] == 3 and fl["seeds"] == [0, 1, 2]
+    assert fl["ratio_sd"] == pytest.approx(np.std(expected, ddof=1))
+    tk = f["top1_vs_top2"][0]
+    assert tk["ratio_values"] == pytest.approx([12 / 10, 12 / 11, 12 / 12]) and tk["ratio_min"] == pytest.approx(1.0)

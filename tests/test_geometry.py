@@ -176,10 +176,38 @@ def test_mean_direction_known_answers():
     assert got["mean_norm_share"] == pytest.approx(16 / 80, abs=0.01)
     assert got["router_centred_abs_cos"] > 0.8
     assert got["router_mean_logit_share"] > 0.9
-    isotropic = mean_direction(h, rng.normal(size=(2048, dim)))
+    assert got["router_mean_logit_share_p_upper"] == pytest.approx(1 / 100)  # at the floor of 99 random routers
+    isotropic = mean_direction(h, rng.normal(size=(2048, dim)), random_routers=0)
     assert isotropic["router_abs_cos"] == pytest.approx(random_direction_abs_cos(dim), rel=0.05)
     assert isotropic["router_mean_logit_share"] == pytest.approx(isotropic["mean_norm_share"], abs=0.03)
     assert random_direction_abs_cos(10_000) == pytest.approx(math.sqrt(2 / (math.pi * 10_000)), rel=1e-3)
+
+
+def test_mean_direction_random_router_null(planted):
+    _, v, _ = planted
+    md = v["per_layer"][LINEAR]["mean_direction"]
+    # planted: a router blind to the mean -> below every random router, also after Holm over layers
+    assert md["router_mean_logit_share_p_lower"] == pytest.approx(1 / (1 + PARAMS.random_routers))
+    assert md["router_mean_logit_share_p_lower_holm"] <= 0.05
+    assert md["router_mean_logit_share_null_mean"] == pytest.approx(md["router_mean_logit_share_isotropic"], rel=0.5)
+    assert md["router_centred_abs_cos"] < md["router_centred_abs_cos_null_mean"] - 3 * md["router_centred_abs_cos_null_sd"]
+    assert v["router_mean_logit_share_p_lower_holm"][LINEAR] == md["router_mean_logit_share_p_lower_holm"]
+
+
+def test_mean_direction_null_at_chance_for_random_routers():
+    """Null: routers drawn like the null's are not called blind or aligned; trap: the isotropic
+    value alone (no spread) would call a random router 'blind' whenever it falls below it."""
+    rng = np.random.default_rng(5)
+    dim = 16
+    h = rng.normal(size=(4000, dim)) + 2.0 * np.eye(dim)[0]
+    p_lower, below_isotropic = [], 0
+    for _ in range(20):
+        got = mean_direction(h, rng.normal(size=(4, dim)), random_routers=99, rng=rng)
+        p_lower.append(got["router_mean_logit_share_p_lower"])
+        below_isotropic += got["router_mean_logit_share"] < got["router_mean_logit_share_isotropic"]
+    assert below_isotropic >= 8  # a naive reading would call these routers "blind to the mean"
+    assert np.mean(np.array(p_lower) <= 0.05) <= 0.15
+    assert 0.3 < np.mean(p_lower) < 0.7
 
 
 def test_visit_frequencies_within_vs_across_sequences(planted):

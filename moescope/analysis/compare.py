@@ -56,6 +56,7 @@ class Alignment:
     generated: np.ndarray
     same_token: np.ndarray | None
     stats: dict[str, Any] = field(default_factory=dict)
+    token_id: np.ndarray | None = None  # A's token id of each pair (the token-identity null's groups)
 
     def __len__(self) -> int:
         return len(self.seq_id)
@@ -149,7 +150,7 @@ def align_tokens(tokens_a: dict[str, np.ndarray], texts_a: dict[int, str | None]
     return Alignment(mode=mode, seq_id=tokens_a["seq_id"][ra], pos_a=tokens_a["pos"][ra], pos_b=tokens_b["pos"][rb],
                      generated=np.r_[np.zeros(len(ia), bool), np.ones(len(ga), bool)],
                      same_token=(tokens_a["token_id"][ra] == tokens_b["token_id"][rb]) if same_vocab else None,
-                     stats=stats)
+                     stats=stats, token_id=tokens_a["token_id"][ra])
 
 
 def _char_join(tokens_a: dict[str, np.ndarray], tokens_b: dict[str, np.ndarray], rows_a: np.ndarray,
@@ -209,11 +210,38 @@ def _crossfit(ea: np.ndarray, eb: np.ndarray, folds: np.ndarray, n_experts: int,
     return inter / (len(ea) * top_k), matchings
 
 
+def shuffle_within(groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A permutation of the rows that only exchanges rows of the same group (rows of a group
+    receive the rows of that group in random order)."""
+    groups = np.asarray(groups)
+    by_group = np.argsort(groups, kind="stable")
+    shuffled = np.lexsort((rng.random(len(groups)), groups))
+    perm = np.empty(len(groups), np.int64)
+    perm[by_group] = shuffled
+    return perm
+
+
+def _null_crossfit(ea: np.ndarray, eb: np.ndarray, folds: np.ndarray, n_experts: int, top_k: int, shuffles: int,
+                   draw: Callable[[], np.ndarray]) -> np.ndarray:
+    """Cross-fitted matched overlap with B's rows permuted by `draw()`, `shuffles` times."""
+    return np.array([_crossfit(ea, eb[draw()], folds, n_experts, top_k)[0] for _ in range(shuffles)])
+
+
 def compare_layer(ea: np.ndarray, eb: np.ndarray, seq_id: np.ndarray, n_experts: int, top_k: int,
-                  rng: np.random.Generator) -> dict[str, Any]:
-    """Overlap of aligned expert sets (n, k) of one layer: raw, matched, cross-fitted, chance levels."""
+                  rng: np.random.Generator, token_id: np.ndarray | None = None, *, shuffles: int = 20) -> dict[str, Any]:
+    """Overlap of aligned expert sets (n, k) of one layer: raw, matched, cross-fitted, chance levels.
+
+    Chance of the cross-fitted matched overlap: B's expert sets shuffled across all aligned
+    tokens (`matched_chance`, mean and SD of `shuffles` shuffles) and, with `token_id` (A's
+    token id per pair), shuffled only among occurrences of the same token id
+    (`matched_token_null`): what token identity alone gives when both models route each token
+    id alike. `matched_token_null_p` = (1 + #null >= real) / (1 + shuffles); a small p means
+    the two traces agree beyond what the token ids explain."""
+    from moescope.inference import permutation_p_value
+
     ok = (ea >= 0).any(axis=1) & (eb >= 0).any(axis=1)
     ea, eb, seq_id = ea[ok], eb[ok], seq_id[ok]
+    token_id = token_id[ok] if token_id is not None else None
     n = len(ea)
     if n < 2:
         return {"n_tokens": int(n)}
@@ -221,7 +249,10 @@ def compare_layer(ea: np.ndarray, eb: np.ndarray, seq_id: np.ndarray, n_experts:
     matching = rs.match_experts(rs.cooccurrence(ea, eb, n_experts))
     folds = _folds(seq_id, rng)
     crossfit, fold_matchings = _crossfit(ea, eb, folds, n_experts, top_k)
-    shuffled, _ = _crossfit(ea, eb[rng.permutation(n)], folds, n_experts, top_k)
+    shuffled = _null_crossfit(ea, eb, folds, n_experts, top_k, shuffles, lambda: rng.permutation(n))
+    token_null = (_null_crossfit(ea, eb, folds, n_experts, top_k, shuffles, lambda: shuffle_within(token_id, rng))
+                  if token_id is not None and shuffles else None)
+    sd = lambda x: float(np.std(x, ddof=1)) if x is not None and len(x) > 1 else None  # noqa: E731
     return {
         "n_tokens": int(n),
         "overlap": float(inter.mean() / top_k),
@@ -229,7 +260,12 @@ def compare_layer(ea: np.ndarray, eb: np.ndarray, seq_id: np.ndarray, n_experts:
         "load_chance": rs.load_aware_overlap_chance(rs.usage(ea, n_experts), rs.usage(eb, n_experts), top_k),
         "overlap_matched": float(rs.intersections(ea, rs.relabel(eb, matching)).mean() / top_k),
         "overlap_matched_crossfit": crossfit,
-        "matched_chance": shuffled,
+        "matched_chance": float(shuffled.mean()) if shuffles else None,
+        "matched_chance_sd": sd(shuffled),
+        "matched_token_null": float(token_null.mean()) if token_null is not None else None,
+        "matched_token_null_sd": sd(token_null),
+        "matched_token_null_p": permutation_p_value(crossfit, token_null) if token_null is not None else None,
+        "shuffles": int(shuffles),
         "matching": matching.tolist(),
         "matching_fold_agreement": float(np.mean(fold_matchings[0] == fold_matchings[1])),
         "identity_matching": bool(np.array_equal(matching, np.arange(n_experts))),
@@ -251,8 +287,9 @@ def analyze_compare(
     trace: str | None = None,
     params: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    shuffles: int = 20,
 ) -> AnalysisResult:
-    """Compare two traces layer by layer.
+    """Compare two traces layer by layer (`shuffles`: shuffles of each chance level).
 
     `layers` yields (layer_a, layer_b, experts_a, experts_b): (n, k) expert arrays of the
     aligned tokens of one MoE layer pair (rows as in `alignment`). Returns an
@@ -271,8 +308,15 @@ def analyze_compare(
     for layer_a, layer_b, ea, eb in layers:
         pairs.append((layer_a, layer_b))
         for name, mask in subsets.items():
+            tok = alignment.token_id[mask] if alignment.token_id is not None else None
             results[name].append({"layer": layer_a, **compare_layer(ea[mask], eb[mask], alignment.seq_id[mask],
-                                                                    n_experts, top_k, rng)})
+                                                                    n_experts, top_k, rng, tok, shuffles=shuffles)})
+    from moescope.inference import holm
+
+    for rows in results.values():  # Holm across layers, per token subset
+        ps = [e.get("matched_token_null_p") for e in rows]
+        for e, q in zip(rows, holm([np.nan if p is None else p for p in ps])):
+            e["matched_token_null_p_holm"] = None if np.isnan(q) else float(q)
     values: dict[str, Any] = {
         "n_experts": n_experts, "top_k": top_k,
         "layers": [a for a, _ in pairs], "layers_b": [b for _, b in pairs],
@@ -289,14 +333,19 @@ def analyze_compare(
     }
     from moescope.analysis.geometry_plots import compare_figures
 
-    return AnalysisResult("compare", values, params={"seed": seed, **(params or {})},
+    return AnalysisResult("compare", values, params={"seed": seed, "shuffles": shuffles, **(params or {})},
                           figures=compare_figures(values), trace=trace)
 
 
 def _series(rows: list[dict[str, Any]]) -> dict[str, list]:
     keys = {"per_layer_overlap": "overlap", "per_layer_overlap_matched": "overlap_matched",
             "per_layer_overlap_matched_crossfit": "overlap_matched_crossfit",
-            "per_layer_matched_chance": "matched_chance", "per_layer_load_chance": "load_chance",
+            "per_layer_matched_chance": "matched_chance", "per_layer_matched_chance_sd": "matched_chance_sd",
+            "per_layer_overlap_matched_token_null": "matched_token_null",
+            "per_layer_overlap_matched_token_null_sd": "matched_token_null_sd",
+            "per_layer_overlap_matched_token_null_p": "matched_token_null_p",
+            "per_layer_overlap_matched_token_null_p_holm": "matched_token_null_p_holm",
+            "per_layer_load_chance": "load_chance",
             "per_layer_share_at_least_one": "share_at_least_one"}
     return {out: [e.get(key) for e in rows] for out, key in keys.items()}
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict
-from typing import Any
+from typing import Any, Callable
 
 from moescope.analysis.result import AnalysisResult
 
-MEASURES = ("domain_nmi", "token_type_nmi", "token_type_nmi_within_sequence", "token_id_nmi")
+MEASURES = ("domain_nmi", "token_type_nmi", "token_type_nmi_within_sequence", "token_id_nmi",
+            "domain_nmi_vocabulary_control")
 
 
 def cell_name(row: dict[str, Any]) -> str:
@@ -48,6 +49,8 @@ def cells(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                  "unigram_mean_ppl": _mean_sd([r["unigram_mean_ppl"] for r in rs])[0],
                  "specialises_by": " / ".join(sorted({r["specialises_by"] for r in rs}))}
         for m in MEASURES:
+            if any(m not in r for r in rs):  # rows measured before the measure existed
+                continue
             entry[m] = _mean_sd([r[m]["mean"]["nmi"] for r in rs])[0]
             entry[f"{m}_chance"] = _mean_sd([r[m]["mean"]["chance"] for r in rs])[0]
             entry[f"{m}_excess"], entry[f"{m}_excess_sd"] = _mean_sd([r[m]["mean"]["excess"] for r in rs])
@@ -55,14 +58,37 @@ def cells(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def findings(cell_rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _spread(values: list[float]) -> dict[str, Any]:
+    """Mean, SD (None for one value), min, max and the values themselves."""
+    mean, sd = _mean_sd(values)
+    return {"mean": mean, "sd": sd, "min": min(values), "max": max(values), "n": len(values), "values": values}
+
+
+def _paired_ratios(rows: list[dict[str, Any]], key: Callable[[dict[str, Any]], Any], num: Any, den: Any,
+                   split: str) -> list[dict[str, Any]]:
+    """Per group (key(row) without `split`): mean ppl ratio num / den of the same seed, over seeds."""
+    by: dict[Any, dict[Any, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    for r in rows:
+        by[key(r)][r[split]][r["seed"]] = r["mean_ppl"]
+    out = []
+    for group, sides in by.items():
+        seeds = sorted(set(sides.get(num, {})) & set(sides.get(den, {})))
+        if seeds:
+            ratios = [sides[num][s] / sides[den][s] for s in seeds]
+            out.append({"group": group, "seeds": seeds, **{f"ratio_{k}": v for k, v in _spread(ratios).items()}})
+    return out
+
+
+def findings(cell_rows: list[dict[str, Any]], rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The study's three comparisons, as numbers.
 
     - frozen_vs_learned: per (routing, top-k) with both routers, frozen / learned mean ppl
-      (1 = as good; the unigram ppl is the scale of "no model");
-    - top1_vs_top2: per (routing, router) with both, top-1 / top-2 mean ppl;
+      (1 = as good; the unigram ppl is the scale of "no model"), from the cell means; with the
+      variant `rows`, also the ratio of the same seed's two runs, its mean, SD, min and max
+      over seeds (ratio_sd, ratio_min, ratio_max, ratio_values);
+    - top1_vs_top2: per (routing, router) with both, top-1 / top-2 mean ppl, with the same spread;
     - by_routing: per routing level, the mean over its cells of each measure's NMI above chance
-      and how many cells specialise by token types / domains / neither.
+      and how many variants (cells without `rows`) specialise by token types / domains / neither.
     """
     by = {(c["routing"], c["top_k"], c["router"]): c for c in cell_rows}
     frozen = [{"routing": r, "top_k": k, "ratio": by[(r, k, "frozen")]["mean_ppl"] / by[(r, k, "learned")]["mean_ppl"],
@@ -70,11 +96,21 @@ def findings(cell_rows: list[dict[str, Any]]) -> dict[str, Any]:
               for (r, k, ro) in by if ro == "learned" and (r, k, "frozen") in by]
     topk = [{"routing": r, "router": ro, "ratio": by[(r, 1, ro)]["mean_ppl"] / by[(r, 2, ro)]["mean_ppl"]}
             for (r, k, ro) in by if k == 2 and (r, 1, ro) in by]
+    if rows:
+        fr = {p["group"]: p for p in _paired_ratios(rows, lambda r: (r["routing"], r["top_k"]), "frozen", "learned", "router")}
+        tk = {p["group"]: p for p in _paired_ratios(rows, lambda r: (r["routing"], r["router"]), 1, 2, "top_k")}
+        for f in frozen:
+            f.update({k: v for k, v in fr.get((f["routing"], f["top_k"]), {}).items() if k.startswith("ratio_") or k == "seeds"})
+        for t in topk:
+            t.update({k: v for k, v in tk.get((t["routing"], t["router"]), {}).items() if k.startswith("ratio_") or k == "seeds"})
     by_routing = {}
     for routing in sorted({c["routing"] for c in cell_rows}, reverse=True):
         cs = [c for c in cell_rows if c["routing"] == routing]
-        entry = {f"{m}_excess": statistics.fmean(c[f"{m}_excess"] for c in cs) for m in MEASURES}
-        entry["verdicts"] = {v: sum(c["specialises_by"] == v for c in cs) for v in ("token types", "domains", "neither")}
+        entry = {f"{m}_excess": statistics.fmean(c[f"{m}_excess"] for c in cs) for m in MEASURES
+                 if all(f"{m}_excess" in c for c in cs)}
+        # verdicts per trained variant (one per seed) when the rows are given, else per cell
+        judged = [r for r in rows if r["routing"] == routing] if rows else cs
+        entry["verdicts"] = {v: sum(x["specialises_by"] == v for x in judged) for v in ("token types", "domains", "neither")}
         by_routing[routing] = entry
     return {"frozen_vs_learned": frozen,
             "frozen_vs_learned_mean_ratio": statistics.fmean(f["ratio"] for f in frozen) if frozen else None,
@@ -88,7 +124,7 @@ def design_choices_result(rows: list[dict[str, Any]], params: dict[str, Any], *,
     values = {
         "n_variants": len(rows), "n_experts": first["n_experts"], "moe_layers": first["moe_layers"],
         "domains": list(first["domains"]), "unigram_mean_ppl": first["unigram_mean_ppl"],
-        "variants": rows, "cells": cell_rows, "findings": findings(cell_rows),
+        "variants": rows, "cells": cell_rows, "findings": findings(cell_rows, rows),
     }
     figs = {}
     if figures:

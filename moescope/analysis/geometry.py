@@ -62,6 +62,7 @@ class GeometryParams:
         max_sequences: sequences per layer in the visit-frequency cosine.
         cosine_bins: quantile bins of hidden cosine for the overlap-vs-cosine curve.
         permutations: token relabellings of the Mantel permutation p-value (random pairs).
+        random_routers: random (isotropic Gaussian) routers of the mean-direction null.
     """
 
     pairs: int = 20_000
@@ -73,6 +74,7 @@ class GeometryParams:
     max_sequences: int = 2_000
     cosine_bins: int = 10
     permutations: int = 99
+    random_routers: int = 99
 
 
 @dataclass
@@ -272,8 +274,25 @@ def random_direction_abs_cos(dim: int) -> float:
     return math.exp(math.lgamma(dim / 2) - math.lgamma((dim + 1) / 2)) / math.sqrt(math.pi)
 
 
-def mean_direction(hidden: np.ndarray, router: np.ndarray | None = None) -> dict[str, Any]:
-    """The mean hidden direction's share of the second moment, and the router's alignment with it."""
+def _router_shares(centred: np.ndarray, mu: np.ndarray, cov: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For routers (R, E, H) with rows centred over experts: the mean direction's share of the
+    across-expert logit variance, Var_e(Wμ) / E_t Var_e(W h_t), and mean_e |cos(w_e, u)|."""
+    mean_var = np.einsum("reh,h->re", centred, mu) ** 2
+    residual = np.einsum("reh,hk,rek->re", centred, cov, centred, optimize=True)
+    share = mean_var.sum(axis=1) / np.maximum(mean_var.sum(axis=1) + residual.sum(axis=1), 1e-30)
+    norms = np.maximum(np.linalg.norm(centred, axis=2), 1e-12)
+    return share, (np.abs(np.einsum("reh,h->re", centred, u)) / norms).mean(axis=1)
+
+
+def mean_direction(hidden: np.ndarray, router: np.ndarray | None = None, *, random_routers: int = 99,
+                   rng: np.random.Generator | None = None) -> dict[str, Any]:
+    """The mean hidden direction's share of the second moment, and the router's alignment with it.
+
+    With `router` (E, H): its centred rows' mean |cos| with the mean direction and the mean
+    direction's share of the across-expert logit variance, each tested against
+    `random_routers` isotropic Gaussian routers of the same shape on the same hidden states
+    (null mean, SD and one-sided permutation p-values: "the router is blinder to the mean
+    than a random router", (1 + #random <= real) / (1 + n), and "more aligned", >=)."""
     h = np.asarray(hidden, dtype=np.float64)
     dim = h.shape[1]
     mu = h.mean(axis=0)
@@ -300,13 +319,29 @@ def mean_direction(hidden: np.ndarray, router: np.ndarray | None = None) -> dict
     cov = np.cov(h, rowvar=False, bias=True).reshape(dim, dim)
     mean_var = float((centred @ mu) @ (centred @ mu)) / len(w)
     residual_var = float(np.einsum("ij,jk,ik->", centred, cov, centred)) / len(w)  # E_t Var_e(W(h_t − μ))
+    share = mean_var / max(mean_var + residual_var, 1e-30)
     out.update(
         router_abs_cos=float(cos_rows.mean()),
         router_centred_abs_cos=float(cos_centred.mean()),
         router_abs_cos_chance=random_direction_abs_cos(dim),
-        router_mean_logit_share=mean_var / max(mean_var + residual_var, 1e-30),
+        router_mean_logit_share=share,
         router_mean_logit_share_isotropic=out["mean_norm_share"],
     )
+    if random_routers > 0:
+        from moescope.inference import permutation_p_value
+
+        rng = rng or np.random.default_rng(0)
+        draws = rng.standard_normal((random_routers, w.shape[0], dim))
+        null_share, null_cos = _router_shares(draws - draws.mean(axis=1, keepdims=True), mu, cov, u)
+        out.update(
+            router_mean_logit_share_null_mean=float(null_share.mean()),
+            router_mean_logit_share_null_sd=float(null_share.std(ddof=1)),
+            router_mean_logit_share_p_lower=permutation_p_value(-share, -null_share),
+            router_mean_logit_share_p_upper=permutation_p_value(share, null_share),
+            router_centred_abs_cos_null_mean=float(null_cos.mean()),
+            router_centred_abs_cos_null_sd=float(null_cos.std(ddof=1)),
+            random_routers=int(random_routers),
+        )
     return out
 
 
@@ -317,7 +352,8 @@ def token_measures(tok: LayerTokens, n_experts: int, top_k: int, params: Geometr
     return {"n_tokens": int(len(tok)),
             "pairs": pair_measures(tok, n_experts, top_k, params, rng) if len(tok) >= 3 else {},
             "neighbours": neighbour_measures(tok, top_k, params, rng),
-            "mean_direction": mean_direction(tok.hidden, router) if len(tok) >= 2 else {}}
+            "mean_direction": mean_direction(tok.hidden, router, random_routers=params.random_routers, rng=rng)
+            if len(tok) >= 2 else {}}
 
 
 def analyze_geometry(
@@ -358,6 +394,9 @@ def analyze_geometry(
                 entry["generated"] = visit_measures(vis, n_experts, params, rng, generated=True)
                 entry["prompt_vs_rollout"] = prompt_vs_rollout(vis, n_experts, rng)
             visits.append(entry)
+    _holm_mean_direction(per_layer)
+    for phase_layers in by_phase.values():
+        _holm_mean_direction(phase_layers)
     if not has_probs:
         notes.append("the trace has no router_probs: top-p Jaccard skipped (capture with --router-scores probs)")
     if not has_tokens:
@@ -379,6 +418,20 @@ def analyze_geometry(
 
     figures = geometry_figures(values)
     return AnalysisResult("geometry", values, params=asdict(params), figures=figures, trace=trace)
+
+
+def _holm_mean_direction(per_layer: list[dict[str, Any]]) -> None:
+    """Holm-adjust the random-router p-values of the mean direction across layers (in place:
+    keys router_mean_logit_share_p_lower_holm / _p_upper_holm)."""
+    from moescope.inference import holm
+
+    for side in ("lower", "upper"):
+        key = f"router_mean_logit_share_p_{side}"
+        ps = [(e.get("mean_direction") or {}).get(key) for e in per_layer]
+        adjusted = holm([np.nan if p is None else p for p in ps])
+        for e, p, q in zip(per_layer, ps, adjusted):
+            if p is not None:
+                e["mean_direction"][key + "_holm"] = float(q)
 
 
 def _get(entry: dict[str, Any], *path: str) -> Any:
@@ -414,6 +467,10 @@ def summary_series(per_layer: list[dict[str, Any]], visits: list[dict[str, Any]]
         "router_abs_cos_chance": ("mean_direction", "router_abs_cos_chance"),
         "router_mean_logit_share": ("mean_direction", "router_mean_logit_share"),
         "router_mean_logit_share_isotropic": ("mean_direction", "router_mean_logit_share_isotropic"),
+        "router_mean_logit_share_null_mean": ("mean_direction", "router_mean_logit_share_null_mean"),
+        "router_mean_logit_share_null_sd": ("mean_direction", "router_mean_logit_share_null_sd"),
+        "router_mean_logit_share_p_lower_holm": ("mean_direction", "router_mean_logit_share_p_lower_holm"),
+        "router_mean_logit_share_p_upper_holm": ("mean_direction", "router_mean_logit_share_p_upper_holm"),
     }
     out: dict[str, list] = {key: [_get(e, *path) for e in per_layer] for key, path in series.items()}
     for key, path in {"visit_cosine_within": ("all", "within"), "visit_cosine_across": ("all", "across"),

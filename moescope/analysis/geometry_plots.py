@@ -93,6 +93,9 @@ def geometry_figures(values: dict[str, Any]) -> dict[str, Any]:
         y = _series(values, key)
         if np.isfinite(y).any():
             ax.plot(x, y, style, label=label)
+    null, sd = _series(values, "router_mean_logit_share_null_mean"), _series(values, "router_mean_logit_share_null_sd")
+    if np.isfinite(null).any():
+        ax.fill_between(x, null - 2 * sd, null + 2 * sd, alpha=0.2, color="grey", label="random routers, mean ± 2 SD")
     _finish(ax, layers, "share / |cos|", "The mean hidden direction and the router")
     figs["geometry_mean_direction"] = fig
 

@@ -178,10 +178,12 @@ class TransitionCounter:
 
 
 class WeightCounter:
-    """Histograms on [0, 1] of the weight of each (layer, rank) and of each token's weight sum."""
+    """Histograms on [0, weight_max] of the weight of each (layer, rank) and of each token's
+    weight sum (weight_max 1 unless the router scales its weights, e.g. routed_scaling_factor)."""
 
-    def __init__(self, n_layers: int, k: int, bins: int) -> None:
+    def __init__(self, n_layers: int, k: int, bins: int, weight_max: float = 1.0) -> None:
         self.k, self.bins = k, bins
+        self.per_unit = bins / weight_max  # bins per unit of weight
         self.hist = np.zeros(n_layers * k * bins, np.int64)
         self.sum_hist = np.zeros(n_layers * bins, np.int64)
         self.total = np.zeros(n_layers * k, np.float64)
@@ -196,10 +198,10 @@ class WeightCounter:
             rows = ok.any(axis=1)  # null weights lists are left out
             w, ok, li = np.where(ok, w, 0.0)[rows], ok[rows], li[rows]
         cell = (li.astype(np.int32) * self.k)[:, None] + np.arange(self.k, dtype=np.int32)
-        codes = cell * self.bins + np.clip((w * self.bins).astype(np.int32), 0, self.bins - 1)
+        codes = cell * self.bins + np.clip((w * self.per_unit).astype(np.int32), 0, self.bins - 1)
         self.hist += np.bincount(codes.reshape(-1) if complete else codes[ok], minlength=self.hist.size)
         self.total += np.bincount(cell.reshape(-1), weights=w.reshape(-1), minlength=self.total.size)
-        sums = np.clip((w.sum(axis=1) * self.bins).astype(np.int32), 0, self.bins - 1)
+        sums = np.clip((w.sum(axis=1) * self.per_unit).astype(np.int32), 0, self.bins - 1)
         self.sum_hist += np.bincount(li * self.bins + sums, minlength=self.sum_hist.size)
 
 

@@ -158,9 +158,9 @@ class RouteScan:
             diagonal holds the load.
         transitions: (L-1, E, E): tokens with a in their top-k at MoE layer i and b at MoE layer i+1.
         transition_tokens: (L-1,) tokens seen at both layers of each adjacent pair.
-        weight_hist: (L, k, bins) weights per rank, histogram on [0, 1] (None without weights).
-        weight_sum_hist: (L, bins) sum of a token's k weights, histogram on [0, 1]; sums above 1
-            (float16 rounding) fall in the last bin.
+        weight_hist: (L, k, bins) weights per rank, histogram on [0, weight_max] (None without weights).
+        weight_sum_hist: (L, bins) sum of a token's k weights, histogram on [0, weight_max]; sums
+            above it (float16 rounding) fall in the last bin.
         weight_mean: (L, k) mean weight per rank.
     """
 
@@ -176,6 +176,16 @@ class RouteScan:
     weight_sum_hist: np.ndarray | None
     weight_mean: np.ndarray | None
     weight_bins: int
+    weight_max: float = 1.0  # upper end of the weight histograms: 1, or the router's scale rounded up
+
+
+def weight_range(trace: Trace) -> float:
+    """Upper end for the weight histograms: 1 when every weight and every token's weight sum is
+    at most 1 (float16 rounding allowed), else the largest of them rounded up to a half (routers
+    that scale their weights, e.g. DeepSeek-V3's routed_scaling_factor, put everything above 1)."""
+    top = trace.rows("SELECT max(list_max(weights)), max(list_sum(weights)) FROM routes")[0]
+    largest = max((float(x) for x in top if x is not None), default=1.0)
+    return 1.0 if largest <= 1.002 else float(np.ceil(round(largest, 2) * 2) / 2)
 
 
 @dataclass
@@ -249,7 +259,8 @@ def count_routes(trace: Trace, *, phase: str = "all", scan: bool = True, transit
     has_w = scan and trace.has_weights and "weights" in trace.columns("routes")
     pairs = rp.PairCounter(L, E) if scan else None
     trans = rp.TransitionCounter(L, E) if scan and transitions else None
-    weights = rp.WeightCounter(L, k, weight_bins) if has_w else None
+    w_max = weight_range(trace) if has_w else 1.0
+    weights = rp.WeightCounter(L, k, weight_bins, w_max) if has_w else None
     seqs = _sequence_counter(trace, phase, bucket_edges) if sequences else None
     tokens = _token_counter(trace, phase) if token_experts and trace.has("tokens") else None
     row_counters = [c for c in (weights, seqs, tokens) if c is not None]
@@ -282,7 +293,7 @@ def count_routes(trace: Trace, *, phase: str = "all", scan: bool = True, transit
             transition_tokens=trans.tokens if trans else np.zeros(n_trans, np.int64), weight_hist=whist,
             weight_sum_hist=weights.sum_hist.reshape(L, weight_bins) if weights else None,
             weight_mean=weights.total.reshape(L, k) / np.maximum(whist.sum(axis=2), 1) if weights else None,
-            weight_bins=weight_bins)
+            weight_bins=weight_bins, weight_max=w_max)
     if seqs is not None:
         result.sequences = SequenceCounts(seqs.seq_ids, seqs.counts, seqs.n_tokens, seqs.edges)
     if token_experts and trace.has("tokens"):

@@ -228,7 +228,7 @@ def layer_experts(trace: Trace, layer: int, seq_id: np.ndarray, pos: np.ndarray)
 
 
 def compare_traces(trace_a: Trace, trace_b: Trace, *, seed: int = 0, params: dict[str, Any] | None = None,
-                   extra: dict[str, Any] | None = None) -> AnalysisResult:
+                   extra: dict[str, Any] | None = None, shuffles: int = 20) -> AnalysisResult:
     """Align two traces' tokens and compare their routing layer by layer (see moescope.analysis.compare)."""
     check_comparable(trace_a.model, trace_b.model)
     alignment = align_tokens(token_arrays(trace_a), sequence_texts(trace_a),
@@ -243,8 +243,12 @@ def compare_traces(trace_a: Trace, trace_b: Trace, *, seed: int = 0, params: dic
                    layer_experts(trace_b, layer_b, alignment.seq_id, alignment.pos_b))
 
     return analyze_compare(alignment, layers(), n_experts=trace_a.n_experts, top_k=trace_a.top_k, seed=seed,
-                           trace=str(trace_a.path),
+                           trace=str(trace_a.path), shuffles=shuffles,
                            params={"trace_a": str(trace_a.path), "trace_b": str(trace_b.path),
                                    "model_a": trace_a.model.get("name_or_path"),
                                    "model_b": trace_b.model.get("name_or_path"), **(params or {})},
-                           extra=extra)
+                           extra={"traces": {"a": {"path": str(trace_a.path), "model": trace_a.model.get("name_or_path"),
+                                                   "family": trace_a.model.get("family")},
+                                             "b": {"path": str(trace_b.path), "model": trace_b.model.get("name_or_path"),
+                                                   "family": trace_b.model.get("family")}},
+                                  **(extra or {})})

@@ -168,8 +168,9 @@ class NmiTest:
 def _test(observed: float, null: np.ndarray) -> NmiTest:
     if len(null) == 0:
         return NmiTest(observed, float("nan"), float("nan"), float("nan"))
-    p = (1 + int((null >= observed - 1e-12).sum())) / (1 + len(null))
-    return NmiTest(observed, float(null.mean()), float(null.std()), p)
+    from moescope.inference import permutation_p_value
+
+    return NmiTest(observed, float(null.mean()), float(null.std()), permutation_p_value(observed, null))
 
 
 def nmi_tests(experts: np.ndarray, labels: np.ndarray, n_experts: int, *, groups: np.ndarray | None = None,
@@ -194,6 +195,33 @@ def nmi_tests(experts: np.ndarray, labels: np.ndarray, n_experts: int, *, groups
     return layers, _test(float(observed.mean()), null.mean(axis=1))
 
 
+def vocabulary_routing(experts: np.ndarray, token_id: np.ndarray, sequence: np.ndarray, n_experts: int,
+                       seed: int = 0) -> np.ndarray:
+    """The vocabulary-only control router: every token sent, at each layer, to the k experts its
+    token id is sent to most often *in the other half of the sequences* (cross-fitted, so a
+    token id seen once cannot copy its own routing; ids the other half never saw get the
+    layer's k most used experts, which carry no information). A function of the token id
+    alone: its domain NMI is what the domains' different vocabularies give without any topic
+    specialisation. experts (L, N, k) -> (L, N, k)."""
+    experts = np.asarray(experts, dtype=np.int64)
+    ids = _dense(token_id)
+    n_ids = int(ids.max()) + 1 if len(ids) else 1
+    seqs, seq_idx = np.unique(sequence, return_inverse=True)
+    half = np.random.default_rng(seed).permutation(len(seqs)) % 2
+    fold = half[seq_idx] if len(seqs) > 1 else np.arange(len(ids)) % 2
+    k = experts.shape[2]
+    out = np.empty_like(experts)
+    for li, layer in enumerate(experts):
+        overall = np.argsort(-contingency(layer, np.zeros(len(ids), np.int64), 1, n_experts)[0], kind="stable")[:k]
+        for f in (0, 1):
+            fit, apply = fold != f, fold == f
+            table = contingency(layer[fit], ids[fit], n_ids, n_experts)  # (ids, E) from the other half
+            top = np.argsort(-table, axis=1, kind="stable")[:, :k]
+            top[table.sum(axis=1) == 0] = overall
+            out[li, apply] = top[ids[apply]]
+    return out
+
+
 # -- all measures -------------------------------------------------------------------------------
 def specialisation(experts: np.ndarray, *, domain: np.ndarray, token_type: np.ndarray, token_id: np.ndarray,
                    sequence: np.ndarray, n_experts: int, shuffles: int = 20, seed: int = 0) -> dict[str, dict]:
@@ -206,14 +234,20 @@ def specialisation(experts: np.ndarray, *, domain: np.ndarray, token_type: np.nd
     - "token_type" (shuffled globally),
     - "token_type_within_sequence" (the same NMI, shuffled within each sequence: the control
       for what the sequence's domain / token mix explains),
-    - "token_id" (shuffled globally; its "excess" is the bias-corrected NMI).
+    - "token_id" (shuffled globally; its "excess" is the bias-corrected NMI),
+    - "domain_vocabulary_control": domain NMI of :func:`vocabulary_routing` (the same tokens
+      routed by their token id alone), shuffled between sequences with the same permutations
+      as "domain": the domain NMI that vocabulary differences between domains explain.
     """
-    plan = {"domain": (domain, "between-sequences"), "token_type": (token_type, "global"),
-            "token_type_within_sequence": (token_type, "within-sequence"), "token_id": (token_id, "global")}
+    plan = {"domain": (experts, domain, "between-sequences", 0), "token_type": (experts, token_type, "global", 1),
+            "token_type_within_sequence": (experts, token_type, "within-sequence", 2),
+            "token_id": (experts, token_id, "global", 3),
+            "domain_vocabulary_control": (vocabulary_routing(experts, token_id, sequence, n_experts, seed), domain,
+                                          "between-sequences", 0)}
     out = {}
-    for i, (name, (labels, mode)) in enumerate(plan.items()):
-        layers, mean = nmi_tests(experts, labels, n_experts, groups=sequence, mode=mode, shuffles=shuffles,
-                                 seed=seed + i)
+    for name, (routes, labels, mode, offset) in plan.items():
+        layers, mean = nmi_tests(routes, labels, n_experts, groups=sequence, mode=mode, shuffles=shuffles,
+                                 seed=seed + offset)
         out[name] = {"layers": [t.as_dict() for t in layers], "mean": mean.as_dict()}
     return out
 
@@ -242,14 +276,19 @@ def specialises_by(spec: dict[str, dict], alpha: float = 0.05) -> str:
     """Which label the experts follow more (ours), from the layer means of :func:`specialisation`.
 
     Token types qualify when their NMI beats both the global and the within-sequence shuffles
-    (p <= alpha), domains when theirs beats the between-sequence shuffles; of those that
-    qualify, the one with the larger NMI above chance wins. Returns "token types", "domains"
+    (p <= alpha) and are scored by their NMI above the *within-sequence* chance (what the
+    sequence's domain and token mix do not explain). Domains qualify when theirs beats the
+    between-sequence shuffles and exceeds the vocabulary-only control router's domain NMI
+    ("domain_vocabulary_control", when measured), and are scored by their excess over that
+    control. Of those that qualify, the larger score wins. Returns "token types", "domains"
     or "neither".
     """
     tt, within, dom = spec["token_type"]["mean"], spec["token_type_within_sequence"]["mean"], spec["domain"]["mean"]
+    vocab = (spec.get("domain_vocabulary_control") or {}).get("mean")
     candidates = []
-    if tt["p_value"] <= alpha and within["p_value"] <= alpha and tt["excess"] > 0:
-        candidates.append((tt["excess"], "token types"))
-    if dom["p_value"] <= alpha and dom["excess"] > 0:
-        candidates.append((dom["excess"], "domains"))
+    if tt["p_value"] <= alpha and within["p_value"] <= alpha and within["excess"] > 0:
+        candidates.append((within["excess"], "token types"))
+    dom_score = dom["excess"] - (vocab["excess"] if vocab else 0.0)
+    if dom["p_value"] <= alpha and dom["excess"] > 0 and dom_score > 0:
+        candidates.append((dom_score, "domains"))
     return max(candidates)[1] if candidates else "neither"

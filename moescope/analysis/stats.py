@@ -17,9 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from moescope.analysis.coactivation_null import (SelectionRule, beyond_chance, dispersion_values, pair_null_under_rule,
+                                                 structured_pair_null, top_ratio_chance)
 from moescope.analysis.result import AnalysisResult
 from moescope.analysis.routing_counts import RouteCounts, RouteScan, count_routes, expert_load, scan_routes, trace_phases
 from moescope.errors import MoescopeError
+from moescope.router_settings import describe_router
 from moescope.store.reader import Trace
 
 LN2 = np.log(2.0)
@@ -67,33 +70,27 @@ def pair_null(rates: np.ndarray, top_k: int, *, iterations: int = 500) -> np.nda
     """Expected share of tokens choosing both a and b (a != b) when pairs form at random but
     each expert keeps its number of pairs: P_ab = x_a x_b with x_a * sum_{b != a} x_b =
     r_a (k - 1), r_a the share of tokens choosing a. Exact for uniform routing
-    (k (k-1) / (E (E-1))); a degree-preserving ("configuration model") null otherwise."""
-    r = np.asarray(rates, np.float64)
-    target = r * (top_k - 1)
-    x = np.sqrt(np.maximum(target, 0) / max(len(r) - 1, 1))
-    for _ in range(iterations):
-        rest = x.sum() - x
-        new = np.divide(target, rest, out=np.zeros_like(x), where=rest > 0)
-        if np.allclose(new, x, rtol=1e-10, atol=1e-15):
-            x = new
-            break
-        x = 0.5 * (x + new)  # damped: plain iteration can oscillate
-    expected = np.outer(x, x)
-    np.fill_diagonal(expected, 0.0)
-    return expected
+    (k (k-1) / (E (E-1))); a degree-preserving ("configuration model") null otherwise.
+    Routers that restrict which experts can meet (group-limited top-k) need
+    :func:`moescope.analysis.coactivation_null.structured_pair_null` instead."""
+    return structured_pair_null(rates, top_k, None, iterations=iterations)
 
 
 @dataclass
 class Coactivation:
     """Pair co-activation of one layer: counts (E, E) tokens choosing both (diagonal: load),
-    expected (E, E) under :func:`pair_null`, ratio = counts / expected (NaN where expected is 0),
-    dispersion_chance: the dispersion (see :func:`dispersion`) of a simulated router that picks
-    k experts at random with this layer's loads (Gumbel top-k on log shares), pairs left to chance."""
+    expected (E, E) under the null (:func:`pair_null`, or its generalisation to the router's
+    selection rule, :mod:`moescope.analysis.coactivation_null`), ratio = counts / expected (NaN
+    where expected is 0), dispersion_chance / _sd: mean and SD of the dispersion (see
+    :func:`dispersion`) of simulated routers with this layer's loads, the same selection rule
+    and no pair structure; rule: that selection rule."""
 
     counts: np.ndarray
     expected: np.ndarray
     ratio: np.ndarray
     dispersion_chance: float | None = None
+    dispersion_chance_sd: float | None = None
+    rule: SelectionRule | None = None
 
 
 def dispersion(counts: np.ndarray, expected: np.ndarray, *, min_expected: float = 5.0) -> float | None:
@@ -101,64 +98,61 @@ def dispersion(counts: np.ndarray, expected: np.ndarray, *, min_expected: float 
     chi-square per pair. It does not grow with the number of tokens when pairs form by chance
     (about 0.4-0.9, depending on E and k: compare with the simulated chance level), and it
     grows with the tokens when experts team up."""
-    iu = np.triu_indices(len(counts), 1)
-    c, e = counts[iu].astype(np.float64), expected[iu]
-    keep = e >= min_expected
-    return float(np.mean((c[keep] - e[keep]) ** 2 / e[keep])) if keep.any() else None
-
-
-def _simulated_dispersion(load: np.ndarray, top_k: int, n_tokens: int, rng: np.random.Generator) -> float | None:
-    share = load / max(load.sum(), 1)
-    with np.errstate(divide="ignore"):
-        logits = np.log(share)
-    scores = logits + rng.gumbel(size=(n_tokens, len(load)))
-    chosen = np.argpartition(-scores, top_k - 1, axis=1)[:, :top_k]
-    # Pair counts by bincount of (a, b) codes: exact integers, and no BLAS call (a float
-    # one-hot product took 0.6 s per layer when BLAS threads contended for the cores).
-    E = len(load)
-    a, b = np.triu_indices(top_k, 1)
-    first, second = chosen[:, a].ravel(), chosen[:, b].ravel()
-    counts = np.bincount(first * E + second, minlength=E * E).reshape(E, E).astype(np.float64)
-    counts = counts + counts.T
-    counts[np.diag_indices(E)] = np.bincount(chosen.ravel(), minlength=E)
-    expected = pair_null(np.diag(counts) / n_tokens, top_k) * n_tokens
-    return dispersion(counts, expected)
+    return dispersion_values(np.asarray(counts, np.float64), expected, min_expected)
 
 
 def coactivation(source: Trace | RouteScan, layer_index: int | None = None, *, seed: int = 0,
-                 chance_tokens: int = 20_000) -> list[Coactivation] | Coactivation:
-    """Every pair within each token's top-k, counted and divided by the degree-preserving null.
-    `source` a Trace (scanned now) or a RouteScan; one layer (position in moe_layers) or all.
-    The chance dispersion is simulated with min(tokens, chance_tokens) tokens (it does not
-    depend on the number of tokens)."""
+                 chance_tokens: int = 20_000, replicates: int = 20,
+                 rule: SelectionRule | None = None) -> list[Coactivation] | Coactivation:
+    """Every pair within each token's top-k, counted and divided by the null of random pairing
+    under the router's selection rule (`rule`; default: read from a Trace's manifest, plain
+    top-k for a RouteScan). `source` a Trace (scanned now) or a RouteScan; one layer (position
+    in moe_layers) or all. The chance dispersion: mean and SD over `replicates` simulated
+    routers of min(tokens, chance_tokens) tokens each (it does not depend on the number of tokens)."""
+    if rule is None:
+        model = source.manifest.get("model") if isinstance(source, Trace) else None
+        E, k = (source.n_experts, source.top_k)
+        rule = SelectionRule.from_model(model, E, k)
     scan = source if isinstance(source, RouteScan) else scan_routes(source, transitions=False)
     rng = np.random.default_rng(seed)
     out = []
     for li in range(len(scan.moe_layers)) if layer_index is None else [layer_index]:
         n = max(int(scan.n_rows[li]), 1)
         counts = scan.pairs[li]
-        expected = pair_null(scan.load[li] / n, scan.top_k) * n
+        null = pair_null_under_rule(counts, n, rule, rng, chance_tokens=chance_tokens,
+                                    replicates=replicates if scan.top_k > 1 else 0)
+        expected = null.expected
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(expected > 0, counts / expected, np.nan)
         np.fill_diagonal(ratio, np.nan)
-        chance = _simulated_dispersion(scan.load[li], scan.top_k, min(n, chance_tokens), rng) if scan.top_k > 1 else None
-        out.append(Coactivation(counts, expected, ratio, chance))
+        out.append(Coactivation(counts, expected, ratio, null.dispersion_chance, null.dispersion_chance_sd, rule))
     return out if layer_index is None else out[0]
 
 
-def coactivation_summary(co: Coactivation, *, top: int = 10, min_expected: float = 5.0) -> dict[str, Any]:
-    """max_ratio and top pairs (a, b, count, expected, ratio) among pairs expected >= min_expected
-    times; dispersion (see :func:`dispersion`) and its simulated chance level."""
+def coactivation_summary(co: Coactivation, *, top: int = 10, min_expected: float = 5.0, seed: int = 0,
+                         draws: int = 200) -> dict[str, Any]:
+    """max_ratio and top pairs (a, b, count, expected, ratio, chance ratio at this rank, its SD)
+    among pairs expected >= min_expected times; max_ratio_chance (mean, SD) and
+    max_ratio_p_value (see :func:`top_ratio_chance`); dispersion (see :func:`dispersion`) with
+    its simulated chance level and SD."""
     E = len(co.counts)
     iu = np.triu_indices(E, 1)
     c, e = co.counts[iu].astype(np.float64), co.expected[iu]
     keep = e >= min_expected
     ratio = np.where(keep, c / np.where(e > 0, e, 1), np.nan)
-    order = np.argsort(-np.nan_to_num(ratio, nan=-np.inf))[:top]
-    pairs = [[int(iu[0][i]), int(iu[1][i]), int(c[i]), float(e[i]), float(ratio[i])] for i in order if keep[i]]
+    order = [i for i in np.argsort(-np.nan_to_num(ratio, nan=-np.inf))[:top] if keep[i]]
+    chance = top_ratio_chance(co.expected, [float(ratio[i]) for i in order], np.random.default_rng(seed),
+                              draws=draws, min_expected=min_expected)
+    rc, rsd = chance["ratio_chance"], chance["ratio_chance_sd"]
+    pairs = [[int(iu[0][i]), int(iu[1][i]), int(c[i]), float(e[i]), float(ratio[i]),
+              rc[j] if j < len(rc) else None, rsd[j] if j < len(rsd) else None] for j, i in enumerate(order)]
     return {"max_ratio": float(np.nanmax(ratio)) if keep.any() else None,
-            "dispersion": dispersion(co.counts, co.expected, min_expected=min_expected),
-            "dispersion_chance": co.dispersion_chance, "top_pairs": pairs}
+            "max_ratio_chance": rc[0] if rc else None, "max_ratio_chance_sd": rsd[0] if rsd else None,
+            "max_ratio_p_value": chance["max_ratio_p_value"], "ratio_chance_draws": draws,
+            "dispersion": (d := dispersion(co.counts, co.expected, min_expected=min_expected)),
+            "dispersion_chance": co.dispersion_chance, "dispersion_chance_sd": co.dispersion_chance_sd,
+            "beyond_chance": beyond_chance(d, co.dispersion_chance, co.dispersion_chance_sd),
+            "top_pairs": pairs}
 
 
 # -- transitions -----------------------------------------------------------------------------------
@@ -295,7 +289,7 @@ def label_specialisation(counts: np.ndarray, labels: np.ndarray, *, permutations
     `counts` (S, L, E) assignments per sequence; `labels` (S,). mi_bits[l] = I(label; expert)
     at layer l over all assignments = sum_c w_c KL(P(e | c) || P(e)); baseline: the same with
     labels shuffled across sequences `permutations` times (mean, 95th percentile, p-value
-    (1 + #perm >= real) / (1 + permutations)). top_experts[l][c]: experts with the largest
+    (1 + #perm >= real) / (1 + permutations), and Holm-adjusted across layers: mi_p_value_holm). top_experts[l][c]: experts with the largest
     lift P(e | c) / P(e).
     """
     S, L, E = counts.shape
@@ -320,21 +314,30 @@ def label_specialisation(counts: np.ndarray, labels: np.ndarray, *, permutations
         lift = np.where(p_e[None] > 0, p_ec / p_e[None], np.nan)
     top_experts = [{str(c): [[int(e), float(lift[ci, li, e])] for e in np.argsort(-np.nan_to_num(lift[ci, li], nan=-1))[:top]]
                     for ci, c in enumerate(classes)} for li in range(L)]
+    from moescope.inference import holm, permutation_p_value
+
+    p_values = np.array([permutation_p_value(real[li], perm[:, li]) for li in range(L)]) if permutations else None
     return {"labels": [str(c) for c in classes], "mi_bits": real,
             "mi_permutation_mean_bits": perm.mean(axis=0) if permutations else None,
             "mi_permutation_p95_bits": np.percentile(perm, 95, axis=0) if permutations else None,
-            "mi_p_value": (1 + (perm >= real[None]).sum(axis=0)) / (1 + permutations) if permutations else None,
+            "mi_p_value": p_values,
+            "mi_p_value_holm": holm(p_values) if permutations else None,
             "permutations": permutations, "top_experts": top_experts}
 
 
 # -- weights and phases ----------------------------------------------------------------------------
 def weight_summary(scan: RouteScan) -> dict[str, Any] | None:
-    """Per layer and rank: mean weight and histogram on [0, 1] (bins of 1/weight_bins); mean of
-    the per-token weight sum. Baseline: equal weights 1/k. None when the trace has no weights."""
+    """Per layer and rank: mean weight and histogram on [0, weight_max] (bins of
+    weight_max / weight_bins; weight_max is 1 unless the router scales its weights, see
+    :func:`moescope.analysis.routing_counts.weight_range`); mean of the per-token weight sum.
+    Baseline: equal weights, weight_max / k when the sums are weight_max (1/k unscaled).
+    None when the trace has no weights."""
     if scan.weight_hist is None:
         return None
     sums = scan.weight_sum_hist
-    return {"bins": scan.weight_bins, "mean_by_rank": scan.weight_mean, "uniform_weight": 1.0 / scan.top_k,
+    w_max = getattr(scan, "weight_max", 1.0)
+    return {"bins": scan.weight_bins, "weight_max": w_max, "mean_by_rank": scan.weight_mean,
+            "uniform_weight": w_max / scan.top_k,
             "hist_by_rank": scan.weight_hist,
             "sum_mean": (scan.weight_mean * scan.weight_hist.sum(axis=2)).sum(axis=1) / np.maximum(sums.sum(axis=1), 1),
             "sum_hist": sums}
@@ -379,6 +382,7 @@ class StatsInputs:
     seq_counts: np.ndarray | None = None
     seq_labels: np.ndarray | None = None
     phase_loads: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+    model: dict[str, Any] | None = None  # the manifest's model description (router settings)
 
 
 def gather_statistics_inputs(trace: Trace, *, label: str | None = None, phase: str = "all",
@@ -391,7 +395,7 @@ def gather_statistics_inputs(trace: Trace, *, label: str | None = None, phase: s
     seq_labels = read_labels(trace, label) if label is not None else None  # fail early on a bad label
     if counts is None:
         counts = count_routes(trace, phase=phase, sequences=label is not None, token_experts=trace.has("tokens"))
-    inputs = StatsInputs(counts.scan, counts.token_experts)
+    inputs = StatsInputs(counts.scan, counts.token_experts, model=trace.manifest.get("model"))
     if trace.has("tokens"):
         inputs.token_text = _token_text(trace)
     if seq_labels is not None:
@@ -416,6 +420,7 @@ def routing_statistics(
     permutations: int = 100,
     seed: int = 0,
     figures: bool = True,
+    chance_replicates: int = 20,
 ) -> AnalysisResult:
     """All routing statistics of a trace (analysis="stats").
 
@@ -427,15 +432,18 @@ def routing_statistics(
         focus_layer: the model layer shown in the co-activation, transition and weight
             figures (default: the middle MoE layer).
         permutations: label shuffles for the label-specialisation baseline.
+        chance_replicates: simulated routers per layer for the co-activation chance (mean, SD);
+            each costs about 0.7 s per layer at E = 256, k = 8 (20,000 tokens).
     """
     _focus(trace.moe_layers, focus_layer)  # fail before the expensive part
     inputs = gather_statistics_inputs(trace, label=label, phase=phase)
     values, figs = summarise_statistics(inputs, label=label, top_tokens=top_tokens, min_token_count=min_token_count,
                                         phase=phase, focus_layer=focus_layer, rare_fraction=rare_fraction,
-                                        permutations=permutations, seed=seed, figures=figures)
+                                        permutations=permutations, seed=seed, figures=figures,
+                                        chance_replicates=chance_replicates)
     params = {"label": label, "top_tokens": top_tokens, "min_token_count": min_token_count, "phase": phase,
               "focus_layer": values["focus_layer"], "rare_fraction": rare_fraction, "permutations": permutations,
-              "seed": seed}
+              "seed": seed, "chance_replicates": chance_replicates}
     return AnalysisResult("stats", values, params=params, figures=figs, trace=str(trace.path))
 
 
@@ -449,7 +457,7 @@ def _focus(layers: list[int], focus_layer: int | None) -> int:
 def summarise_statistics(inputs: StatsInputs, *, label: str | None = None, top_tokens: int = 10,
                          min_token_count: int = 20, phase: str = "all", focus_layer: int | None = None,
                          rare_fraction: float = RARE_FRACTION, permutations: int = 100, seed: int = 0,
-                         figures: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+                         figures: bool = True, chance_replicates: int = 20) -> tuple[dict[str, Any], dict[str, Any]]:
     """The pure half of :func:`routing_statistics`: (values, figures) from the gathered counts."""
     notes: list[str] = []
     scan = inputs.scan
@@ -460,10 +468,17 @@ def summarise_statistics(inputs: StatsInputs, *, label: str | None = None, top_t
     load.pop("share")
     values: dict[str, Any] = {"n_experts": scan.n_experts, "top_k": scan.top_k, "moe_layers": layers, "phase": phase,
                               "n_tokens": scan.n_rows, "focus_layer": focus, "load": {**load, "counts": scan.load}}
-    co_all = coactivation(scan, seed=seed) if scan.top_k > 1 else []
+    rule = SelectionRule.from_model(inputs.model, scan.n_experts, scan.top_k)
+    co_all = coactivation(scan, seed=seed, rule=rule, replicates=chance_replicates) if scan.top_k > 1 else []
+    if not (inputs.model or {}).get("router_settings"):
+        notes.append("the trace does not record the router's settings: co-activation chance assumes any pair of "
+                     "experts can be chosen together (plain top-k)")
+    values["router"] = describe_router(inputs.model)
     values["coactivation"] = None if not co_all else {
-        "null": "degree-preserving random pairing (see pair_null)",
-        "per_layer": [coactivation_summary(c) for c in co_all],
+        "null": "random pairing that keeps each expert's load, under the router's selection rule: " + rule.describe(),
+        "selection_rule": {"n_group": rule.n_group, "topk_group": rule.topk_group, "grouped": rule.grouped,
+                           "group_score": rule.group_score if rule.grouped else None},
+        "per_layer": [coactivation_summary(c, seed=seed) for c in co_all],
         "focus_ratio": co_all[fi].ratio}
     if scan.top_k == 1:
         notes.append("top-1 routing: no pairs within a token, co-activation skipped")

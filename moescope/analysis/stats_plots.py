@@ -46,18 +46,19 @@ def ratio_heatmap(ratio: np.ndarray, title: str, xlabel: str, ylabel: str, label
     return fig
 
 
-def weight_histograms(hist: np.ndarray, sum_hist: np.ndarray, layer: int, top_k: int) -> Any:
-    """Weights of each rank at one layer (density over [0, 1]) and the per-token weight sum."""
+def weight_histograms(hist: np.ndarray, sum_hist: np.ndarray, layer: int, top_k: int, weight_max: float = 1.0) -> Any:
+    """Weights of each rank at one layer (density over [0, weight_max]) and the per-token weight sum."""
     bins = hist.shape[-1]
-    centres = (np.arange(bins) + 0.5) / bins
+    centres = (np.arange(bins) + 0.5) / bins * weight_max
     fig, ax = _fig()
     shown = range(min(top_k, 8))
     for r in shown:
         h = hist[r] / max(hist[r].sum(), 1)
         ax.plot(centres, h, marker=".", label=f"rank {r + 1}")
     ax.plot(centres, sum_hist / max(sum_hist.sum(), 1), color="black", linestyle="--", label="sum of k weights")
-    ax.axvline(1.0 / top_k, color="grey", linestyle=":", label=f"equal weights 1/k = {1 / top_k:.3g}")
-    ax.set_xlabel("routing weight")
+    equal = weight_max / top_k
+    ax.axvline(equal, color="grey", linestyle=":", label=f"equal weights {weight_max:g}/k = {equal:.3g}")
+    ax.set_xlabel("routing weight" + (f" (scaled: range 0-{weight_max:g})" if weight_max != 1.0 else ""))
     ax.set_ylabel("share of tokens")
     ax.set_title(f"Routing weights by rank, layer {layer}", fontsize=10)
     ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -107,5 +108,5 @@ def stats_figures(values: dict[str, Any], co: Any, trans: Any, scan: Any, focus_
             "observed / independent (log2; 1 = chance)")
     if scan.weight_hist is not None:
         figs["weights"] = weight_histograms(scan.weight_hist[focus_index], scan.weight_sum_hist[focus_index],
-                                            layers[focus_index], scan.top_k)
+                                            layers[focus_index], scan.top_k, getattr(scan, "weight_max", 1.0))
     return figs

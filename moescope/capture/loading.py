@@ -148,6 +148,7 @@ def describe_model(model: Any, name_or_path: str, revision: str | None = None) -
     """The manifest's `model` section for a loaded model."""
     from moescope.adapters.base import text_config
     from moescope.adapters.registry import family_for_model
+    from moescope.router_settings import router_settings
 
     family = family_for_model(model)
     layers = family.find_layers(model)
@@ -160,6 +161,7 @@ def describe_model(model: Any, name_or_path: str, revision: str | None = None) -
         "family": family.name,
         "router": family.router,
         "score_function": family.score_function,
+        "router_settings": router_settings(cfg, family),
         "n_layers": n_layers,
         "moe_layers": [layer.layer for layer in layers],
         "layer_paths": {str(layer.layer): layer.path for layer in layers},

@@ -11,16 +11,32 @@ from rich.console import Console
 console = Console(stderr=True)
 
 
+def _pm(mean: Any, sd: Any) -> str:
+    fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+    return fmt(mean) if sd is None else f"{fmt(mean)} ± {fmt(sd)}"
+
+
 def _print(values: dict[str, Any], path: Path) -> None:
     align = values["alignment"]
+    traces = values.get("traces") or {}
+    for side in ("a", "b"):
+        t = traces.get(side) or {}
+        console.print(f"{side.upper()}: {t.get('path')} (model {t.get('model')})", highlight=False)
     console.print(f"aligned {align['n_prompt_aligned']:,} prompt and {align['n_generated_aligned']:,} generated tokens "
                   f"({align['mode']} mode; {align['share_prompt_matched_a']:.1%} of A's prompt tokens)")
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+    blocks = [("all tokens", values)] + [(name.replace("_", " ") + " tokens", block)
+                                         for name, block in (values.get("by_phase") or {}).items()]
     for i, layer in enumerate(values["layers"]):
-        console.print(f"layer {layer}: overlap {fmt(values['per_layer_overlap'][i])}, matched "
-                      f"{fmt(values['per_layer_overlap_matched'][i])} (cross-fitted "
-                      f"{fmt(values['per_layer_overlap_matched_crossfit'][i])}); chance "
-                      f"{values['expected_overlap_chance']:.3f}")
+        console.print(f"layer {layer}:", highlight=False)
+        for name, block in blocks:
+            get = lambda key: (block.get(key) or [None] * (i + 1))[i]  # noqa: E731
+            console.print(f"  {name}: overlap {fmt(get('per_layer_overlap'))} (chance given loads "
+                          f"{fmt(get('per_layer_load_chance'))}); matched, cross-fitted "
+                          f"{fmt(get('per_layer_overlap_matched_crossfit'))} vs matched chance "
+                          f"{_pm(get('per_layer_matched_chance'), get('per_layer_matched_chance_sd'))}, token-id null "
+                          f"{_pm(get('per_layer_overlap_matched_token_null'), get('per_layer_overlap_matched_token_null_sd'))}"
+                          f" (Holm p {fmt(get('per_layer_overlap_matched_token_null_p_holm'))})", highlight=False)
     for note in align.get("notes") or []:
         console.print(f"[yellow]note:[/] {note}")
     console.print(f"[green]wrote[/] {path}")
@@ -33,13 +49,18 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None
         trace_b: Path = typer.Argument(..., help="Second trace, of the same texts (another model, checkpoint or template)."),
         out: Path = typer.Option(..., "--out", help="Directory for results.json and figures/."),
         seed: int = typer.Option(0, "--seed", help="Seed of the cross-fitting halves and shuffles."),
+        shuffles: int = typer.Option(20, "--shuffles", help="Shuffles of each chance level (matched chance, token-id null)."),
     ) -> None:
         """Per-layer routing overlap of two traces on aligned tokens, next to its chance levels,
         with the best one-to-one matching of experts (Hungarian algorithm)."""
         from moescope.analysis.routing_inputs import compare_traces
         from moescope.store.reader import open_trace
 
-        result = compare_traces(open_trace(trace_a), open_trace(trace_b), seed=seed)
+        if shuffles < 1:
+            from moescope.errors import MoescopeError
+
+            raise MoescopeError(f"--shuffles must be at least 1, not {shuffles}")
+        result = compare_traces(open_trace(trace_a), open_trace(trace_b), seed=seed, shuffles=shuffles)
         _print(result.values, result.save(out))
 
     @analyze_app.command("chat-template")
@@ -57,6 +78,7 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None
         device: str = typer.Option("cpu", "--device"),
         seed: int = typer.Option(0, "--seed"),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace traces from a different earlier run."),
+        shuffles: int = typer.Option(20, "--shuffles", help="Shuffles of each chance level (matched chance, token-id null)."),
     ) -> None:
         """Capture the same prompts with and without a chat template and compare routing of the
         user text's tokens and of the generated tokens, layer by layer (deep-layer consistency)."""
@@ -89,5 +111,6 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None
         params = {"kind": "chat-template", "template_source": source, "generate": generate, "data": str(data),
                   "template": template if template is not None else (None if source == "tokenizer" else
                                                                       render_chat("{text}", None, None))}
-        result = compare_traces(open_trace(traces["plain"]), open_trace(traces["chat"]), seed=seed, params=params)
+        result = compare_traces(open_trace(traces["plain"]), open_trace(traces["chat"]), seed=seed, params=params,
+                                shuffles=shuffles)
         _print(result.values, result.save(out))

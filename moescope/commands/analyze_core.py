@@ -49,7 +49,8 @@ def stats_table(v: dict[str, Any]) -> Table:
             str(layer), f"{_fmt(load['entropy_bits'][i])} / {_fmt(load['entropy_max_bits'], 2)}",
             f"{_fmt(load['kl_uniform_bits'][i], 4)} ({_fmt(load['kl_uniform_chance_bits'][i], 4)})",
             str(load["n_dead"][i]), str(load["n_rare"][i]),
-            f"{_fmt(c['dispersion'], 2)} ({_fmt(c['dispersion_chance'], 2)})" if c else "n/a",
+            f"{_fmt(c['dispersion'], 2)} ({_fmt(c['dispersion_chance'], 2)} ± {_fmt(c.get('dispersion_chance_sd'), 2)})"
+            if c else "n/a",
             f"{_fmt(tok['token_purity'][i])} ({_fmt(tok['token_purity_chance'][i])})" if tok else "n/a",
             f"{_fmt(lab['mi_bits'][i], 4)} ({_fmt(lab['mi_permutation_p95_bits'][i], 4)})"
             if lab and lab.get("mi_permutation_p95_bits") is not None else "n/a")
@@ -122,6 +123,8 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None
         min_token_count: int = typer.Option(20, "--min-token-count", help="Only tokens seen this often are listed."),
         permutations: int = typer.Option(100, "--permutations", help="Label shuffles for the label-specialisation baseline."),
         seed: int = typer.Option(0, "--seed"),
+        chance_replicates: int = typer.Option(20, "--chance-replicates", help="Simulated routers per layer for the "
+                                              "co-activation chance (mean ± SD); fewer on very large models."),
     ) -> None:
         """Expert load, entropy and KL from uniform, dead/rare experts, co-activation of every pair,
         layer-to-layer transitions, token and label specialisation, weights, prompt vs generated."""
@@ -131,9 +134,11 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None
         _check_phase(phase)
         trace = open_trace(trace_dir)
         result = routing_statistics(trace, label=label, phase=phase, focus_layer=focus_layer, top_tokens=top_tokens,
-                                    min_token_count=min_token_count, permutations=permutations, seed=seed)
+                                    min_token_count=min_token_count, permutations=permutations, seed=seed,
+                                    chance_replicates=chance_replicates)
         path = result.save(out)
         console.print(stats_table(result.values))
+        console.print(f"router: {result.values.get('router')}", highlight=False)
         _notes(result.values["notes"])
         console.print(f"[green]wrote[/] {path}")
 

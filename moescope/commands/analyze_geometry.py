@@ -21,6 +21,7 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None
         max_tokens: int = typer.Option(20_000, "--max-tokens", help="Tokens with hidden states loaded per layer."),
         nn_queries: int = typer.Option(2_000, "--nn-queries", help="Query tokens of the nearest-neighbour predictor."),
         permutations: int = typer.Option(99, "--permutations", help="Relabellings of the Mantel permutation test."),
+        random_routers: int = typer.Option(99, "--random-routers", help="Random routers of the mean-direction null."),
         model: Optional[str] = typer.Option(None, "--model", help="Model directory to read router weights from "
                                             "(default: the trace's model, if it is a local directory)."),
     ) -> None:
@@ -38,7 +39,7 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None
             raise MoescopeError("--pairs, --max-tokens and --nn-queries must be at least 1")
         trace = open_trace(trace_dir)
         params = GeometryParams(pairs=pairs, top_p=top_p, seed=seed, max_tokens=max_tokens, nn_queries=nn_queries,
-                                permutations=permutations)
+                                permutations=permutations, random_routers=random_routers)
         weights, note = router_weights_for(trace, model)
         result = analyze_geometry(geometry_layers(trace, params), n_experts=trace.n_experts, top_k=trace.top_k,
                                   router_weights=weights, params=params, trace=str(trace_dir),

@@ -33,7 +33,7 @@ def summary_table(cells: list[dict[str, Any]], unigram: float) -> Table:
     table = Table(title="Design choices: validation perplexity and expert specialisation",
                   caption=f"ppl: mean over domains (unigram baseline {unigram:.1f}), ± sd over {seeds} seed(s); "
                           "NMI: layer mean, permutation "
-                          "chance in brackets; token-id NMI: raw minus shuffled mean (raw in brackets)")
+                          "chance in brackets, domain: vocabulary-only router in square brackets; token-id NMI: raw minus shuffled mean (raw in brackets)")
     table.add_column("variant", no_wrap=True)
     for col in ("ppl", "domain NMI", "type NMI", "token-id NMI"):
         table.add_column(col, justify="right")
@@ -41,7 +41,7 @@ def summary_table(cells: list[dict[str, Any]], unigram: float) -> Table:
     for c in cells:
         ppl = _f(c["mean_ppl"], 1) + (f" ± {c['mean_ppl_sd']:.1f}" if c["mean_ppl_sd"] is not None else "")
         table.add_row(c["name"], ppl,
-                      f"{_f(c['domain_nmi'])} ({_f(c['domain_nmi_chance'])})",
+                      f"{_f(c['domain_nmi'])} ({_f(c['domain_nmi_chance'])}) [{_f(c.get('domain_nmi_vocabulary_control'))}]",
                       f"{_f(c['token_type_nmi'])} ({_f(c['token_type_nmi_chance'])})",
                       f"{_f(c['token_id_nmi_excess'])} ({_f(c['token_id_nmi'])})", c["specialises_by"])
     return table
@@ -56,7 +56,8 @@ def register(app: typer.Typer, *, experiment_app: typer.Typer, **_: object) -> N
         routing: str = typer.Option("token,sequence", "--routing", help="Routing levels to train."),
         top_k: str = typer.Option("1,2", "--top-k", help="Experts per token to train."),
         router: str = typer.Option("learned,frozen", "--router", help="Router kinds to train."),
-        seeds: str = typer.Option("0", "--seeds", help="Seeds, e.g. 0,1,2 (several give error bars)."),
+        seeds: Optional[str] = typer.Option(None, "--seeds", help="Seeds, e.g. 0,1,2: every comparison is reported "
+                                            "with its spread over them (default 0,1,2; --quick 0)."),
         max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Training tokens per variant "
                                                  "(default 800,000; --quick 15,360)."),
         threads: int = typer.Option(2, "--threads", help="CPU threads for training and measuring."),
@@ -76,7 +77,7 @@ def register(app: typer.Typer, *, experiment_app: typer.Typer, **_: object) -> N
 
         preset = "quick" if quick else "default"
         variants = ex.grid(_split(routing, "routing"), _split(top_k, "top-k", int), _split(router, "router"),
-                           _split(seeds, "seeds", int))
+                           _split(seeds, "seeds", int) if seeds is not None else ex.DEFAULT_SEEDS[preset])
         if threads < 1:
             raise MoescopeError("--threads must be 1 or more")
         torch.set_num_threads(threads)

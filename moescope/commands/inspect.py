@@ -16,6 +16,7 @@ def register(app: typer.Typer, **_: object) -> None:
     ) -> None:
         """Print what a trace holds and check that every shard is whole and consistent."""
         from moescope.errors import TraceError
+        from moescope.router_settings import describe_router
         from moescope.store.reader import open_trace
         from moescope.store.validate import trace_dir_size, validate
 
@@ -27,6 +28,7 @@ def register(app: typer.Typer, **_: object) -> None:
         info.add_row("model", f"{model.get('name_or_path')} ({model.get('model_type')}, {model.get('family')})")
         info.add_row("routing", f"E={model.get('n_experts')} experts, top-{model.get('top_k')}, "
                                 f"{len(model.get('moe_layers', []))} MoE layers of {model.get('n_layers')}; {model.get('router')}")
+        info.add_row("this model", describe_router(model))
         cap = m.get("capture", {})
         info.add_row("capture", f"{cap.get('mode')}" + (f", {cap.get('generate')} new tokens" if cap.get("generate") else ""))
         info.add_row("status", "complete" if m.get("complete") else "[yellow]unfinished (rerun the capture to resume)[/]")

@@ -26,6 +26,9 @@ from moescope.errors import MoescopeError
 from moescope.train.config import ROUTERS, ROUTINGS, TrainConfig, config_from_dict
 
 TOP_KS = (1, 2)
+# Seeds run when none are given: several, so that every comparison has a spread. The micro
+# preset keeps one (a smoke test; tests pass more explicitly when they need a spread).
+DEFAULT_SEEDS = {"default": (0, 1, 2), "quick": (0,)}
 
 # Base configs. "default" fits the 8-variant grid in at most an hour on 2 CPU cores: measured
 # 1,700-2,300 training tokens/s with one thread while the other core was busy, i.e. about 60 min
@@ -66,6 +69,7 @@ class Measurement:
     shuffles: int = 99  # the smallest attainable permutation p-value is 1 / (1 + shuffles)
     batch_size: int = 16
     seed: int = 0
+    version: int = 2  # of the measures: 2 added the vocabulary control (older caches are re-measured)
 
 
 MEASUREMENTS = {"default": Measurement(), "quick": Measurement(tokens_per_domain=512, shuffles=19)}
@@ -277,6 +281,7 @@ def variant_row(variant: Variant, trained: dict[str, Any], spec: dict[str, Any],
         "measured_tokens": spec["tokens"], "moe_layers": spec["layers"], "n_experts": spec["n_experts"],
         "domain_nmi": s["domain"], "token_type_nmi": s["token_type"],
         "token_type_nmi_within_sequence": s["token_type_within_sequence"], "token_id_nmi": s["token_id"],
+        "domain_nmi_vocabulary_control": s["domain_vocabulary_control"],
         "specialises_by": spec["specialises_by"], "experts": spec["experts"],
         "token_type_shares": spec["token_type_shares"],
     }

@@ -14,7 +14,7 @@ TEMPLATE = """\
 context at all: {{ unigram }}); every NMI next to its permutation chance (mean over {{ shuffles }} label
 shuffles); load next to the fair share (busiest expert ÷ 1/E = 1 when balanced).</p>
 <table class="values">
-<thead><tr><th>variant</th><th>seeds</th><th>mean ppl (± sd)</th><th>domain NMI (chance)</th>
+<thead><tr><th>variant</th><th>seeds</th><th>mean ppl (± sd)</th><th>domain NMI (chance) [vocabulary-only router]</th>
 <th>token-type NMI (chance) [within-sequence chance]</th><th>token-id NMI corrected (raw)</th>
 <th>busiest expert ÷ fair</th><th>dead experts</th><th>experts follow</th></tr></thead>
 <tbody>{% for r in rows %}<tr>{% for cell in r %}<td class="num">{{ cell }}</td>{% endfor %}</tr>{% endfor %}</tbody>
@@ -25,9 +25,12 @@ and a label of the token, I / mean(H(label), H(expert)), averaged over the MoE l
 determines the other. <b>Domain</b> labels are shuffled between whole sequences (a sequence-level router makes one
 choice per sequence); <b>token types</b> ({{ types }}) across all tokens, and within each sequence for the stricter
 chance in square brackets (what the sequence's domain and token mix already explain).
-<b>Token id</b> NMI is biased upward by its thousands of classes: the shuffled-label mean is subtracted.</li>
-<li><b>Experts follow</b> (ours): the label whose NMI rises more above chance, among those beyond chance
-(p ≤ 0.05 for the layer mean; token types must beat both shuffles), else "neither".</li>
+<b>Token id</b> NMI is biased upward by its thousands of classes: the shuffled-label mean is subtracted.
+The <b>vocabulary-only router</b> sends each token to the experts its token id gets most often in the other half of the
+sequences: its domain NMI is what the domains' different vocabularies explain.</li>
+<li><b>Experts follow</b> (ours): the label whose NMI rises more above its control, among those beyond chance
+(p ≤ 0.05 for the layer mean): token types must beat both shuffles and are scored above the within-sequence chance;
+domains must beat the between-sequence shuffles and the vocabulary-only router and are scored above it; else "neither".</li>
 <li>Load: the training window before the last evaluation, mean over layers; dead experts summed over layers.</li>
 </ul>
 <h4>Validation perplexity per domain</h4>
@@ -71,7 +74,7 @@ def _rows(r: dict[str, Any]) -> list[list[str]]:
         within = _mean([v["token_type_nmi_within_sequence"]["mean"]["chance"] for v in vs])
         sd = f" ± {fv(c['mean_ppl_sd'])}" if c.get("mean_ppl_sd") is not None else ""
         rows.append([c["name"], fv(len(c["seeds"])), f"{fv(c['mean_ppl'])}{sd}",
-                     f"{_n(c['domain_nmi'])} ({_n(c['domain_nmi_chance'])})",
+                     f"{_n(c['domain_nmi'])} ({_n(c['domain_nmi_chance'])}) [{_n(c.get('domain_nmi_vocabulary_control'))}]",
                      f"{_n(c['token_type_nmi'])} ({_n(c['token_type_nmi_chance'])}) [{_n(within)}]",
                      f"{_n(c['token_id_nmi_excess'])} ({_n(c['token_id_nmi'])})", fv(load), fv(dead),
                      c["specialises_by"]])
@@ -112,6 +115,11 @@ def _summary(r: dict[str, Any]) -> str:
         ratios = [x["ratio"] for x in f["frozen_vs_learned"]]
         parts.append(f"A frozen random router's perplexity is {fv(f['frozen_vs_learned_mean_ratio'])}× the learned "
                      f"router's on average (range {fv(min(ratios))}–{fv(max(ratios))}; 1 = as good).")
+        spread = [x for x in f["frozen_vs_learned"] + f.get("top1_vs_top2", []) if x.get("ratio_sd") is not None]
+        if spread:
+            parts.append("Same-seed ratios, mean ± SD over seeds: " + "; ".join(
+                (f"frozen/learned {x['routing']} top-{x['top_k']}" if "top_k" in x else f"top-1/top-2 {x['routing']} "
+                 f"{x['router']}") + f" {fv(x['ratio'])} ± {fv(x['ratio_sd'])} (n={x['ratio_n']})" for x in spread) + ".")
     for routing, e in f.get("by_routing", {}).items():
         v = e["verdicts"]
         parts.append(f"{routing.capitalize()}-level routing: experts follow token types in {v['token types']}, "

@@ -17,7 +17,8 @@ random neighbour or random pair drawn from the same tokens.</p>
 <table class="values">
 <thead><tr><th>MoE layer</th><th>tokens</th><th>ρ(cos, overlap) [Mantel p]</th><th>ρ, different id</th>
 <th>ρ, same id</th><th>overlap: nearest / random neighbour</th><th>same, different id</th>
-<th>token-id predictor</th><th>mean-direction share (1/H)</th><th>router logit share (isotropic)</th></tr></thead>
+<th>token-id predictor</th><th>mean-direction share (1/H)</th>
+<th>router logit share (random routers: mean ± SD) [Holm p, lower / higher]</th></tr></thead>
 <tbody>{% for r in rows %}<tr>{% for cell in r %}<td class="num">{{ cell }}</td>{% endfor %}</tr>{% endfor %}</tbody>
 </table>
 {% if visits %}<h4>Per-sequence visit frequencies (cosine)</h4>
@@ -46,6 +47,17 @@ def _pair(value: Any, reference: Any) -> str:
     return f"{format_value(value)} ({format_value(reference)})"
 
 
+def _router_share(md: dict[str, Any]) -> str:
+    """The router's mean-direction logit share next to random routers (or the isotropic value)."""
+    share = md.get("router_mean_logit_share")
+    if md.get("router_mean_logit_share_null_mean") is None:
+        return _pair(share, md.get("router_mean_logit_share_isotropic"))
+    return (f"{format_value(share)} ({format_value(md['router_mean_logit_share_null_mean'])} ± "
+            f"{format_value(md['router_mean_logit_share_null_sd'])}) "
+            f"[{format_value(md.get('router_mean_logit_share_p_lower_holm'))} / "
+            f"{format_value(md.get('router_mean_logit_share_p_upper_holm'))}]")
+
+
 def _slash(a: Any, b: Any) -> str:
     return f"{format_value(a)} / {format_value(b)}"
 
@@ -70,8 +82,7 @@ def render(results: dict[str, Any], out_dir: Path, env: Any) -> Section:
                      format_value(_g(e, "neighbours", "same_token", "random_overlap")),
                      _pair(_g(e, "mean_direction", "mean_direction_share"),
                            _g(e, "mean_direction", "mean_direction_share_chance")),
-                     _pair(_g(e, "mean_direction", "router_mean_logit_share"),
-                           _g(e, "mean_direction", "router_mean_logit_share_isotropic"))])
+                     _router_share(e.get("mean_direction") or {})])
     visits = []
     for v in results.get("visits") or []:
         visits.append([v["layer"], format_value(_g(v, "all", "n_sequences")), format_value(_g(v, "all", "within")),

@@ -11,10 +11,12 @@ from moescope.report.sections.generic import format_value as fv
 TEMPLATE = """\
 {% for note in notes %}<p class="note warn">{{ note }}</p>{% endfor %}
 <p class="baseline-note">Chance levels: a router that sends every token to a uniformly random set of
-{{ k }} of {{ e }} experts. Entropies, KL divergences and mutual information are in bits.</p>
+{{ k }} of {{ e }} experts (co-activation: one that keeps each expert's load and this router's selection rule).
+Entropies, KL divergences and mutual information are in bits.</p>
+<p class="muted">This model's router: {{ router }}.</p>
 <table class="values">
 <thead><tr><th>MoE layer</th><th>tokens</th><th>load entropy / max</th><th>KL from uniform (chance)</th>
-<th>dead</th><th>rare</th><th>largest / smallest share ÷ fair</th><th>co-activation dispersion (chance)</th>
+<th>dead</th><th>rare</th><th>largest / smallest share ÷ fair</th><th>co-activation dispersion (chance ± SD)</th>
 <th>token purity (chance)</th><th>label MI (95% of shuffles) [p]</th></tr></thead>
 <tbody>{% for r in rows %}<tr>{% for cell in r %}<td class="num">{{ cell }}</td>{% endfor %}</tr>{% endfor %}</tbody>
 </table>
@@ -30,7 +32,10 @@ routing is a function of the token id alone. The chance column is the same measu
 number after shuffling labels across sequences.</li>
 </ul>
 {% if pairs %}<h4>Most co-activated expert pairs, layer {{ focus }}</h4>
-<table class="values"><thead><tr><th>experts</th><th>tokens with both</th><th>expected by chance</th><th>ratio</th></tr></thead>
+<p class="muted">Expected counts: random pairing that keeps each expert's load under this router's selection rule
+({{ rule }}). The chance ratio is what the pair at the same rank shows by chance (mean ± SD of Poisson draws around the
+expected counts): the largest of many ratios is above 1 even without teams. Largest ratio vs chance: p = {{ pair_p }}.</p>
+<table class="values"><thead><tr><th>experts</th><th>tokens with both</th><th>expected by chance</th><th>ratio</th><th>chance ratio at this rank</th></tr></thead>
 <tbody>{% for r in pairs %}<tr>{% for cell in r %}<td class="num">{{ cell }}</td>{% endfor %}</tr>{% endfor %}</tbody></table>{% endif %}
 {% if transitions %}<h4>Layer-to-layer transitions</h4>
 <p class="muted">Mutual information between the experts a token uses at one MoE layer and at the next, against its
@@ -47,7 +52,8 @@ the token's frequency (lift 1 = chance; tokens seen at least {{ min_count }} tim
 <table class="values"><thead><tr><th>label</th><th>experts (lift over their overall share)</th></tr></thead>
 <tbody>{% for r in labels %}<tr><td>{{ r[0] }}</td><td>{{ r[1] }}</td></tr>{% endfor %}</tbody></table>{% endif %}
 {% if weights %}<h4>Routing weights</h4>
-<p class="muted">Mean weight of each rank (equal weights would be 1/k = {{ uniform_w }}) and mean sum of a token's k weights.</p>
+<p class="muted">Mean weight of each rank (equal weights would be {{ uniform_w }}) and mean sum of a token's k weights.
+{% if w_max != 1 %}This router scales its weights: they range over 0–{{ w_max }}, and the histograms are binned on that range.{% endif %}</p>
 <table class="values"><thead><tr><th>MoE layer</th><th>mean weight by rank</th><th>mean sum</th></tr></thead>
 <tbody>{% for r in weights %}<tr>{% for cell in r %}<td class="num">{{ cell }}</td>{% endfor %}</tr>{% endfor %}</tbody></table>
 {% else %}<p class="muted">The trace records no routing weights: weight distributions are not shown.</p>{% endif %}
@@ -58,6 +64,11 @@ the token's frequency (lift 1 = chance; tokens seen at least {{ min_count }} tim
 {% else %}<p class="muted">No generated tokens in the trace: no prompt/generated comparison.</p>{% endif %}
 {% for fig in figures %}<figure><img src="{{ fig.uri }}" alt="{{ fig.name }}"><figcaption>{{ fig.name }}</figcaption></figure>{% endfor %}
 """
+
+
+def _pm(mean: Any, sd: Any) -> str:
+    """'mean ± sd' (just the mean when there is no SD)."""
+    return fv(mean) if sd is None else f"{fv(mean)} ± {fv(sd)}"
 
 
 def _i(values: Any, i: int) -> Any:
@@ -76,7 +87,7 @@ def _rows(r: dict[str, Any]) -> list[list[str]]:
             f"{fv(_i(load['kl_uniform_bits'], i))} ({fv(_i(load['kl_uniform_chance_bits'], i))})",
             fv(_i(load["n_dead"], i)), fv(_i(load["n_rare"], i)),
             f"{fv(_i(load['max_share_over_fair'], i))} / {fv(_i(load['min_share_over_fair'], i))}",
-            f"{fv(c['dispersion'])} ({fv(c['dispersion_chance'])})" if c else "n/a",
+            f"{fv(c['dispersion'])} ({_pm(c['dispersion_chance'], c.get('dispersion_chance_sd'))})" if c else "n/a",
             f"{fv(_i(tok['token_purity'], i))} ({fv(_i(tok['token_purity_chance'], i))})" if tok else "n/a",
             f"{fv(_i(lab['mi_bits'], i))} ({fv(_i(lab.get('mi_permutation_p95_bits'), i))}) [{fv(_i(lab.get('mi_p_value'), i))}]"
             if lab else "n/a"])
@@ -117,8 +128,13 @@ def _summary(r: dict[str, Any]) -> str:
         disp = [(c["dispersion"], i) for i, c in enumerate(co["per_layer"]) if c["dispersion"] is not None]
         if disp:
             d, i = max(disp)
-            parts.append(f"Expert pairs deviate most from random pairing at layer {r['moe_layers'][i]} "
-                         f"(dispersion {fv(d)}, chance about {fv(co['per_layer'][i]['dispersion_chance'])}).")
+            c = co["per_layer"][i]
+            chance, sd = c["dispersion_chance"], c.get("dispersion_chance_sd")
+            beyond = c.get("beyond_chance", chance is not None and d > chance + 3 * (sd or 0.1 * chance))
+            where = f"layer {r['moe_layers'][i]} (dispersion {fv(d)}, chance {_pm(chance, sd)})"
+            parts.append(f"Expert pairs deviate most from random pairing under this router's selection rule at {where}."
+                         if beyond else f"Expert pairs do not deviate clearly from random pairing under this router's "
+                         f"selection rule at any layer (largest: {where}).")
     tok = r.get("token_specialisation")
     if tok and tok.get("token_purity"):
         excess = [p - c for p, c in zip(tok["token_purity"], tok["token_purity_chance"])]
@@ -131,8 +147,10 @@ def _summary(r: dict[str, Any]) -> str:
                          f"(largest token-purity excess {excess[i]:+.3f}).")
     lab = r.get("label_specialisation")
     if lab and lab.get("mi_p_value") is not None:
-        sig = [r["moe_layers"][i] for i, p in enumerate(lab["mi_p_value"]) if p is not None and p <= 0.05]
-        parts.append(f"The label {lab['label']!r} changes expert choice beyond label shuffles (p ≤ 0.05) at "
+        ps = lab.get("mi_p_value_holm") or lab["mi_p_value"]
+        sig = [r["moe_layers"][i] for i, p in enumerate(ps) if p is not None and p <= 0.05]
+        held = "Holm-adjusted p ≤ 0.05" if lab.get("mi_p_value_holm") is not None else "p ≤ 0.05"
+        parts.append(f"The label {lab['label']!r} changes expert choice beyond label shuffles ({held}) at "
                      f"{len(sig)} of {len(lab['mi_p_value'])} layers" + (f" ({', '.join(map(str, sig))})." if sig else "."))
     return " ".join(parts)
 
@@ -144,7 +162,9 @@ def render(results: dict[str, Any], out_dir: Path, env: Any) -> Section:
     focus = r.get("focus_layer", layers[len(layers) // 2])
     fi = layers.index(focus) if focus in layers else 0
     co = r.get("coactivation")
-    pairs = [[f"{a} + {b}", fv(c), fv(e), fv(ratio)] for a, b, c, e, ratio in (co["per_layer"][fi]["top_pairs"] if co else [])[:8]]
+    pairs = [[f"{p[0]} + {p[1]}", fv(p[2]), fv(p[3]), fv(p[4]), _pm(p[5] if len(p) > 5 else None, p[6] if len(p) > 6 else None)]
+             for p in (co["per_layer"][fi]["top_pairs"] if co else [])[:8]]
+    pair_p = co["per_layer"][fi].get("max_ratio_p_value") if co else None
     trans = [[f"{t['from_layer']} → {t['to_layer']}", fv(t["n_tokens"]), f"{fv(t['mi_bits'])} ({fv(t['mi_chance_bits'])})",
               fv(t["max_lift"]),
               f"{t['top_transitions'][0][0]} → {t['top_transitions'][0][1]} ({fv(t['top_transitions'][0][3])})"
@@ -163,7 +183,9 @@ def render(results: dict[str, Any], out_dir: Path, env: Any) -> Section:
         notes=r.get("notes") or [], k=r["top_k"], e=r["n_experts"], hmax=fv(r["load"]["entropy_max_bits"]),
         rare_pct=f"{r['load']['rare_fraction']:.0%}",
         disp_chance=fv((co["per_layer"][0]["dispersion_chance"] if co and co["per_layer"] else 1.0)),
+        router=r.get("router") or "not recorded", rule=(co or {}).get("null", "any pair allowed"), pair_p=fv(pair_p),
         rows=_rows(r), focus=focus, pairs=pairs, transitions=trans, tokens=_token_rows(r, fi),
         min_count=(r.get("token_specialisation") or {}).get("min_count"), labels=labels, label_layer=label_layer,
-        weights=weights, uniform_w=fv(1 / r["top_k"]), phases=phases, figures=figures)
+        weights=weights, uniform_w=fv((w or {}).get("uniform_weight", 1 / r["top_k"])),
+        w_max=(w or {}).get("weight_max", 1.0), phases=phases, figures=figures)
     return Section(key="stats", title="Routing statistics", summary=_summary(r), html=html)
