@@ -148,11 +148,10 @@ def run(corpus: Path) -> None:
     import tempfile
 
     from moescope.analysis.signatures import routing_signatures
-    from moescope.capture.dataset import RunOptions, capture_dataset
     from moescope.capture.loading import load_model
     from moescope.demo import run_demo
     from moescope.store.reader import open_trace
-    from moescope.train.export import domain_probe_file
+    from moescope.train.export import capture_domain_probes
 
     target = RESULTS / STUDY
     with tempfile.TemporaryDirectory() as tmp:
@@ -161,11 +160,9 @@ def run(corpus: Path) -> None:
         for name in ("tasks", "shared-vocabulary"):
             (target / f"demo-{name}").mkdir(parents=True, exist_ok=True)
             shutil.copy(tmp / "demo" / f"signatures-{name}" / "results.json", target / f"demo-{name}" / "results.json")
-        probes = tmp / "domains.jsonl"
-        domain_probe_file(corpus, probes)
         model, tokenizer = load_model(None)
-        capture_dataset(model, tokenizer, probes, tmp / "trace", run=RunOptions(batch_size=8, max_length=256))
-        sig = routing_signatures(open_trace(tmp / "trace"), label="domain", figures=False)
+        trace_dir, _, _ = capture_domain_probes(model, tokenizer, corpus, tmp)  # as the model card does
+        sig = routing_signatures(open_trace(trace_dir), label="domain", figures=False)
         sig.save(tmp / "domains")
         (target / "default-model-domains").mkdir(parents=True, exist_ok=True)
         shutil.copy(tmp / "domains" / "results.json", target / "default-model-domains" / "results.json")

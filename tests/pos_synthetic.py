@@ -21,6 +21,12 @@ def synthetic(kind: str, *, n_tokens: int = 3000, seq_len: int = 30, moe_layers=
     kind "null": every layer routes uniformly at random, whatever the tag.
     kind "word_form": each token id has one tag and one fixed random pair per layer: routing
         depends only on the token id, and the tag is a function of it.
+    kind "identity": routing follows the token id (its own pair per layer with probability
+        `strength`, else a random pair) and so does the tag (each id's own tag with probability
+        0.7, else a random one), but given the id the tag says nothing about routing.
+    kind "sentence": each sentence has its own expert pair per layer (each token goes there with
+        probability `strength`) and its own dominant tag (each token's tag with probability 0.8):
+        routing predicts the tag only through the sentence, which a token-level split leaks.
     """
     rng = np.random.default_rng(seed)
     L = len(moe_layers)
@@ -29,6 +35,22 @@ def synthetic(kind: str, *, n_tokens: int = 3000, seq_len: int = 30, moe_layers=
         id_pair = rng.integers(0, len(PAIRS), size=(vocab, L))
         token_id = rng.integers(0, vocab, size=n_tokens)
         y, pair = id_tag[token_id], id_pair[token_id]
+    elif kind == "identity":
+        id_tag = rng.choice(len(TAGS), size=vocab, p=TAG_P)
+        id_pair = rng.integers(0, len(PAIRS), size=(vocab, L))
+        token_id = rng.integers(0, vocab, size=n_tokens)
+        y = np.where(rng.random(n_tokens) < 0.7, id_tag[token_id], rng.choice(len(TAGS), size=n_tokens, p=TAG_P))
+        pair = np.where(rng.random((n_tokens, L)) < strength, id_pair[token_id],
+                        rng.integers(0, len(PAIRS), size=(n_tokens, L)))
+    elif kind == "sentence":
+        sent = np.arange(n_tokens) // seq_len
+        n_sent = int(sent.max()) + 1
+        sent_tag = rng.choice(len(TAGS), size=n_sent, p=TAG_P)
+        sent_pair = rng.integers(0, len(PAIRS), size=(n_sent, L))
+        token_id = rng.integers(0, vocab, size=n_tokens)
+        y = np.where(rng.random(n_tokens) < 0.8, sent_tag[sent], rng.choice(len(TAGS), size=n_tokens, p=TAG_P))
+        pair = np.where(rng.random((n_tokens, L)) < strength, sent_pair[sent],
+                        rng.integers(0, len(PAIRS), size=(n_tokens, L)))
     else:
         y = rng.choice(len(TAGS), size=n_tokens, p=TAG_P)
         token_id = rng.integers(0, vocab, size=n_tokens)

@@ -82,3 +82,30 @@ def test_report_section(run_dir):
         warnings.simplefilter("error")  # a failing section would fall back to the generic one with a warning
         html = build_report([run_dir])
     assert "Semantic routing" in html
+
+
+@pytest.mark.slow  # three more captures of the probes (~25 s on 2 cores)
+def test_random_init_control_over_three_seeds(run_dir, tiny_dir, tmp_path):
+    out = tmp_path / "control"
+    result = _run("--trace", str(run_dir / "trace"), "--model", str(tiny_dir), "--random-init-seeds", "0,1,2",
+                  "--out", str(out), "--n-boot", "200")
+    assert result.exception is None, result.output
+    body = json.loads((out / "results.json").read_text())
+    assert body["random_init_seeds"] == [0, 1, 2] and body["n_lemmas_trained_vs_random"] >= 5
+    for key in ("random_init_difference", "trained_minus_random_difference", "trained_minus_random_difference_ci_low",
+                "trained_minus_random_p_value", "trained_minus_random_p_value_holm"):
+        assert len(body[key]) == 3, key
+    assert len(body["random_init_difference_per_seed"]) == 3
+    for seed in (0, 1, 2):
+        copy = json.loads((out / "random-init" / f"seed-{seed}" / "results.json").read_text())
+        assert copy["n_contexts"] == body["n_contexts"]
+        assert (out / "random-init" / f"seed-{seed}" / "model" / "model.safetensors").is_file()
+    one = json.loads((out / "random-init" / "seed-0" / "results.json").read_text())
+    two = json.loads((out / "random-init" / "seed-1" / "results.json").read_text())
+    assert one["same_sense_kappa"] != two["same_sense_kappa"]  # different random weights
+
+
+def test_random_init_seeds_need_three(run_dir, tmp_path):
+    for seeds, message in (("0,1", "at least 3"), ("0,0,1", "at least 3"), ("a,b,c", "integers")):
+        bad = _run("--trace", str(run_dir / "trace"), "--random-init-seeds", seeds, "--out", str(tmp_path / "z"))
+        assert isinstance(bad.exception, MoescopeError) and message in str(bad.exception), seeds

@@ -250,14 +250,23 @@ def test_trainer_uses_the_chosen_balance_loss(corpus, tmp_path):
     assert rows["per_layer"] != rows["pooled"]
 
 
-def test_export_writes_fp16_weights_a_measured_card_and_curves(corpus, tmp_path):
+@pytest.fixture(scope="module")
+def exported(corpus, tmp_path_factory):
+    """A micro model trained and exported once (shared: training and measuring cost seconds)."""
+    from moescope.train.export import export
+
+    tmp = tmp_path_factory.mktemp("export")
+    train(micro(corpus), tmp / "run")
+    return export(tmp / "run", tmp / "model", threads=1, permutations=10)
+
+
+def test_export_writes_fp16_weights_a_measured_card_and_curves(exported):
     from safetensors import safe_open
 
     from moescope.capture.loading import load_model
-    from moescope.train.export import export
+    from moescope.train.card import render_card
 
-    train(micro(corpus), tmp_path / "run")
-    out = export(tmp_path / "run", tmp_path / "model", threads=1, permutations=10)
+    out = exported
     weights = next(out.glob("*.safetensors"))
     with safe_open(str(weights), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
@@ -265,11 +274,40 @@ def test_export_writes_fp16_weights_a_measured_card_and_curves(corpus, tmp_path)
     model, _ = load_model(str(out))
     assert next(model.parameters()).dtype == torch.float32
     card = (out / "README.md").read_text()
-    assert "unigram" in card and "Routing separates the domains" in card and "training_curves.png" in card
+    assert "unigram" in card and "Routing and the domains" in card and "training_curves.png" in card
     assert "on every layer separately" in card
     assert (out / "training_curves.png").stat().st_size > 10_000
     measured = json.loads((out / "card.json").read_text())
     for d in measured["perplexity"]["domains"].values():
         assert d["ppl"] > 0 and d["unigram_ppl"] > 0
     sig = measured["domain_signatures"]
-    assert 0 < sig["chance"] < 1 and len(sig["per_layer_accuracy"]) == 2
+    assert 0 < sig["chance_accuracy"] < 1 and len(sig["per_layer_accuracy"]) == 2
+    assert measured["training"]["tokens"] > 0 and measured["corpus"]["validation_files"]
+    assert card == render_card(measured)  # the README is card.json rendered
+
+
+def test_remeasure_rewrites_the_card_from_the_shipped_files_only(exported, corpus, tmp_path):
+    import shutil
+
+    from moescope.train.card import render_card
+    from moescope.train.export import remeasure
+
+    out = tmp_path / "model"  # the exported files alone: the training facts come from card.json
+    shutil.copytree(exported, out)
+    before = json.loads((out / "card.json").read_text())
+    (out / "README.md").write_text("stale")
+    after = remeasure(out, corpus, threads=1, permutations=10)
+    assert after["training"] == before["training"]
+    assert after["perplexity"] == before["perplexity"]  # same weights, same validation split
+    assert (out / "README.md").read_text() == render_card(after)
+
+
+def test_remeasure_refuses_a_corpus_with_another_validation_split(corpus, tmp_path):
+    from moescope.train.export import remeasure
+
+    model = tmp_path / "model"
+    model.mkdir()
+    fingerprint = {"validation_files": {"text/code.val.jsonl": "0" * 64}}
+    (model / "card.json").write_text(json.dumps({"training": {}, "corpus": fingerprint}))
+    with pytest.raises(MoescopeError, match="validation split differs"):
+        remeasure(model, corpus)

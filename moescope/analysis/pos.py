@@ -6,27 +6,28 @@ one multi-hot block of E per layer, concatenated (L·E features, k·L ones per t
 
 What is measured (all pure numpy / scikit-learn, seeded):
 
-- **Probe**: an MLP (scikit-learn) predicts the tag from the routing path, stratified K-fold
-  cross-validation: accuracy (mean, SD over folds), macro-F1, per-tag F1 and the confusion
-  matrix over the pooled out-of-fold predictions. Tags with fewer tokens than folds are
-  dropped (listed in ``dropped_tags``).
-- **Baselines, same folds**: majority tag (of the training folds); word form: each token id's
-  most frequent tag in the training folds (unseen ids: the majority tag) — the paper's key
-  comparison (routing 0.75–0.89 vs word form 0.91); the probe retrained on shuffled tags.
+- **Probe and baselines** (:mod:`moescope.analysis.pos_probe`): repeated stratified K-fold
+  cross-validation grouped by sentence; a ridge probe on the routing path with nested penalty
+  tuning; word-form, word-level and majority baselines on the same folds, word form and probe
+  also split by whether the token id was seen in the training folds; the paired probe − word
+  form test. Macro-F1, per-tag F1 and the confusion matrix over the pooled out-of-fold
+  predictions of the first repeat. Tags in fewer sentences than folds are dropped (listed in
+  ``dropped_tags``).
 - **Spec(POS, expert)** per layer = share of the POS's tokens routed to the expert / (k/E),
   the share under uniform routing: 1 = uniform, >1 over-used. Each POS's top-3 experts' mean
-  gain over uniform (Spec − 1; the paper's "25–36% above uniform"), with its chance level
-  from shuffled tags (same tag counts), since small classes and unequal expert loads inflate
-  the top experts' gain by themselves.
+  gain over uniform (Spec − 1; the paper's "25–36% above uniform").
 - **KL(POS's expert distribution || uniform)** per layer, in nats: the distribution is the
-  POS's assignment shares normalised to sum 1 (Spec·/E); its chance level: the same with the
-  tags shuffled (mean over `n_shuffles` shuffles).
+  POS's assignment shares normalised to sum 1 (Spec·/E).
+- Both against two nulls: tags shuffled across all tokens (the old chance level, which a
+  router that follows token ids passes without knowing anything of POS), and the
+  **token-identity null** (:mod:`moescope.analysis.pos_null`): tags permuted among
+  occurrences of the same token id, a p per tag × layer, Holm across all cells.
 - **t-SNE** of the routing paths of a bounded sample, coloured by POS.
-- **Ablation**: probe accuracy with the first n or the last n MoE layers dropped from the path.
+- **Ablation**: probe accuracy (same folds, same tuning) with the first n or the last n MoE
+  layers dropped from the path.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
@@ -35,7 +36,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from scipy import sparse
 
+from moescope.analysis.pos_null import default_permutations, token_identity_null
 from moescope.analysis.result import AnalysisResult
+from moescope.analysis.pos_probe import ablation_accuracy, cv_splits, probe_and_baselines, word_keys
+from moescope.inference import holm, usable_folds
 from moescope.errors import DataError
 
 
@@ -44,27 +48,31 @@ class PosParams:
     """Parameters of the POS analysis.
 
     Attributes:
-        folds: stratified cross-validation folds.
-        seed: seeds the subsample, folds, MLP, shuffles and t-SNE.
+        folds: cross-validation folds (stratified; grouped by sentence unless cv_groups="token").
+        repeats: repetitions of the K-fold split (a fresh shuffle each).
+        cv_groups: "sentence" (no sentence in both train and test) or "token" (ungrouped).
+        seed: seeds the subsample, folds, shuffles, permutations and t-SNE.
         max_tokens: tokens used by the probe (a seeded random subsample above that); the
             Spec / KL statistics use every tagged token.
-        hidden: MLP hidden units (one hidden layer).
-        max_iter: MLP epochs at most (early stopping on 10% of the training folds).
-        n_shuffles: tag shuffles for the KL / Spec chance levels.
+        n_shuffles: tag shuffles for the KL / Spec chance levels and the shuffled-tag probes.
         tsne_points: tokens in the t-SNE (0: no t-SNE).
         ablation: numbers of layers to drop (None: about 1, L/4, L/2, 3L/4 and L−1).
         top_n: experts per POS whose gain over uniform is reported.
+        token_null_permutations: permutations of the token-identity null of KL / Spec (tags
+            permuted among occurrences of one token id); None: enough for a cell at the
+            permutation floor to survive Holm at 0.01 (100 × tags × layers).
     """
 
     folds: int = 5
+    repeats: int = 3
+    cv_groups: str = "sentence"
     seed: int = 0
     max_tokens: int = 20_000
-    hidden: int = 64
-    max_iter: int = 200
     n_shuffles: int = 20
     tsne_points: int = 1500
     ablation: tuple[int, ...] | None = None
     top_n: int = 3
+    token_null_permutations: int | None = None
 
 
 # -- routing paths ----------------------------------------------------------------------------
@@ -111,53 +119,7 @@ def path_features(paths: np.ndarray, n_experts: int) -> sparse.csr_matrix:
     return sparse.csr_matrix((np.ones(n * L * k, np.float32), cols.ravel(), indptr), shape=(n, L * n_experts))
 
 
-# -- probe and baselines -------------------------------------------------------------------
-def _folds(y: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    from sklearn.model_selection import StratifiedKFold
-
-    return list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
-
-
-def probe_cv(X: sparse.csr_matrix, y: np.ndarray, splits: list, params: PosParams) -> tuple[np.ndarray, np.ndarray]:
-    """(accuracy per fold, out-of-fold predictions) of the MLP probe."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.neural_network import MLPClassifier
-
-    accs, pred = [], np.zeros(len(y), dtype=y.dtype)
-    for train, test in splits:
-        # Early stopping holds out 10% of the training folds, stratified: it needs >= 1 per class.
-        present = np.unique(y[train], return_counts=True)[1]
-        stop = int(0.1 * len(train)) >= len(present) and present.min() >= 2
-        mlp = MLPClassifier(hidden_layer_sizes=(params.hidden,), early_stopping=stop, max_iter=params.max_iter,
-                            random_state=params.seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            mlp.fit(X[train], y[train])
-        pred[test] = mlp.predict(X[test])
-        accs.append(float(np.mean(pred[test] == y[test])))
-    return np.asarray(accs), pred
-
-
-def baselines_cv(y: np.ndarray, token_ids: np.ndarray, splits: list, n_tags: int) -> dict[str, np.ndarray]:
-    """Per fold accuracies and out-of-fold predictions of the majority-tag and word-form baselines.
-
-    Word form: each token id's most frequent tag in the training folds (ties: the tag more
-    frequent overall, as tags are indexed by descending frequency); unseen ids get the majority tag.
-    """
-    maj_acc, wf_acc, wf_pred = [], [], np.zeros(len(y), dtype=y.dtype)
-    for train, test in splits:
-        majority = int(np.argmax(np.bincount(y[train], minlength=n_tags)))
-        maj_acc.append(float(np.mean(y[test] == majority)))
-        ids, inv = np.unique(token_ids[train], return_inverse=True)
-        counts = np.bincount(inv * n_tags + y[train], minlength=len(ids) * n_tags).reshape(len(ids), n_tags)
-        best = counts.argmax(axis=1)
-        at = np.minimum(np.searchsorted(ids, token_ids[test]), len(ids) - 1)
-        seen = ids[at] == token_ids[test]
-        wf_pred[test] = np.where(seen, best[at], majority)
-        wf_acc.append(float(np.mean(wf_pred[test] == y[test])))
-    return {"majority": np.asarray(maj_acc), "word_form": np.asarray(wf_acc), "word_form_pred": wf_pred}
-
-
+# -- probe ablation ----------------------------------------------------------------------------
 def default_ablation(n_layers: int) -> list[int]:
     """Layers to drop: about 1, L/4, L/2, 3L/4 and L−1 (each in 1..L−1)."""
     wanted = {1, n_layers // 4, n_layers // 2, (3 * n_layers) // 4, n_layers - 1}
@@ -210,11 +172,13 @@ def _sd(a: np.ndarray) -> float:
     return float(a.std(ddof=1)) if len(a) > 1 else 0.0
 
 
-def labelled_paths(tokens: pa.Table, routes: pa.Table, moe_layers: Sequence[int], min_count: int) -> dict[str, Any]:
+def labelled_paths(tokens: pa.Table, routes: pa.Table, moe_layers: Sequence[int], min_count: int,
+                   by_sentence: bool = True) -> dict[str, Any]:
     """Routing paths of the tagged tokens and their tag indices (tags by descending frequency).
 
-    Returns paths (n, L, k), y (n,), token_ids (n,), tags, tag_counts, and dropped_tags
-    ({tag: count} of tags with fewer than `min_count` tokens, left out).
+    Returns paths (n, L, k), y (n,), token_ids (n,), seq_id (n,), word (n,: the word's index in its
+    sentence, -1 when unknown), tags, tag_counts, and dropped_tags ({tag: token count} of tags in
+    fewer than `min_count` sentences (tokens when not `by_sentence`), left out).
     """
     if "upos" not in tokens.column_names:
         raise DataError("the tokens table has no upos column: tag the trace first (see `moescope analyze pos --help`)")
@@ -222,67 +186,89 @@ def labelled_paths(tokens: pa.Table, routes: pa.Table, moe_layers: Sequence[int]
     paths, rows = routing_paths(tokens, routes, moe_layers)
     upos = np.asarray(tokens.column("upos").to_numpy(zero_copy_only=False), dtype=object)[rows].astype(str)
     token_ids = tokens.column("token_id").to_numpy().astype(np.int64)[rows]
+    seq_id = tokens.column("seq_id").to_numpy().astype(np.int64)[rows]
+    word = (tokens.column("word").to_numpy().astype(np.int64)[rows] if "word" in tokens.column_names
+            else np.full(len(rows), -1, np.int64))
     names, inverse, counts = np.unique(upos, return_inverse=True, return_counts=True)
-    keep = counts >= min_count
+    inverse = inverse.ravel()
+    units = (np.array([len(np.unique(seq_id[inverse == i])) for i in range(len(names))]) if by_sentence else counts)
+    keep = units >= min_count
     order = np.lexsort((names[keep], -counts[keep]))  # by frequency, then name
     tags = [str(t) for t in names[keep][order]]
+    unit = "sentences" if by_sentence else "tokens"
     if len(tags) < 2:
-        raise DataError(f"only {len(tags)} tag(s) with at least {min_count} tokens: a POS probe needs two or more")
+        raise DataError(f"only {len(tags)} tag(s) in at least {min_count} {unit}: a POS probe needs two or more")
     new_index = np.full(len(names), -1)
     new_index[np.nonzero(keep)[0][order]] = np.arange(len(tags))
     y = new_index[inverse]
     known = y >= 0
-    return {"paths": paths[known], "y": y[known], "token_ids": token_ids[known], "tags": tags,
-            "tag_counts": counts[keep][order],
-            "dropped_tags": {str(t): int(c) for t, c in zip(names, counts) if c < min_count}}
+    return {"paths": paths[known], "y": y[known], "token_ids": token_ids[known], "seq_id": seq_id[known],
+            "word": word[known], "tags": tags, "tag_counts": counts[keep][order],
+            "dropped_tags": {str(t): int(c) for t, c, k in zip(names, counts, keep) if not k}}
 
 
-def probe_values(paths: np.ndarray, y: np.ndarray, token_ids: np.ndarray, tags: list[str], n_experts: int,
-                 params: PosParams) -> dict[str, Any]:
-    """The probe, its three baselines on the same folds, and the layer ablation (result values)."""
+def probe_values(paths: np.ndarray, y: np.ndarray, token_ids: np.ndarray, words: np.ndarray, seq_id: np.ndarray,
+                 tags: list[str], n_experts: int, params: PosParams) -> dict[str, Any]:
+    """The probe, its baselines on the same folds, the paired probe − word form test and the layer
+    ablation (result values; accuracies are fractions of tokens, mean over repeats)."""
     from sklearn.metrics import confusion_matrix, f1_score
 
     P, L = len(tags), paths.shape[1]
-    splits = _folds(y, params.folds, params.seed)
-    acc, pred = probe_cv(path_features(paths, n_experts), y, splits, params)
-    base = baselines_cv(y, token_ids, splits, P)
-    y_shuffled = np.random.default_rng(params.seed + 3).permutation(y)
-    acc_shuffled, _ = probe_cv(path_features(paths, n_experts), y_shuffled,
-                               _folds(y_shuffled, params.folds, params.seed), params)
-    ablation: dict[str, dict[str, list[float]]] = {"drop_first": {}, "drop_last": {}}
+    splits = cv_splits(y, seq_id, folds=params.folds, repeats=params.repeats, seed=params.seed,
+                       grouped=params.cv_groups == "sentence")
+    X = path_features(paths, n_experts)
+    r = probe_and_baselines(X, y, token_ids, words, seq_id, splits, n_tags=P, n_shuffles=params.n_shuffles,
+                            seed=params.seed)
+    ablation: dict[str, dict[str, Any]] = {"drop_first": {}, "drop_last": {}, "ci": {"drop_first": {}, "drop_last": {}}}
     steps = default_ablation(L) if params.ablation is None else [a for a in params.ablation if 1 <= a <= L - 1]
     for a in steps:
         for side, kept in (("drop_first", paths[:, a:]), ("drop_last", paths[:, : L - a])):
-            a_acc, _ = probe_cv(path_features(np.ascontiguousarray(kept), n_experts), y, splits, params)
-            ablation[side][str(a)] = [float(a_acc.mean()), _sd(a_acc)]
+            ab = ablation_accuracy(path_features(np.ascontiguousarray(kept), n_experts), y, seq_id, splits)
+            ablation[side][str(a)] = ab["accuracy"]
+            ablation["ci"][side][str(a)] = ab["ci"]
     labels = np.arange(P)
-    f1 = (lambda p, avg: f1_score(y, p, labels=labels, average=avg, zero_division=0))
+    pred, wf_pred, seen = r.pop("_pred"), r.pop("_wf_pred"), r.pop("_seen")
+    f1 = (lambda yy, p, avg: f1_score(yy, p, labels=labels, average=avg, zero_division=0))
+    per_tag = (lambda yy, p: dict(zip(tags, np.round(f1(yy, p, None), 5).tolist())))
     return {
-        "probe_accuracy_mean": float(acc.mean()), "probe_accuracy_sd": _sd(acc), "probe_accuracy_folds": acc,
-        "macro_f1": float(f1(pred, "macro")), "per_tag_f1": dict(zip(tags, np.round(f1(pred, None), 5).tolist())),
+        "cv_groups": params.cv_groups, "cv_folds": len(splits[0]), "cv_repeats": len(splits),
+        **{k: v for k, v in r.items()},
+        "macro_f1": float(f1(y, pred, "macro")), "per_tag_f1": per_tag(y, pred),
+        "per_tag_f1_seen": per_tag(y[seen], pred[seen]),
         "confusion_matrix": {"labels": tags, "counts": confusion_matrix(y, pred, labels=labels)},
         "majority_tag": tags[int(np.argmax(np.bincount(y, minlength=P)))],
-        "majority_accuracy": float(base["majority"].mean()),
-        "word_form_accuracy_mean": float(base["word_form"].mean()), "word_form_accuracy_sd": _sd(base["word_form"]),
-        "word_form_macro_f1": float(f1(base["word_form_pred"], "macro")),
-        "word_form_per_tag_f1": dict(zip(tags, np.round(f1(base["word_form_pred"], None), 5).tolist())),
-        "shuffled_probe_accuracy_mean": float(acc_shuffled.mean()), "shuffled_probe_accuracy_sd": _sd(acc_shuffled),
-        "ablation": {"n_layers": L, "full": [float(acc.mean()), _sd(acc)],
-                     "drop_first": {a: v[0] for a, v in ablation["drop_first"].items()},
-                     "drop_last": {a: v[0] for a, v in ablation["drop_last"].items()},
-                     "sd": {side: {a: v[1] for a, v in d.items()} for side, d in ablation.items()}},
+        "word_form_macro_f1": float(f1(y, wf_pred, "macro")), "word_form_per_tag_f1": per_tag(y, wf_pred),
+        "word_form_per_tag_f1_seen": per_tag(y[seen], wf_pred[seen]),
+        "ablation": {"n_layers": L, "full": r["probe_accuracy"], "full_ci": r["probe_accuracy_ci"],
+                     "drop_first": ablation["drop_first"], "drop_last": ablation["drop_last"], "ci": ablation["ci"]},
     }
 
 
-def routing_values(paths: np.ndarray, y: np.ndarray, tags: list[str], tag_counts: np.ndarray, n_experts: int,
-                   top_k: int, params: PosParams) -> dict[str, Any]:
-    """Spec, top experts' gain and KL from uniform per POS and layer, with shuffled-tag chance (result values)."""
+def routing_values(paths: np.ndarray, y: np.ndarray, token_ids: np.ndarray, tags: list[str], tag_counts: np.ndarray,
+                   n_experts: int, top_k: int, params: PosParams) -> dict[str, Any]:
+    """Spec, top experts' gain and KL from uniform per POS and layer, with shuffled-tag chance and the
+    token-identity null (tags permuted within token ids: p per tag x layer, Holm) (result values)."""
     P = len(tags)
     stats = spec_kl(expert_counts(paths, y, P, n_experts), tag_counts, top_k, params.top_n)
     chance = shuffled_spec_kl(paths, y, P, n_experts, top_k, params.n_shuffles, params.seed, params.top_n)
     weights = tag_counts / tag_counts.sum()  # per-layer summaries weight POS by token count
     top_experts = np.argsort(-stats["spec"], axis=2, kind="stable")[:, :, : params.top_n]
+    n_perm = params.token_null_permutations or default_permutations(P * paths.shape[1])
+    null = token_identity_null(paths, y, token_ids, n_tags=P, n_experts=n_experts, top_k=top_k, top_n=params.top_n,
+                               n_permutations=n_perm, seed=params.seed + 5)
+    kl_holm = holm(null["kl_p"].ravel()).reshape(null["kl_p"].shape)  # all tag x layer cells at once
+    gain_holm = holm(null["gain_p"].ravel()).reshape(null["gain_p"].shape)
     return {
+        "kl_from_uniform_token_null": _per_tag(tags, null["kl_null"]),
+        "kl_token_null_p_value": _per_tag(tags, null["kl_p"], 6),
+        "kl_token_null_p_value_holm": _per_tag(tags, kl_holm, 6),
+        "kl_layer_mean_token_null": np.round(weights @ null["kl_null"], 5),
+        "top_gain_token_null": _per_tag(tags, null["gain_null"]),
+        "top_gain_token_null_p_value_holm": _per_tag(tags, gain_holm, 6),
+        "token_null": {"permutations": n_perm, "n_tokens_permutable": null["n_tokens_permutable"],
+                       "n_cells": int(kl_holm.size), "p_floor": 1.0 / (n_perm + 1),
+                       "method": "tags permuted among occurrences of the same token id; one-sided p = "
+                                 "(1 + #null >= observed) / (1 + permutations); Holm across all tag x layer cells"},
         "kl_units": "nats",
         "kl_from_uniform": _per_tag(tags, stats["kl"]),
         "kl_from_uniform_shuffled": _per_tag(tags, chance["kl"]),
@@ -308,16 +294,29 @@ def pos_analysis(tokens: pa.Table, routes: pa.Table, *, n_experts: int, top_k: i
     from threadpoolctl import threadpool_limits
 
     params = params or PosParams()
-    d = labelled_paths(tokens, routes, moe_layers, params.folds)
+    if params.cv_groups not in ("sentence", "token"):
+        raise DataError(f"cv_groups must be 'sentence' or 'token', not {params.cv_groups!r}")
+    by_sentence = params.cv_groups == "sentence"
+    d = labelled_paths(tokens, routes, moe_layers, params.folds, by_sentence)
     paths, y, tags = d["paths"], d["y"], d["tags"]
     n = len(y)
-    # Probe sample: a seeded random subsample bounds the cost; tags too rare in it are left out.
+    # Probe sample: whole sentences in a seeded random order up to max_tokens bound the cost;
+    # tags then in fewer sentences (tokens) than folds are left out of the probe.
     rng = np.random.default_rng(params.seed)
-    sample = np.sort(rng.choice(n, params.max_tokens, replace=False)) if n > params.max_tokens else np.arange(n)
-    sample = sample[np.bincount(y[sample], minlength=len(tags))[y[sample]] >= params.folds]
+    uniq, per_sentence = np.unique(d["seq_id"], return_counts=True)
+    order = rng.permutation(len(uniq))  # sentences in a seeded random order
+    take = max(1, int(np.searchsorted(np.cumsum(per_sentence[order]), params.max_tokens, side="right")))
+    sample = np.nonzero(np.isin(d["seq_id"], uniq[order[:take]]))[0] if n > params.max_tokens else np.arange(n)
+    groups = d["seq_id"][sample] if by_sentence else sample
+    present = np.array([len(np.unique(groups[y[sample] == t])) for t in range(len(tags))])
+    sample = sample[present[y[sample]] >= params.folds]
+    if usable_folds(y[sample], d["seq_id"][sample] if by_sentence else None, params.folds) < 2:
+        raise DataError("too few sentences per tag for a cross-validated probe; give more text or fewer --folds")
+    words = word_keys(d["seq_id"], d["word"], d["token_ids"])
     with threadpool_limits(1):  # 2-core machines: BLAS threads only contend with each other
-        probe = probe_values(paths[sample], y[sample], d["token_ids"][sample], tags, n_experts, params)
-        routing = routing_values(paths, y, tags, d["tag_counts"], n_experts, top_k, params)
+        probe = probe_values(paths[sample], y[sample], d["token_ids"][sample], words[sample], d["seq_id"][sample],
+                             tags, n_experts, params)
+        routing = routing_values(paths, y, d["token_ids"], tags, d["tag_counts"], n_experts, top_k, params)
         embedding, emb_tags = _tsne(paths, y, n_experts, params) if params.tsne_points and figures else (None, None)
     values: dict[str, Any] = {
         "tag_source": tag_source, "n_tokens": n, "n_tokens_probe": int(len(sample)), "n_experts": n_experts,

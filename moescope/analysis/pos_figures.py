@@ -1,7 +1,7 @@
 """Figures of the POS analysis, drawn from its result values (no recomputation).
 
 Every figure shows its baseline: accuracies next to majority / word-form / shuffled-tag
-levels, KL and Spec as excess over their shuffled-tag chance.
+levels, KL and Spec as excess over their token-identity null.
 """
 from __future__ import annotations
 
@@ -34,17 +34,19 @@ def pos_figures(values: dict[str, Any], *, embedding: np.ndarray | None = None,
 def _accuracy(v: dict[str, Any]) -> Any:
     import matplotlib.pyplot as plt
 
-    names = ["routing probe", "word form", "majority tag", "probe, shuffled tags"]
-    means = [v["probe_accuracy_mean"], v["word_form_accuracy_mean"], v["majority_accuracy"],
-             v["shuffled_probe_accuracy_mean"]]
-    sds = [v["probe_accuracy_sd"], v["word_form_accuracy_sd"], 0.0, v["shuffled_probe_accuracy_sd"]]
-    fig, ax = plt.subplots(figsize=(6.2, 3.2))
-    colors = [COLORS[c] for c in ("shuffled", "majority", "word_form", "probe")]
-    ax.barh(names[::-1], means[::-1], xerr=sds[::-1], color=colors)
+    names = ["routing probe", "word form", "word level", "majority tag", "probe, shuffled tags"]
+    means = [v["probe_accuracy"], v["word_form_accuracy"], v["word_level_accuracy"], v["majority_accuracy"],
+             v["shuffled_probe_accuracy"]]
+    cis = [v.get(f"{k}_accuracy_ci") for k in ("probe", "word_form", "word_level", "majority")] + [None]
+    err = np.array([[m - c[0], c[1] - m] if c and np.all(np.isfinite(c)) else [0.0, 0.0]
+                    for m, c in zip(means, cis)]).T
+    fig, ax = plt.subplots(figsize=(6.2, 3.4))
+    colors = [COLORS[c] for c in ("shuffled", "majority", "word_form", "word_form", "probe")]
+    ax.barh(names[::-1], means[::-1], xerr=err[:, ::-1], color=colors)
     for i, m in enumerate(means[::-1]):
         ax.text(min(m + 0.02, 0.9), i, f"{m:.3f}", va="center")
     ax.set_xlim(0, 1)
-    ax.set_xlabel("accuracy (cross-validated; bars: SD over folds)")
+    ax.set_xlabel(f"accuracy (CV grouped by {v.get('cv_groups', 'sentence')}; bars: 95% CI)")
     ax.set_title("POS from the routing path vs baselines")
     return fig
 
@@ -87,7 +89,7 @@ def _kl(v: dict[str, Any]) -> Any:
     import matplotlib.pyplot as plt
 
     tags, layers = v["tags"], v["moe_layers"]
-    excess = np.array([np.subtract(v["kl_from_uniform"][t], v["kl_from_uniform_shuffled"][t]) for t in tags])
+    excess = np.array([np.subtract(v["kl_from_uniform"][t], v["kl_from_uniform_token_null"][t]) for t in tags])
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, max(3.2, 0.3 * len(tags) + 1.5)),
                                   gridspec_kw={"width_ratios": [1.3, 1]}, layout="constrained")
     lim = max(float(np.abs(excess).max(initial=0)), 1e-6)
@@ -95,10 +97,12 @@ def _kl(v: dict[str, Any]) -> Any:
     ax.set_yticks(range(len(tags)), tags, fontsize=8)
     ax.set_xticks(range(len(layers)), layers, fontsize=8)
     ax.set_xlabel("MoE layer")
-    ax.set_title("KL(POS || uniform) minus shuffled-tag chance (nats)", fontsize=10)
+    ax.set_title("KL(POS || uniform) minus its token-identity null (nats)", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax2.plot(layers, v["kl_layer_mean"], "o-", color=COLORS["probe"], label="tags")
-    ax2.plot(layers, v["kl_layer_mean_shuffled"], "s--", color=COLORS["shuffled"], label="shuffled tags (chance)")
+    ax2.plot(layers, v["kl_layer_mean_shuffled"], "s--", color=COLORS["shuffled"], label="tags shuffled across tokens")
+    ax2.plot(layers, v["kl_layer_mean_token_null"], "^:", color=COLORS["word_form"],
+             label="tags permuted within token ids")
     ax2.set_xticks(layers)
     ax2.set_xlabel("MoE layer")
     ax2.set_ylabel("KL from uniform (nats)\nmean over POS, token-weighted")
@@ -108,11 +112,12 @@ def _kl(v: dict[str, Any]) -> Any:
 
 
 def _spec(v: dict[str, Any]) -> Any:
-    """Spec(POS, expert) at the layer where POS moves routing most (largest mean KL excess)."""
+    """Spec(POS, expert) at the layer where POS moves routing most (largest mean KL excess over the
+    token-identity null)."""
     import matplotlib.pyplot as plt
 
     tags = v["tags"]
-    excess = np.subtract(v["kl_layer_mean"], v["kl_layer_mean_shuffled"])
+    excess = np.subtract(v["kl_layer_mean"], v["kl_layer_mean_token_null"])
     li = int(np.argmax(excess))
     spec = np.array([v["spec"][t][li] for t in tags])
     fig, ax = plt.subplots(figsize=(max(6, 0.16 * spec.shape[1] + 3), max(3.2, 0.3 * len(tags) + 1.5)))
@@ -134,12 +139,12 @@ def _ablation(v: dict[str, Any]) -> Any:
     for side, marker, label in (("drop_first", "o-", "first n layers dropped"),
                                 ("drop_last", "s-", "last n layers dropped")):
         ns = [0] + [int(n) for n in ab[side]]
-        acc = [ab["full"][0]] + list(ab[side].values())
+        acc = [ab["full"]] + list(ab[side].values())
         ax.plot(ns, acc, marker, label=label)
     ax.set_xticks([0] + [int(n) for n in ab["drop_first"]])
-    ax.axhline(v["word_form_accuracy_mean"], color=COLORS["word_form"], ls=":", label="word form")
+    ax.axhline(v["word_form_accuracy"], color=COLORS["word_form"], ls=":", label="word form")
     ax.axhline(v["majority_accuracy"], color=COLORS["majority"], ls="--", label="majority tag")
-    ax.axhline(v["shuffled_probe_accuracy_mean"], color=COLORS["shuffled"], ls="-.", label="probe, shuffled tags")
+    ax.axhline(v["shuffled_probe_accuracy"], color=COLORS["shuffled"], ls="-.", label="probe, shuffled tags")
     ax.set_xlabel(f"MoE layers dropped from the path (of {ab['n_layers']})")
     ax.set_ylabel("probe accuracy")
     ax.set_ylim(0, 1)

@@ -12,16 +12,18 @@ average of |S_ai ∩ S_bj| / k over every pair of subwords (i of a, j of b). So 
 averages the per-subword-pair kappas and keeps chance at exactly 0; for one token it is the
 formula above.
 
-Tests (per layer): sense pairs, same vs different sense: Mann–Whitney U (two-sided), effect
-size = rank-biserial correlation (+ Cohen's d); substitution items, paired per item (mean
-over its substitutes vs mean over its controls): Wilcoxon signed-rank (two-sided), effect
-size = matched-pairs rank-biserial (+ Cohen's d_z). p-values are reported as computed, with
-Holm-adjusted ones across layers next to them. Confidence intervals: percentile bootstrap
-resampling pairs (each label separately) or items. Baselines: chance (kappa 0) and
-"unrelated" pairs (a context of one pair against one of another pair with a different lemma:
-the overlap that load imbalance alone produces). Token-identity control: pairs split by
-whether the two targets' token ids are identical, the same/different gap reported within
-each subset, because identical tokens route alike whatever they mean. Substitution compares
+Tests (per layer), from the shared inference module: sense pairs are **paired by lemma** (per
+lemma, mean same-sense minus mean different-sense kappa; lemmas lacking either label are left
+out): Wilcoxon signed-rank on the per-lemma gaps (two-sided), CIs by a bootstrap resampling
+lemmas, Holm across layers; the unpaired Mann–Whitney test over pairs is kept as
+``unpaired_*`` for comparison (a lemma-level confound fools it). Substitution items are paired
+per item (mean over its substitutes vs mean over its controls): Wilcoxon signed-rank, Holm,
+bootstrap over items. Effect sizes: matched-pairs rank-biserial (+ Cohen's d_z). Baselines:
+chance (kappa 0) and "unrelated" pairs (a context of one pair against one of another pair
+with a different lemma: the overlap that load imbalance alone produces). Token-identity
+control: pairs split by whether the two targets' token ids are identical, the paired gap
+reported within each subset, because identical tokens route alike whatever they mean. The
+random-init control is :mod:`moescope.analysis.semantic_control`. Substitution compares
 sentences that share everything before the target, so a replacement whose first target
 token is the original's gets identical routing there by construction (in a causal model):
 such replacements are left out and counted (n_replacements_sharing_first_token).
@@ -37,6 +39,7 @@ import pyarrow as pa
 from scipy import stats
 
 from moescope.analysis.result import AnalysisResult
+from moescope.inference import cluster_bootstrap_ci, holm, wilcoxon_signed_rank
 
 __all__ = ["SemanticParams", "analyze_semantic", "target_profiles", "pair_kappa", "semantic_figures"]
 
@@ -131,20 +134,6 @@ def _nan(L: int) -> np.ndarray:
     return np.full(L, np.nan)
 
 
-def holm(p: np.ndarray) -> np.ndarray:
-    """Holm-adjusted p-values (NaN stays NaN)."""
-    p = np.asarray(p, float)
-    ok = np.isfinite(p)
-    out = np.full_like(p, np.nan)
-    q = p[ok]
-    order = np.argsort(q)
-    adj = np.maximum.accumulate((len(q) - np.arange(len(q))) * q[order])
-    out_ok = np.empty_like(q)
-    out_ok[order] = np.minimum(adj, 1.0)
-    out[ok] = out_ok
-    return out
-
-
 def compare_groups(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, n_boot: int, confidence: float) -> dict:
     """Two independent groups of per-pair kappas, x (n1, L) vs y (n2, L): means, CIs, test, effect sizes."""
     L = x.shape[1]
@@ -166,25 +155,25 @@ def compare_groups(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, n_boo
 
 
 def compare_paired(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, n_boot: int, confidence: float) -> dict:
-    """Paired per-item kappas, x vs y (n, L): means, CIs (items resampled), Wilcoxon test, effect sizes."""
+    """Paired units (lemmas or items), x vs y (n, L): means, CIs resampling the units (a cluster
+    bootstrap: a unit's value is the mean over its pairs), Wilcoxon signed-rank per layer, Holm."""
     n, L = x.shape
     out = {"x": x.mean(0) if n else _nan(L), "y": y.mean(0) if n else _nan(L), "n": n}
     if n < 2:
         return {**out, **{k: _nan(L) for k in ("x_lo", "x_hi", "y_lo", "y_hi", "diff", "diff_lo", "diff_hi",
                                                   "p", "p_holm", "effect", "d")}}
-    w = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot) / n  # one resampling of items for all three
-    (out["x_lo"], out["x_hi"]), (out["y_lo"], out["y_hi"]) = _ci(w @ x, confidence), _ci(w @ y, confidence)
     d = x - y
+    seed = int(rng.integers(2**31))  # one resampling of units for x, y and their difference
+    ci = {name: [cluster_bootstrap_ci(v[:, layer], None, n_boot=n_boot, seed=seed, level=confidence)
+                 for layer in range(L)] for name, v in (("x", x), ("y", y), ("d", d))}
+    for name, stem in (("x", "x"), ("y", "y"), ("d", "diff")):
+        out[f"{stem}_lo"] = np.array([c["ci_low"] for c in ci[name]])
+        out[f"{stem}_hi"] = np.array([c["ci_high"] for c in ci[name]])
     out["diff"] = d.mean(0)
-    out["diff_lo"], out["diff_hi"] = _ci(w @ d, confidence)
-    p, effect = np.ones(L), np.zeros(L)
-    for layer in range(L):  # zeros differ per layer, so one scipy call per layer
-        dl = d[:, layer][d[:, layer] != 0]
-        if len(dl):
-            p[layer] = stats.wilcoxon(dl, zero_method="wilcox").pvalue
-            ranks = stats.rankdata(np.abs(dl))
-            effect[layer] = (ranks[dl > 0].sum() - ranks[dl < 0].sum()) / ranks.sum()
-    out["p"], out["p_holm"], out["effect"] = p, holm(p), effect
+    tests = [wilcoxon_signed_rank(d[:, layer]) for layer in range(L)]
+    out["p"] = np.array([t["p_value"] for t in tests])
+    out["effect"] = np.array([t["rank_biserial"] for t in tests])
+    out["p_holm"] = holm(out["p"])
     sd = d.std(0, ddof=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         out["d"] = np.where(sd > 0, out["diff"] / sd, np.where(out["diff"] == 0, 0.0, np.nan))
@@ -203,6 +192,26 @@ def _token_keys(targets: pa.Table) -> dict[int, tuple[int, ...]]:
     for s, t in zip(targets.column("seq_id").to_pylist(), targets.column("token_id").to_pylist()):
         keys[s].append(t)  # targets are sorted by (seq_id, pos)
     return {s: tuple(v) for s, v in keys.items()}
+
+
+def _lemma_key(lemma: str, pos: str) -> str:
+    return f"{lemma}.{pos}" if pos else lemma
+
+
+def lemma_means(kappa: np.ndarray, same: np.ndarray, lemmas: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(lemmas, mean same-sense kappa (n, L), mean different-sense kappa (n, L)) of the lemmas that have
+    pairs of both labels; kappa (P, L) per pair, same (P,) bool, lemmas (P,) the pair's lemma key."""
+    names, inv = np.unique(np.asarray(lemmas, dtype=str), return_inverse=True)
+    inv = inv.ravel()
+    L = kappa.shape[1] if kappa.ndim == 2 else 0
+    means = []
+    for mask in (same, ~same):
+        sums = np.zeros((len(names), L))
+        np.add.at(sums, inv[mask], kappa[mask])
+        means.append((sums, np.bincount(inv[mask], minlength=len(names))))
+    both = (means[0][1] > 0) & (means[1][1] > 0)
+    x, y = (sums[both] / n[both, None] for sums, n in means)
+    return names[both], x, y
 
 
 def _group_values(g: dict, x: str, y: str, prefix: str) -> dict[str, Any]:
@@ -250,6 +259,7 @@ def analyze_semantic(
     profiles, complete = target_profiles(targets, routes, seq_ids, layers, n_experts)
     probe, item, role = _column(contexts, "probe"), _column(contexts, "item"), _column(contexts, "role")
     label, lemma = _column(contexts, "label"), _column(contexts, "lemma")
+    target_pos = _column(contexts, "target_pos")
     keys = _token_keys(targets)
     by_item: dict[tuple[str, str], dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for c in range(len(seq_ids)):
@@ -266,13 +276,24 @@ def analyze_semantic(
         kappa = pair_kappa(profiles[ia], profiles[ib], top_k, n_experts)
         same = np.array([label[a] == "same" for a in ia])
         ident = np.array([keys.get(int(seq_ids[a])) == keys.get(int(seq_ids[b])) for a, b in pairs])
-        g = compare_groups(kappa[same], kappa[~same], rng, params.n_boot, params.confidence)
+        lemma_of = np.array([_lemma_key(lemma[a], target_pos[a]) for a in ia], dtype=object)
+        # The test is paired by lemma: per lemma, mean same-sense minus mean different-sense kappa.
+        names, x, y = lemma_means(kappa, same, lemma_of)
+        g = compare_paired(x, y, rng, params.n_boot, params.confidence)
         values.update(_group_values(g, "same_sense", "different_sense", ""))
-        values.update(n_pairs_same=g["n_x"], n_pairs_different=g["n_y"])
+        values.update(n_pairs_same=int(same.sum()), n_pairs_different=int((~same).sum()), n_lemmas=g["n"],
+                      lemma_gaps={"lemmas": names.tolist(), "gap": x - y})
+        # The naive test over pairs (unpaired, Mann-Whitney), kept for comparison: lemmas that differ in
+        # baseline overlap and in their share of same-sense pairs make it see a gap that is not there.
+        naive = compare_groups(kappa[same], kappa[~same], rng, params.n_boot, params.confidence)
+        values.update(unpaired_difference=naive["diff"], unpaired_p_value=naive["p"],
+                      unpaired_p_value_holm=naive["p_holm"])
         for name, subset in (("identical_tokens_", ident), ("distinct_tokens_", ~ident)):
-            g = compare_groups(kappa[same & subset], kappa[~same & subset], rng, params.n_boot, params.confidence)
+            _, xs, ys = lemma_means(kappa[subset], same[subset], lemma_of[subset])
+            g = compare_paired(xs, ys, rng, params.n_boot, params.confidence)
             values.update(_group_values(g, f"{name}same_sense", f"{name}different_sense", name))
-            values.update({f"{name}n_pairs_same": g["n_x"], f"{name}n_pairs_different": g["n_y"]})
+            values.update({f"{name}n_pairs_same": int((same & subset).sum()),
+                           f"{name}n_pairs_different": int((~same & subset).sum()), f"{name}n_lemmas": g["n"]})
         # unrelated baseline: a of one pair against b of another pair, different lemma
         perm = rng.permutation(len(pairs))
         ua, ub = ia[perm], ib[np.roll(perm, 1)]
@@ -308,6 +329,7 @@ def analyze_semantic(
         g = compare_paired(means[0], means[1], rng, params.n_boot, params.confidence)
         values.update(_group_values(g, "substitute", "control", "substitution_"))
         values["n_items"] = g["n"]
+        values["item_gaps"] = {"items": [item[row[0]] for row in rows], "gap": means[0] - means[1]}
     return AnalysisResult("semantic", values, params={**asdict(params), "tests": TESTS}, trace=trace,
                           figures=semantic_figures(values))
 

@@ -24,10 +24,12 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: Any) -> None:
         trace: Optional[Path] = typer.Option(None, "--trace", help="Analyse an existing trace whose tokens table has a upos column."),
         first_subword_only: bool = typer.Option(False, "--first-subword-only", help="Keep only each word's first subword token."),
         folds: int = typer.Option(5, "--folds", help="Stratified cross-validation folds."),
-        seed: int = typer.Option(0, "--seed", help="Seed of the subsample, folds, probe, shuffles and t-SNE."),
-        max_tokens: int = typer.Option(20_000, "--max-tokens", help="Tokens the probe trains on at most (seeded subsample)."),
-        hidden: int = typer.Option(64, "--hidden", help="Hidden units of the MLP probe."),
-        shuffles: int = typer.Option(20, "--shuffles", help="Tag shuffles for the KL / Spec chance levels."),
+        repeats: int = typer.Option(3, "--repeats", help="Repetitions of the K-fold split (fresh shuffles)."),
+        cv_groups: str = typer.Option("sentence", "--cv-groups", help="'sentence': no sentence in both train and test; 'token': ungrouped."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the subsample, folds, shuffles, permutations and t-SNE."),
+        max_tokens: int = typer.Option(20_000, "--max-tokens", help="Tokens the probe trains on at most (seeded subsample of whole sentences)."),
+        shuffles: int = typer.Option(20, "--shuffles", help="Tag shuffles: KL / Spec chance levels and shuffled-tag probes."),
+        permutations: Optional[int] = typer.Option(None, "--permutations", help="Permutations of the token-identity null (default: 100 x tags x layers)."),
         tsne_points: int = typer.Option(1500, "--tsne-points", help="Routing paths in the t-SNE figure (0: none)."),
         ablation: Optional[str] = typer.Option(None, "--ablation", help="Comma-separated numbers of layers to drop (default: ~1, L/4, L/2, 3L/4, L-1)."),
         batch_size: int = typer.Option(16, "--batch-size", help="Sentences per forward pass when capturing."),
@@ -41,8 +43,9 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: Any) -> None:
         trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model repository's own code."),
         allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickle checkpoints (they can run code)."),
     ) -> None:
-        """Predict Universal POS tags from routing paths (MLP probe) vs word-form, majority and shuffled-tag baselines;
-        expert specialisation and KL from uniform per POS and layer; t-SNE; layer ablation."""
+        """Predict Universal POS tags from routing paths (ridge probe, CV grouped by sentence) vs word-form, word-level,
+        majority and shuffled-tag baselines; expert specialisation and KL from uniform per POS and layer against a
+        token-identity null; t-SNE; layer ablation."""
         from moescope.analysis.pos import PosParams, pos_analysis
         from moescope.capture.loading import LoadOptions
         from moescope.errors import MoescopeError
@@ -56,8 +59,15 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: Any) -> None:
             raise MoescopeError(f"--ablation takes comma-separated integers such as 1,2,4, not {ablation!r}") from None
         if folds < 2:
             raise MoescopeError(f"--folds must be 2 or more, not {folds}")
-        params = PosParams(folds=folds, seed=seed, max_tokens=max_tokens, hidden=hidden, n_shuffles=shuffles,
-                           tsne_points=tsne_points, ablation=steps)
+        if repeats < 1:
+            raise MoescopeError(f"--repeats must be 1 or more, not {repeats}")
+        if cv_groups not in ("sentence", "token"):
+            raise MoescopeError(f"--cv-groups must be 'sentence' or 'token', not {cv_groups!r}")
+        if permutations is not None and permutations < 1:
+            raise MoescopeError(f"--permutations must be 1 or more, not {permutations}")
+        params = PosParams(folds=folds, repeats=repeats, cv_groups=cv_groups, seed=seed, max_tokens=max_tokens,
+                           n_shuffles=shuffles, tsne_points=tsne_points, ablation=steps,
+                           token_null_permutations=permutations)
         coverage = None
         if trace is None:
             load = LoadOptions(device=device, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
@@ -68,7 +78,8 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: Any) -> None:
         if coverage is None:
             tag_source = opened.manifest.get("capture", {}).get("tags") or f"upos column of {trace}"
         n_tagged = tokens.num_rows - tokens.column("upos").null_count
-        console.print(f"analysing {n_tagged:,} tagged tokens ({folds}-fold probe, {len(opened.moe_layers)} MoE layers) ...")
+        console.print(f"analysing {n_tagged:,} tagged tokens ({repeats} x {folds}-fold probe grouped by {cv_groups}, "
+                      f"{len(opened.moe_layers)} MoE layers) ...")
         result = pos_analysis(tokens, routes, n_experts=opened.n_experts, top_k=opened.top_k, moe_layers=opened.moe_layers,
                               params=params, tag_source=tag_source,
                               trace=os.path.relpath(Path(trace).resolve(), out.resolve()))  # the report resolves it from OUT
@@ -78,10 +89,13 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: Any) -> None:
             result.values["alignment"] = coverage
         path = result.save(out)
         v = result.values
+        t = v["probe_minus_word_form"]
         console.print(
-            f"[green]POS probe[/] accuracy {v['probe_accuracy_mean']:.3f} ± {v['probe_accuracy_sd']:.3f} "
-            f"(macro-F1 {v['macro_f1']:.3f}); word form {v['word_form_accuracy_mean']:.3f}, majority "
-            f"{v['majority_accuracy']:.3f}, shuffled tags {v['shuffled_probe_accuracy_mean']:.3f}  ->  {path}"
+            f"[green]POS probe[/] accuracy {v['probe_accuracy']:.3f} (macro-F1 {v['macro_f1']:.3f}); word form "
+            f"{v['word_form_accuracy']:.3f} (seen ids {v['word_form_accuracy_seen']:.3f}, unseen "
+            f"{v['word_form_accuracy_unseen']:.3f}), word level {v['word_level_accuracy']:.3f}, majority "
+            f"{v['majority_accuracy']:.3f}, shuffled tags {v['shuffled_probe_accuracy']:.3f}; probe - word form "
+            f"{t['difference']:+.3f} [{t['ci_low']:+.3f}, {t['ci_high']:+.3f}], p = {t['p_value']:.2g}  ->  {path}"
         )
 
 

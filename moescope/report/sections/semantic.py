@@ -10,7 +10,8 @@ from moescope.report.sections import Section, figure_data_uri
 
 FIGURES = (
     ("semantic_sense_pairs", "Left: mean kappa at the target word per MoE layer for same-sense and different-sense "
-     "pairs, unrelated words (the overlap expert load alone gives) and chance (0); bands: 95% bootstrap CIs. "
+     "pairs (means over lemmas), unrelated words (the overlap expert load alone gives) and chance (0); bands: 95% "
+     "bootstrap CIs resampling lemmas. "
      "Right: the same - different gap over all pairs, within pairs whose target token ids are identical and "
      "within the others; stars: Holm-adjusted p < 0.05."),
     ("semantic_substitution", "Mean kappa between the original word and a good substitute or a control word in "
@@ -33,8 +34,21 @@ target token ids are identical, because identical tokens route alike whatever th
 <td class="num">{{ r.p_holm }}</td><td class="num">{{ r.effect }}</td><td class="num">{{ r.id_gap }}</td><td class="num">{{ r.id_p }}</td></tr>
 {% endfor %}</tbody></table>
 <p class="note">{{ n_same }} same-sense and {{ n_diff }} different-sense pairs ({{ wic_source }}); {{ n_id_same }} and
-{{ n_id_diff }} of them have identical target token ids. p: Mann–Whitney U, two-sided, as computed; Holm: adjusted
-across the {{ n_layers }} layers. CIs: percentile bootstrap over pairs.</p>{% endif %}
+{{ n_id_diff }} of them have identical target token ids. The design is paired by lemma: same and different are the
+means over the {{ n_lemmas }} lemmas with pairs of both labels of each lemma's mean kappa; p: Wilcoxon signed-rank
+on the per-lemma gaps, two-sided; Holm: adjusted across the {{ n_layers }} layers; CIs: bootstrap resampling
+lemmas.</p>{% endif %}
+{% if control %}<h3>Trained model minus its randomly initialised copies</h3>
+<table class="values">
+<thead><tr><th>MoE layer</th><th>gap, this model</th><th>gap, random init (mean of {{ n_seeds }} seeds)</th>
+<th>difference of gaps [95% CI]</th><th>p</th><th>Holm p</th></tr></thead>
+<tbody>
+{% for r in control %}<tr><th scope="row">{{ r.layer }}</th><td class="num">{{ r.gap }}</td><td class="num">{{ r.random }}</td>
+<td class="num">{{ r.diff }}</td><td class="num">{{ r.p }}</td><td class="num">{{ r.p_holm }}</td></tr>
+{% endfor %}</tbody></table>
+<p class="note">The same probe sentences through randomly initialised copies of the model (seeds {{ seeds }}): what
+the probe design gives without training. Per lemma ({{ n_control }} lemmas), the trained gap minus the mean of the
+copies' gaps; Wilcoxon signed-rank, bootstrap over lemmas, Holm across layers.</p>{% endif %}
 {% if sub %}<h3>Substitution</h3>
 <table class="values">
 <thead><tr><th>MoE layer</th><th>good substitute</th><th>control</th><th>gap [95% CI]</th><th>p</th><th>Holm p</th>
@@ -44,7 +58,8 @@ across the {{ n_layers }} layers. CIs: percentile bootstrap over pairs.</p>{% en
 <td class="num">{{ r.gap }}</td><td class="num">{{ r.p }}</td><td class="num">{{ r.p_holm }}</td><td class="num">{{ r.effect }}</td></tr>
 {% endfor %}</tbody></table>
 <p class="note">{{ n_items }} items ({{ sub_source }}): kappa of the original word with a good substitute vs with
-a control in the same sentence, averaged per item. p: Wilcoxon signed-rank on the per-item differences, two-sided.</p>{% endif %}
+a control in the same sentence, averaged per item. p: Wilcoxon signed-rank on the per-item differences, two-sided;
+Holm: adjusted across the {{ n_layers }} layers.</p>{% endif %}
 {% if unaligned %}<p class="note warn">{{ unaligned }} context(s) had no target token (cut off by the context length?)
 and were left out.</p>{% endif %}
 {% for fig in figures %}<figure><img src="{{ fig.uri }}" alt="{{ fig.name }}"><figcaption>{{ fig.caption }}</figcaption></figure>
@@ -77,6 +92,10 @@ def render(results: dict[str, Any], out_dir: Path, env: Any) -> Section:
             "gap": _ci(r, "substitution_difference", i), "p": _p(r["substitution_p_value"][i]),
             "p_holm": _p(r["substitution_p_value_holm"][i]), "effect": _f(r["substitution_effect_size"][i], "+.2f")}
            for i, layer in enumerate(layers)] if "substitute_kappa" in r else []
+    control = [{"layer": layer, "gap": _f(r["difference"][i]), "random": _f(r["random_init_difference"][i]),
+                "diff": _ci(r, "trained_minus_random_difference", i),
+                "p": _p(r["trained_minus_random_p_value"][i]), "p_holm": _p(r["trained_minus_random_p_value_holm"][i])}
+               for i, layer in enumerate(layers)] if "trained_minus_random_difference" in r else []
     figures = []
     for name, caption in FIGURES:
         path = Path(out_dir) / "figures" / f"{name}.png"
@@ -89,7 +108,9 @@ def render(results: dict[str, Any], out_dir: Path, env: Any) -> Section:
         n_id_same=r.get("identical_tokens_n_pairs_same"), n_id_diff=r.get("identical_tokens_n_pairs_different"),
         wic_source=", ".join(sources.get("sense_pairs") or ["unknown source"]),
         sub_source=", ".join(sources.get("substitution") or ["unknown source"]),
-        n_items=r.get("n_items"), n_layers=len(layers), unaligned=r.get("n_unaligned_contexts"), figures=figures)
+        n_items=r.get("n_items"), n_layers=len(layers), unaligned=r.get("n_unaligned_contexts"), figures=figures,
+        n_lemmas=r.get("n_lemmas"), control=control, n_seeds=len(r.get("random_init_seeds") or []),
+        seeds=", ".join(str(x) for x in r.get("random_init_seeds") or []), n_control=r.get("n_lemmas_trained_vs_random"))
     return Section(key="semantic", title="Semantic routing: same word, same meaning, same experts?",
                    summary=_summary(r), html=html)
 
@@ -106,8 +127,8 @@ def _summary(r: dict[str, Any]) -> str:
     if i is not None:
         n_sig = sum(p is not None and p < 0.05 for p in r["p_value_holm"])
         parts.append(
-            f"Same- and different-sense pairs differ in how many of the target's experts they share in {n_sig} of "
-            f"{len(layers)} MoE layers (Holm p < 0.05). The same − different gap is largest at layer {layers[i]}: "
+            f"Same- and different-sense pairs of the same lemma differ in how many of the target's experts they "
+            f"share in {n_sig} of {len(layers)} MoE layers (Holm p < 0.05, paired by lemma). The same − different gap is largest at layer {layers[i]}: "
             f"{_ci(r, 'difference', i)} kappa (same {_f(r['same_sense_kappa'][i])}, different "
             f"{_f(r['different_sense_kappa'][i])}, chance 0, unrelated words "
             f"{_f((r.get('unrelated_kappa') or [None] * len(layers))[i])}); among pairs whose target token ids are "
@@ -117,6 +138,12 @@ def _summary(r: dict[str, Any]) -> str:
     if j is not None:
         parts.append(
             f"The good substitute − control gap in overlap with the original word is largest at layer "
-            f"{layers[j]}: {_ci(r, 'substitution_difference', j)} kappa (p = {_p(r['substitution_p_value'][j])})."
+            f"{layers[j]}: {_ci(r, 'substitution_difference', j)} kappa (Holm p = "
+            f"{_p(r['substitution_p_value_holm'][j])})."
         )
+    if "trained_minus_random_p_value_holm" in r:
+        n_sig = sum(p is not None and p < 0.05 for p in r["trained_minus_random_p_value_holm"])
+        parts.append(f"Against {len(r['random_init_seeds'])} randomly initialised copies on the same probes, the "
+                     f"trained model's same − different gap is larger in {n_sig} of {len(layers)} layers "
+                     f"(Holm p < 0.05, paired by lemma).")
     return " ".join(parts) or "No sense pairs or substitution items could be analysed."
