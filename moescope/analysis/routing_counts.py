@@ -14,6 +14,7 @@ is taken to hold prompt tokens only (importers that record no token table).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -21,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from moescope.analysis import route_pass as rp
+from moescope.analysis.engine import current_engine
 
 from moescope.errors import MoescopeError
 from moescope.store.reader import Trace
@@ -73,6 +75,9 @@ def layer_index(trace: Trace) -> np.ndarray:
 def expert_load(trace: Trace, *, phase: str = "all") -> tuple[np.ndarray, np.ndarray]:
     """Expert assignments per MoE layer: (load (L, E) int64, token rows per layer (L,) int64),
     layers in trace.moe_layers order. load[l, e] counts the tokens whose top-k holds e."""
+    if current_engine() is not None:
+        scan = current_engine().count_routes(trace, phase=phase, transitions=False).scan
+        return scan.load, scan.n_rows
     src = routes_relation(trace, phase, ["layer", "experts"])
     rows = trace.rows(f"SELECT layer, e, count(*) FROM (SELECT layer, unnest(experts) AS e FROM {src}) GROUP BY ALL")
     tokens = trace.rows(f"SELECT layer, count(*) FROM {src} GROUP BY layer")
@@ -136,14 +141,32 @@ def token_expert_counts(trace: Trace, *, phase: str = "all") -> dict[str, np.nda
     return {k: v[order] for k, v in out.items()}
 
 
-def sequence_token_counts(trace: Trace, *, phase: str = "prompt") -> dict[str, np.ndarray]:
+def sequence_token_counts(trace: Trace, *, phase: str = "prompt", seq_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Per (sequence, token id): occurrences among the sequence's tokens of `phase`
-    (numpy columns seq_id, token_id, n)."""
+    (numpy columns seq_id, token_id, n); of the sequences in `seq_ids` only, when given."""
     if not trace.has("tokens"):
         raise MoescopeError(f"{trace.path} has no tokens table; token-level measures need one")
-    where = "" if phase == "all" else f"WHERE phase = '{phase}'"
-    res = trace.con.sql(f"SELECT seq_id, token_id, count(*)::BIGINT AS n FROM tokens {where} GROUP BY ALL").fetchnumpy()
+    conds = [] if phase == "all" else [f"phase = '{phase}'"]
+    with only_sequences(trace, seq_ids) as cond:
+        conds += [cond] if cond else []
+        where = f"WHERE {' AND '.join(conds)}" if conds else ""
+        res = trace.con.sql(f"SELECT seq_id, token_id, count(*)::BIGINT AS n FROM tokens {where} GROUP BY ALL").fetchnumpy()
     return {k: np.asarray(v, np.int64) for k, v in res.items()}
+
+
+@contextlib.contextmanager
+def only_sequences(trace: Trace, seq_ids: np.ndarray | None, column: str = "seq_id") -> Iterator[str | None]:
+    """A SQL condition keeping the rows whose `column` is in `seq_ids` (None: no condition),
+    valid inside the block (the ids are a temporary DuckDB view)."""
+    if seq_ids is None:
+        yield None
+        return
+    name = f"_only_sequences_{id(seq_ids)}"
+    trace.con.register(name, pa.table({"seq_id": pa.array(np.asarray(seq_ids, np.int64))}))
+    try:
+        yield f"{column} IN (SELECT seq_id FROM {name})"
+    finally:
+        trace.con.unregister(name)
 
 
 # -- the numpy pass: pairs, transitions, weights ---------------------------------------------------
@@ -184,7 +207,13 @@ def weight_range(trace: Trace) -> float:
     at most 1 (float16 rounding allowed), else the largest of them rounded up to a half (routers
     that scale their weights, e.g. DeepSeek-V3's routed_scaling_factor, put everything above 1)."""
     top = trace.rows("SELECT max(list_max(weights)), max(list_sum(weights)) FROM routes")[0]
-    largest = max((float(x) for x in top if x is not None), default=1.0)
+    return weight_range_of([float(x) for x in top if x is not None])
+
+
+def weight_range_of(extremes: list[float]) -> float:
+    """:func:`weight_range` from the largest weight and largest weight sum (an engine that
+    maps over shards finds them per shard)."""
+    largest = max(extremes, default=1.0)
     return 1.0 if largest <= 1.002 else float(np.ceil(round(largest, 2) * 2) / 2)
 
 
@@ -204,10 +233,14 @@ def _route_batches(trace: Trace, phase: str, columns: list[str], ordered: bool) 
     yield from trace.con.sql(f"SELECT * FROM {routes_relation(trace, phase, columns)}{order}").to_arrow_reader(BATCH_ROWS)
 
 
-def _sequence_counter(trace: Trace, phase: str, bucket_edges: list[int] | None) -> rp.SequenceCounter:
+def _sequence_counter(trace: Trace, phase: str, bucket_edges: list[int] | None,
+                      only: np.ndarray | None = None) -> rp.SequenceCounter:
+    """A counter of the sequences with routes in `phase` (among `only`, when given)."""
     edges = np.asarray(sorted(set([0] + [int(e) for e in bucket_edges or []])), dtype=np.int64)
     src = routes_relation(trace, phase, ["seq_id"])
     seq_ids = np.sort(np.asarray(trace.con.sql(f"SELECT DISTINCT seq_id FROM {src}").fetchnumpy()["seq_id"], np.int64))
+    if only is not None:  # e.g. signatures' --max-sequences sample: the counter's arrays hold these only
+        seq_ids = seq_ids[np.isin(seq_ids, np.asarray(only, np.int64))]
     offsets = np.zeros(len(seq_ids), np.int64)
     if phase == "generated":  # positions count from each sequence's first generated token
         first = trace.con.sql("SELECT seq_id, min(pos) AS p FROM tokens WHERE phase = 'generated' GROUP BY seq_id").fetchnumpy()
@@ -244,16 +277,22 @@ def _token_table(counter: rp.TokenExpertCounter) -> dict[str, np.ndarray]:
 
 def count_routes(trace: Trace, *, phase: str = "all", scan: bool = True, transitions: bool = True,
                  weight_bins: int = 20, sequences: bool = False, bucket_edges: list[int] | None = None,
-                 token_experts: bool = False) -> RouteCounts:
+                 token_experts: bool = False, sequence_ids: np.ndarray | None = None) -> RouteCounts:
     """One streaming pass over the routes of `phase`, filling the counters asked for:
 
     scan: load, pairs, weights (and transitions unless transitions=False) -> RouteScan;
     sequences: expert counts per sequence, split at `bucket_edges` (positions within the
     phase) -> SequenceCounts; token_experts: per (layer, token id, expert), as
-    :func:`token_expert_counts` returns them (needs the tokens table).
+    :func:`token_expert_counts` returns them (needs the tokens table). sequence_ids: count
+    sequences among these only (the other counters still see every row).
     """
     from threadpoolctl import threadpool_limits
 
+    engine = current_engine()
+    if engine is not None:  # e.g. --engine ray: the same counts from a map over the shards
+        return engine.count_routes(trace, phase=phase, scan=scan, transitions=transitions, weight_bins=weight_bins,
+                                   sequences=sequences, bucket_edges=bucket_edges, token_experts=token_experts,
+                                   sequence_ids=sequence_ids)
     E, k, L = trace.n_experts, trace.top_k, len(trace.moe_layers)
     li_of = layer_index(trace)
     has_w = scan and trace.has_weights and "weights" in trace.columns("routes")
@@ -261,7 +300,7 @@ def count_routes(trace: Trace, *, phase: str = "all", scan: bool = True, transit
     trans = rp.TransitionCounter(L, E) if scan and transitions else None
     w_max = weight_range(trace) if has_w else 1.0
     weights = rp.WeightCounter(L, k, weight_bins, w_max) if has_w else None
-    seqs = _sequence_counter(trace, phase, bucket_edges) if sequences else None
+    seqs = _sequence_counter(trace, phase, bucket_edges, sequence_ids) if sequences else None
     tokens = _token_counter(trace, phase) if token_experts and trace.has("tokens") else None
     row_counters = [c for c in (weights, seqs, tokens) if c is not None]
     columns = ["seq_id", "pos", "layer", "experts"] + (["weights"] if has_w else [])

@@ -190,13 +190,16 @@ def resolve_group(trace: Trace, group: str | None) -> str | None:
 
 
 def gather_signature_inputs(trace: Trace, label: str, *, phase: str = "prompt", group: str | None = None,
-                            first_n: Sequence[int] | None = None, counts: RouteCounts | None = None) -> SignatureInputs:
+                            first_n: Sequence[int] | None = None, counts: RouteCounts | None = None,
+                            max_sequences: int | None = None, seed: int = 0) -> SignatureInputs:
     """Read the counts of the analysis from the trace (DuckDB aggregations, bounded memory) and
     check the labels (DataError with the fix when they cannot be analysed). `counts`: a
     :func:`count_routes` result of the same phase with sequences split at
     :func:`signature_buckets` (and token experts), e.g. shared with the statistics. `group`:
     sequences field grouping the sequences for CV (None: DEFAULT_GROUP_FIELD when present;
-    'none': no grouping)."""
+    'none': no grouping). max_sequences: count and analyse a sample of about this many
+    labelled sequences (stratified by label, whole groups, drawn with `seed`; see
+    :mod:`moescope.analysis.sequence_sample`), so memory stays bounded whatever the trace's size."""
     notes: list[str] = []
     if phase != "prompt" and not trace.has("tokens"):
         raise DataError(f"{trace.path} has no tokens table, so phases are unknown; use --phase prompt")
@@ -208,15 +211,27 @@ def gather_signature_inputs(trace: Trace, label: str, *, phase: str = "prompt", 
     if group_field and group is None:
         notes.append(f"cross-validation grouped by the sequences field {group_field!r} (found in the trace): pieces of one "
                      "document never sit in both train and test; --group none to switch off")
+    sample = None
+    if max_sequences is not None:
+        sample = _sample(labels_by_seq, groups_by_seq, max_sequences, seed)
+        if len(sample) < len(labels_by_seq):
+            notes.append(f"{len(sample)} of {len(labels_by_seq)} labelled sequences analysed (--max-sequences "
+                         f"{max_sequences}: a sample stratified by label, whole {group_field or 'sequences'}, seed {seed})")
+        else:
+            sample = None
     if counts is None:
         counts = count_routes(trace, phase=phase, scan=False, sequences=True,
-                              bucket_edges=signature_buckets(trace, phase, first_n), token_experts=trace.has("tokens"))
+                              bucket_edges=signature_buckets(trace, phase, first_n), token_experts=trace.has("tokens"),
+                              sequence_ids=sample)
     seqc = counts.sequences
     keep = np.isin(seqc.seq_ids, list(labels_by_seq)) & (seqc.n_tokens.sum(axis=(1, 2)) > 0)
     if groups_by_seq is not None:
         keep &= np.isin(seqc.seq_ids, list(groups_by_seq))
-    if (~keep).any():
-        notes.append(f"{int((~keep).sum())} sequence(s) without a label{' or group' if group_field else ''} "
+    in_sample = np.ones(len(keep), bool) if sample is None else np.isin(seqc.seq_ids, sample)
+    left_out = int((in_sample & ~keep).sum())  # sequences outside the sample are not "left out"
+    keep &= in_sample
+    if left_out:
+        notes.append(f"{left_out} sequence(s) without a label{' or group' if group_field else ''} "
                      f"or without {phase} tokens left out")
     if not keep.all():  # boolean indexing copies the largest array: only when something is left out
         seqc = SequenceCounts(seqc.seq_ids[keep], seqc.counts[keep], seqc.n_tokens[keep], seqc.bucket_edges)
@@ -226,18 +241,32 @@ def gather_signature_inputs(trace: Trace, label: str, *, phase: str = "prompt", 
               if groups_by_seq is not None else None)
     tok_exp, seq_tok, ste = counts.token_experts, None, None
     if trace.has("tokens"):
-        seq_tok = sequence_token_counts(trace, phase=phase)
+        seq_tok = sequence_token_counts(trace, phase=phase, seq_ids=None if sample is None else seqc.seq_ids)
         rows = int(seq_tok["n"][np.isin(seq_tok["seq_id"], seqc.seq_ids)].sum()) * len(trace.moe_layers) * trace.top_k
         if rows <= MAX_SEQUENCE_TOKEN_EXPERT_ROWS:
             ste = sequence_token_expert_counts(trace, phase=phase, seq_ids=seqc.seq_ids)
         else:
             notes.append(f"{rows:,} per-sequence token-expert assignments are too many to hold, so the token-id "
                          "control uses one whole-trace map for every fold: it has seen the test sequences' own routing "
-                         "(optimistic for the control, conservative for 'routing adds')")
+                         "(optimistic for the control, conservative for 'routing adds'); --max-sequences N keeps "
+                         "the control fitted per fold")
     else:
         notes.append("no tokens table: bag-of-tokens and token-id controls skipped")
     return SignatureInputs(seqc, y, trace.moe_layers, trace.n_experts, trace.top_k, tok_exp, seq_tok, notes,
                            groups=groups, group_field=group_field, seq_token_experts=ste)
+
+
+def _sample(labels_by_seq: dict[int, str], groups_by_seq: dict[int, str] | None, max_sequences: int,
+            seed: int) -> np.ndarray:
+    """The --max-sequences sample among the labelled (and grouped) sequences."""
+    from moescope.analysis.sequence_sample import sample_sequences
+
+    if max_sequences < 1:
+        raise DataError(f"--max-sequences must be at least 1, not {max_sequences}")
+    ids = np.array(sorted(s for s in labels_by_seq if groups_by_seq is None or s in groups_by_seq), np.int64)
+    labels = np.array([labels_by_seq[int(s)] for s in ids], dtype=object).astype(str)
+    groups = None if groups_by_seq is None else np.array([groups_by_seq[int(s)] for s in ids], dtype=object).astype(str)
+    return sample_sequences(ids, labels, groups, max_sequences, seed)
 
 
 def routing_signatures(
@@ -254,6 +283,7 @@ def routing_signatures(
     first_n: Sequence[int] | None = None,
     figures: bool = True,
     n_jobs: int = 1,
+    max_sequences: int | None = None,
 ) -> AnalysisResult:
     """Task routing signatures of a labelled trace against their baselines (analysis="signatures").
 
@@ -269,13 +299,17 @@ def routing_signatures(
         control_draws: re-draws of the load-balancing control (mean +- sd over them).
         first_n: token counts for the accuracy-vs-tokens-seen curve (default 1, 2, 4, ...).
         n_jobs: threads over the CV folds.
+        max_sequences: analyse a sample of about this many labelled sequences (stratified by
+            label, whole groups, drawn with `seed`); None: all of them.
     """
-    inputs = gather_signature_inputs(trace, label, phase=phase, group=group, first_n=first_n)
+    inputs = gather_signature_inputs(trace, label, phase=phase, group=group, first_n=first_n,
+                                     max_sequences=max_sequences, seed=seed)
     values, figs = evaluate_signatures(inputs, label=label, folds=folds, repeats=repeats, permutations=permutations,
                                        seed=seed, phase=phase, control_draws=control_draws, figures=figures, n_jobs=n_jobs)
     params = {"label": label, "group": inputs.group_field, "folds_requested": folds, "folds": values["folds"],
               "repeats": repeats, "permutations": permutations, "seed": seed, "phase": phase,
-              "control_draws": control_draws, "first_n": inputs.seq_counts.bucket_edges[1:].tolist(),
+              "control_draws": control_draws, "max_sequences": max_sequences,
+              "first_n": inputs.seq_counts.bucket_edges[1:].tolist(),
               "phases_in_trace": sorted(trace_phases(trace)), "classifier": CLASSIFIER, "notes": values["notes"]}
     return AnalysisResult("signatures", values, params=params, figures=figs, trace=str(trace.path))
 

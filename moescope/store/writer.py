@@ -30,6 +30,35 @@ from moescope.store.manifest import (MANIFEST, _fsync_dir, identity_differences,
 DEFAULT_SHARD_ROWS = 1 << 21  # ~2M token-layer rows: ~50 MB in memory, ~30 MB on disk for k=8
 PARQUET_OPTIONS = dict(compression="zstd", compression_level=3, use_dictionary=True, write_statistics=True)
 
+# The routes table is most of a trace's bytes, so its columns get their own encodings
+# (measured in benchmarks/bench_trace_size.py; every one is plain Parquet that pyarrow,
+# DuckDB and Polars read, and none changes a value or a type):
+# - seq_id, pos, layer: sorted, slowly changing integers -> DELTA_BINARY_PACKED;
+# - expert ids: dictionary (bit-packs ids at ceil(log2 E) bits), then zstd 12;
+# - weights (float16): no dictionary (up to 2^16 distinct values: it only adds a page),
+#   PLAIN + zstd 6. BYTE_STREAM_SPLIT would save ~0.9 byte more per row, but DuckDB 2.0
+#   refuses it on float16 (FIXED_LEN_BYTE_ARRAY) columns.
+ROUTES_ENCODINGS = {"seq_id": "DELTA_BINARY_PACKED", "pos": "DELTA_BINARY_PACKED", "layer": "DELTA_BINARY_PACKED",
+                    "weights.list.element": "PLAIN"}
+ROUTES_LEVELS = {"experts.list.element": 12, "weights.list.element": 6}
+
+
+def parquet_options(table_name: str, table: pa.Table) -> dict[str, Any]:
+    """pyarrow.parquet.write_table options for a shard of `table_name` holding `table`."""
+    if table_name != "routes":
+        return dict(PARQUET_OPTIONS)
+    leaves = [f"{f.name}.list.element" if pa.types.is_list(f.type) else f.name for f in table.schema]
+    # delta only where the writer gave integers (other tools may write traces; see schema.py)
+    integer = {f.name for f in table.schema if pa.types.is_integer(f.type)}
+    encodings = {c: e for c, e in ROUTES_ENCODINGS.items()
+                 if c in leaves and (e != "DELTA_BINARY_PACKED" or c in integer)}
+    return dict(
+        PARQUET_OPTIONS,
+        use_dictionary=[c for c in leaves if c not in encodings],
+        column_encoding=encodings,
+        compression_level={c: ROUTES_LEVELS.get(c, PARQUET_OPTIONS["compression_level"]) for c in leaves},
+    )
+
 
 def write_shard_file(trace_dir: str | os.PathLike, table_name: str, stem: str, table: pa.Table) -> dict[str, Any]:
     """Write `table` atomically as TRACE/<table_name>/<stem>.parquet (temporary name, fsync,
@@ -42,7 +71,7 @@ def write_shard_file(trace_dir: str | os.PathLike, table_name: str, stem: str, t
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{stem}.parquet"
     tmp = directory / f".{stem}.parquet.{os.getpid()}.tmp"  # per process: two writers never share a temp file
-    pq.write_table(table, tmp, **PARQUET_OPTIONS)
+    pq.write_table(table, tmp, **parquet_options(table_name, table))
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, final)
