@@ -4,7 +4,9 @@ The public Python API:
 
 - :func:`record` - a context manager around any forward or generate call of a loaded model.
 - :func:`capture_dataset` - run a whole text dataset through a model into a trace directory.
-- :func:`open_trace` - DuckDB and Arrow access to a trace directory.
+- :func:`open_trace` - DuckDB and Arrow access to a trace directory (``where=`` selects sequences).
+- :func:`load_model` - a model and its tokenizer, loaded safely (None: the built-in model).
+- :mod:`moescope.analysis` - every analysis, each returning a result with ``.df()`` and ``.save()``.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ __version__ = "0.1.0"
 
 from moescope.errors import MoescopeError
 
-__all__ = ["__version__", "MoescopeError", "open_trace", "record", "capture_dataset"]
+__all__ = ["__version__", "MoescopeError", "open_trace", "record", "capture_dataset", "load_model"]
 
 
 def __getattr__(name: str):
@@ -29,4 +31,12 @@ def __getattr__(name: str):
         from moescope.capture.dataset import capture_dataset
 
         return capture_dataset
+    if name == "load_model":
+        from moescope.capture.loading import load_model
+
+        return load_model
+    if name == "analysis":
+        import importlib
+
+        return importlib.import_module("moescope.analysis")
     raise AttributeError(f"module 'moescope' has no attribute {name!r}")

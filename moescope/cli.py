@@ -44,6 +44,9 @@ def _register_commands() -> None:
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
         module = importlib.import_module(f"moescope.commands.{info.name}")
         module.register(app, analyze_app=analyze_app, experiment_app=experiment_app)
+    from moescope.store.selection import add_where_option
+
+    add_where_option(analyze_app)  # --where on every analysis of a trace, added once here
 
 
 def main() -> None:

@@ -350,20 +350,34 @@ def _fit_fold(Z: np.ndarray, Zte: np.ndarray, T: np.ndarray, g_train: np.ndarray
     # The inner error is only compared across penalties: float32 products halve the main cost
     # (n x r x M per penalty, M = classes x label sets) at a precision far below the differences.
     U32, UT32, Tc32 = U.astype(np.float32), UT.astype(np.float32), (T - tbar).astype(np.float32)
-    for ai, a in enumerate(alphas):
-        h = s2 / (s2 + a)
-        E = Tc32 - U32 @ (h[:, None].astype(np.float32) * UT32)
-        for idx in buckets:
-            if idx.shape[1] == 1:
-                i = idx[:, 0]
-                hii = 1.0 / n + np.einsum("ir,r,ir->i", U[i], h, U[i])
-                e = E[i] / np.maximum(1.0 - hii, 1e-12)[:, None]
-            else:
-                Ug = U[idx]  # (G, m, r)
-                Hgg = 1.0 / n + np.einsum("gir,r,gjr->gij", Ug, h, Ug)
-                e = np.linalg.solve(np.eye(idx.shape[1])[None] - Hgg, E[idx])
-                e = e.reshape(-1, E.shape[1])
-            press[ai] += np.einsum("ij,ij->j", e, e).reshape(n_sets, -1).sum(axis=1)
+    H = s2[None, :] / (s2[None, :] + alphas[:, None])  # (penalties, r) shrinkage of each direction
+    if all(idx.shape[1] == 1 for idx in buckets):
+        # Leave-one-out (every group a single item): e_i = E_i / (1 - h_ii), so the error of a
+        # column is the leverage-weighted sum of squared residuals, w @ E**2 with
+        # w_i = 1 / (1 - h_ii)**2; the leverages of every penalty come from one product.
+        lev = 1.0 / n + (U * U) @ H.T  # (n, penalties)
+        w = (1.0 / np.maximum(1.0 - lev, 1e-12) ** 2).astype(np.float32)
+        E = np.empty_like(Tc32)
+        for ai in range(len(alphas)):
+            np.matmul(U32, H[ai][:, None].astype(np.float32) * UT32, out=E)
+            np.subtract(Tc32, E, out=E)
+            np.square(E, out=E)
+            press[ai] = (w[:, ai] @ E).reshape(n_sets, -1).sum(axis=1)
+    else:
+        for ai in range(len(alphas)):
+            h = H[ai]
+            E = Tc32 - U32 @ (h[:, None].astype(np.float32) * UT32)
+            for idx in buckets:
+                if idx.shape[1] == 1:
+                    i = idx[:, 0]
+                    hii = 1.0 / n + np.einsum("ir,r,ir->i", U[i], h, U[i])
+                    e = E[i] / np.maximum(1.0 - hii, 1e-12)[:, None]
+                else:
+                    Ug = U[idx]  # (G, m, r)
+                    Hgg = 1.0 / n + np.einsum("gir,r,gjr->gij", Ug, h, Ug)
+                    e = np.linalg.solve(np.eye(idx.shape[1])[None] - Hgg, E[idx])
+                    e = e.reshape(-1, E.shape[1])
+                press[ai] += np.einsum("ij,ij->j", e, e).reshape(n_sets, -1).sum(axis=1)
     best = np.argmin(press[::-1], axis=0)  # ties -> the stronger penalty
     best = len(alphas) - 1 - best
     M = T.shape[1]
@@ -412,8 +426,7 @@ def ridge_cv(features: Features, y: np.ndarray, splits: list[list[Split]], *, gr
 
     def onehot(r: int, idx: np.ndarray) -> np.ndarray:
         out = np.zeros((len(idx), n_sets * C))
-        for k in range(n_sets):
-            out[np.arange(len(idx)), k * C + sets[r, k, idx]] = 1.0
+        out[np.arange(len(idx))[:, None], np.arange(n_sets)[None, :] * C + sets[r][:, idx].T] = 1.0
         return out
 
     g_all = _groups_or_items(groups, len(y))

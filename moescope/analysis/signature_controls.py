@@ -58,6 +58,20 @@ class SequenceTokenExperts:
         offsets = np.repeat(start - np.r_[0, np.cumsum(length)[:-1]], length)
         return np.arange(int(length.sum())) + offsets
 
+    def counts_of(self, sequences: np.ndarray, minlength: int = 0) -> np.ndarray:
+        """bincount of the keys of the given sequences (weighted by n): the same as
+        counts(rows_of(sequences)), from contiguous slices of the segments (no index arrays)."""
+        chosen = np.zeros(int(self.segment_seq.max(initial=-1)) + 1, bool)
+        sequences = np.asarray(sequences)
+        chosen[sequences[sequences < len(chosen)]] = True
+        sel = np.flatnonzero(chosen[self.segment_seq])
+        if not len(sel):
+            return np.bincount(np.zeros(0, np.int64), minlength=minlength)
+        spans = [slice(int(a), int(a + b)) for a, b in zip(self.segment_start[sel], self.segment_len[sel])]
+        key = np.concatenate([self.key[sp] for sp in spans])
+        weights = None if self.n is None else np.concatenate([self.n[sp] for sp in spans])
+        return np.bincount(key, weights=weights, minlength=minlength)
+
     def counts(self, rows: np.ndarray | None = None, minlength: int = 0) -> np.ndarray:
         """bincount of the keys (of `rows`), weighted by n."""
         key = self.key if rows is None else self.key[rows]
@@ -159,9 +173,8 @@ class TokenIdControl:
         if not self.per_fold:  # too large to keep per-sequence counts: the whole-trace map
             base = self.base_counts / np.maximum(self.n_tokens[:, :, None], 1e-12)
             return np.where(self.n_tokens[:, :, None] > 0, base, 0.0).reshape(len(base), -1), 0.0
-        rows = self.ste.rows_of(test_idx)
         # dense bincount (no sort) of the test fold's assignments; only touched rows are refitted
-        test_all = self.ste.counts(rows, minlength=L * V * E).reshape(L * V, E)
+        test_all = self.ste.counts_of(test_idx, minlength=L * V * E).reshape(L * V, E)
         touched = np.flatnonzero(test_all.any(axis=1))
         test = test_all[touched]
         del test_all

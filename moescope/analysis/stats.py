@@ -296,18 +296,26 @@ def label_specialisation(counts: np.ndarray, labels: np.ndarray, *, permutations
     classes, y = np.unique(labels, return_inverse=True)
     X = counts.reshape(S, L * E).astype(np.float64)
 
-    def mi(assign: np.ndarray) -> np.ndarray:
-        per_class = (np.eye(len(classes))[assign].T @ X).reshape(len(classes), L, E)
-        total = per_class.sum(axis=(0, 2))  # (L,)
-        joint = per_class / np.maximum(total, 1)[None, :, None]
-        pc, pe = joint.sum(axis=2, keepdims=True), joint.sum(axis=0, keepdims=True)
+    def mi(assign: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(mi (P, L), per-class counts (P, C, L, E)) for P label assignments (P, S) at once:
+        one product for all of them (counts are integers, so the sums are exact in float64)."""
+        onehot = np.zeros((len(assign), len(classes), S))
+        onehot[np.arange(len(assign))[:, None], assign, np.arange(S)[None, :]] = 1.0
+        per_class = (onehot.reshape(-1, S) @ X).reshape(len(assign), len(classes), L, E)
+        total = per_class.sum(axis=(1, 3))  # (P, L)
+        joint = per_class / np.maximum(total, 1)[:, None, :, None]
+        pc, pe = joint.sum(axis=3, keepdims=True), joint.sum(axis=1, keepdims=True)
         with np.errstate(divide="ignore", invalid="ignore"):
             terms = np.where(joint > 0, joint * np.log2(joint / (pc * pe)), 0.0)
-        return terms.sum(axis=(0, 2)), per_class
+        return terms.sum(axis=(1, 3)), per_class
 
-    real, per_class = mi(y)
+    real, per_class = mi(y[None])
+    real, per_class = real[0], per_class[0]
     rng = np.random.default_rng(seed)
-    perm = np.array([mi(rng.permutation(y))[0] for _ in range(permutations)]) if permutations else np.zeros((0, L))
+    shuffled = np.array([rng.permutation(y) for _ in range(permutations)]).reshape(-1, S)
+    step = max(1, 4_000_000 // max(len(classes) * max(S, L * E), 1))  # bounded memory for many labels/sequences
+    perm = np.concatenate([mi(shuffled[i:i + step])[0] for i in range(0, len(shuffled), step)]) if permutations \
+        else np.zeros((0, L))
     p_e = per_class.sum(axis=0) / np.maximum(per_class.sum(axis=(0, 2)), 1)[:, None]  # (L, E)
     p_ec = per_class / np.maximum(per_class.sum(axis=2, keepdims=True), 1)  # (C, L, E)
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -55,6 +55,9 @@ def _list_array(values: np.ndarray, arrow_type: pa.DataType) -> pa.ListArray:
 def assemble_group(group: Group, rec: "Recorder", token_texts: TokenTexts | None = None) -> dict[str, pa.Table]:
     """Arrow tables (sequences, tokens, routes, hidden) of one closed group."""
     group.wait()
+    if group.texts is None and rec.tokenizer is not None:
+        # record() without expect(): the text is the decoded prompt; char spans index into it.
+        group.texts, group.offsets = decoded_prompts(group, rec.tokenizer)
     token_texts = token_texts or TokenTexts(rec.tokenizer)
     batch = group.batch
     seq_ids = group.seq_ids.astype(np.uint32)
@@ -97,6 +100,38 @@ def assemble_group(group: Group, rec: "Recorder", token_texts: TokenTexts | None
     hidden = _hidden_table(hidden_parts, seq_ids, end)
     sequences = _sequences_table(group, seq_ids, rec, prompt_real)
     return {"sequences": sequences, "tokens": tokens, "routes": routes, "hidden": hidden}
+
+
+def decoded_prompts(group: Group, tokenizer: Any) -> tuple[list[str] | None, list[list[tuple[int, int]]] | None]:
+    """(texts, char spans) of a group's prompts recovered from their token ids: each text is
+    the decoded prompt (special tokens skipped), and the spans of its real tokens are those
+    of re-tokenizing it, kept only where that gives back exactly the recorded ids (special
+    tokens get (0, 0), as the tokenizer reports them). A row whose ids do not round-trip,
+    or a slow tokenizer, gets no spans (char_start / char_end stay -1)."""
+    first = next((s for s in group.steps if s.phase == PROMPT and s.token_ids is not None), None)
+    if first is None:
+        return None, None
+    ids, mask = first.token_ids.numpy(), first.mask.numpy().astype(bool)
+    ids, mask = ids[:, first.first_new_col:], mask[:, first.first_new_col:]
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    texts: list[str] = []
+    offsets: list[list[tuple[int, int]]] = []
+    for row in range(group.batch):
+        real = [int(i) for i in ids[row][mask[row]]]
+        text = tokenizer.decode(real, skip_special_tokens=True)
+        texts.append(text)
+        offsets.append(_round_trip_spans(tokenizer, text, real, special))
+    return texts, offsets
+
+
+def _round_trip_spans(tokenizer: Any, text: str, ids: list[int], special: set[int]) -> list[tuple[int, int]]:
+    if not getattr(tokenizer, "is_fast", False):
+        return []
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    if enc["input_ids"] != [i for i in ids if i not in special]:
+        return []  # decoding is not invertible here: no spans rather than wrong ones
+    spans = iter(enc["offset_mapping"])
+    return [(0, 0) if i in special else tuple(next(spans)) for i in ids]
 
 
 def _route_block(lrec: Any, flat: np.ndarray, rows_b: np.ndarray, pos: np.ndarray, layer: int) -> dict[str, np.ndarray]:

@@ -22,6 +22,7 @@ from moescope.capture.assemble import TokenTexts, assemble_group
 from moescope.capture.data import TRUNCATED, Record, TextDataset
 from moescope.capture.loading import describe_model
 from moescope.capture.recorder import CaptureOptions, Recorder
+from moescope.capture.recording import check_layers, merge_options
 from moescope.errors import DataError, MoescopeError
 from moescope.capture.identity import model_directory, normalised_path, tokenizer_identity, weights_identity
 from moescope.store.manifest import fingerprint
@@ -136,12 +137,15 @@ def trace_identity(model: Any, tokenizer: Any, dataset: TextDataset, options: Ca
         model_info["snapshot"] = str(snapshot)
     weights = weights_identity(model, name)
     model_info["weights"] = weights
+
+    captured = check_layers(model_info["moe_layers"], options.layers)
     capture_info = {
         "mode": "generate" if run.generate else "forward",
         **{k: v for k, v in asdict(run).items() if k != "shard_rows"},
         "max_length": max_length,
         **{f"option_{k}": v for k, v in asdict(options).items()},
         "has_weights": True,
+        "layers": captured,  # the MoE layers recorded (all of them unless `layers` chose some)
     }
     tokenizer_info = tokenizer_identity(tokenizer)
     header = {
@@ -233,18 +237,30 @@ def capture_dataset(
     model_name: str | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int, int], None] | None = None,
+
     notify: Callable[[str], None] | None = None,
+    **kwargs: Any,
 ) -> dict[str, Any]:
     """Capture the routing of every record of `data` into the trace directory `out`.
 
-    Returns the finished manifest. `progress(done_sequences, total_sequences, tokens)` is
-    called after each batch. Rerunning with the same arguments resumes an interrupted run
-    (also one started by the distributed engine: every input range not yet committed is done).
+    Options are keywords, as for :func:`moescope.record`:
+
+    - what to record (:class:`CaptureOptions`): ``layers``, ``router_scores``,
+      ``hidden_rate``, ``hidden_positions``, ``hidden_layers``, ``weights_dtype``;
+    - how to run (:class:`RunOptions`): ``batch_size``, ``max_length``, ``on_long``,
+      ``generate``, ``do_sample``, ``temperature``, ``top_p``, ``add_special_tokens``,
+      ``shard_rows``;
+    - ``seed`` seeds both sampling and the hidden-state sampler.
+
+    The option objects (``options=CaptureOptions(...)``, ``run=RunOptions(...)``) are still
+    accepted; keywords override their fields. Returns the finished manifest.
+    `progress(done_sequences, total_sequences, tokens)` is called after each batch.
+    Rerunning with the same arguments resumes an interrupted run (also one started by the
+    distributed engine: every input range not yet committed is done).
     `notify(line)` receives one-line notes (already complete, where a resume starts, renamed
     fields, truncated texts); without it, truncation is a warning.
     """
-    options = options or CaptureOptions(seed=(run.seed if run else 0))
-    run = run or RunOptions()
+    options, run = capture_options(options, run, kwargs)
     dataset = data if isinstance(data, TextDataset) else TextDataset(data)
     say = notify or (lambda line: None)
     for line in dataset.notes():
@@ -311,6 +327,25 @@ def _capture_into(writer: TraceWriter, model: Any, tokenizer: Any, dataset: Text
         for fut in pending:
             fut.result()
     return n_truncated
+
+
+def capture_options(options: CaptureOptions | None, run: RunOptions | None,
+                    kwargs: dict[str, Any]) -> tuple[CaptureOptions, RunOptions]:
+    """(CaptureOptions, RunOptions) from the option objects given (or defaults) with the
+    keyword arguments applied to whichever has the field (``seed`` to both). TypeError
+    naming every accepted keyword for an unknown one."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(CaptureOptions)} | {f.name for f in fields(RunOptions)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise TypeError(f"capture_dataset() got unexpected keyword(s) {', '.join(unknown)}; "
+                        f"accepted: {', '.join(sorted(known))}")
+    run = merge_options(RunOptions, run, kwargs, strict=False)
+    if options is None and "seed" not in kwargs:
+        kwargs = {**kwargs, "seed": run.seed}  # one seed for sampling and the hidden sampler
+    options = merge_options(CaptureOptions, options, kwargs, strict=False)
+    return options, run
 
 
 def _tokenize(tokenizer: Any, batch: list[Record], max_length: int, on_long: str, *,

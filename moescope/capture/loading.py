@@ -83,7 +83,10 @@ def load_config(name_or_path: str, options: LoadOptions) -> Any:
 
 
 def load_model(name_or_path: str | Path | None, options: LoadOptions | None = None) -> tuple[Any, Any]:
-    """(model in eval mode, tokenizer) for a local directory or hub id; None means the default model."""
+    """(model in eval mode, tokenizer) for a local directory or hub id; None means the default model.
+
+    The tokenizer is ready for batched generation: it has a padding token (EOS when it had
+    none) and pads on the left (decoder-only models)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
     from transformers.utils import logging as hf_logging
@@ -128,6 +131,10 @@ def load_model(name_or_path: str | Path | None, options: LoadOptions | None = No
             raise MoescopeError(f"cannot move the model to device {options.device!r}: {exc}") from exc
     model.eval()
     tokenizer = load_tokenizer(name, options)
+    if not getattr(config, "is_encoder_decoder", False):
+        # Ready for batched generate(): prompts must end aligned, so pad on the left.
+        # moescope counts positions from the attention mask, whichever side pads.
+        tokenizer.padding_side = "left"
     return model, tokenizer
 
 

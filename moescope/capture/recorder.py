@@ -18,6 +18,7 @@ Hooks observe and never change a tensor: outputs with capture on equal those wit
 from __future__ import annotations
 
 import inspect
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -28,6 +29,7 @@ from torch import nn
 
 from moescope.adapters.base import Family, MoELayer
 from moescope.adapters.registry import family_for_model
+from moescope.capture.recording import check_layers, merge_options
 from moescope.errors import MoescopeError, UnsupportedModelError
 
 PROMPT, GENERATED = "prompt", "generated"
@@ -46,6 +48,8 @@ class CaptureOptions:
         hidden_layers: restrict hidden-state capture to these layer indices (None: all).
         weights_dtype: "float16" (default; the information bound) or "float32".
         seed: seed of the hidden-state sampling hash.
+        layers: record only these MoE layer indices (None: every MoE layer). The manifest
+            lists the layers captured, so analyses never read a missing layer as unused.
     """
 
     router_scores: str | None = None
@@ -54,8 +58,15 @@ class CaptureOptions:
     hidden_layers: tuple[int, ...] | None = None
     weights_dtype: str = "float16"
     seed: int = 0
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        # Lists are accepted for convenience (record(model, layers=[0, 7])); stored as tuples
+        # so the options stay hashable and serialise the same way.
+        for name in ("layers", "hidden_layers", "hidden_positions"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(int(x) for x in value))
         if self.router_scores not in (None, "logits", "probs"):
             raise MoescopeError(f"router_scores must be 'logits' or 'probs', not {self.router_scores!r}")
         if not 0.0 <= self.hidden_rate <= 1.0:
@@ -150,6 +161,8 @@ class Recorder:
                 f"{type(model).__name__} ({model.config.model_type}) has no MoE layers moescope can find; "
                 "is this a dense model?"
             )
+        chosen = set(check_layers([layer.layer for layer in self.layers], self.options.layers))
+        self.layers = [layer for layer in self.layers if layer.layer in chosen]
         self._by_path = {layer.path: layer for layer in self.layers}
         self._stacks = sorted({layer.stack for layer in self.layers})
         self._encoder_stack = next((s for s in self._stacks if "encoder" in s.split(".")), None)
@@ -158,6 +171,8 @@ class Recorder:
         self._current: dict[str, Step] = {}
         self._group: Group | None = None
         self._closed: list[Group] = []
+        self._kept: list[Group] = []  # groups tables() has assembled (it never empties the recorder)
+        self._tables: dict[str, Any] | None = None
         self._next_seq_id = first_seq_id
         self._pending: dict[str, Any] | None = None
         self._in_generate = False
@@ -243,10 +258,31 @@ class Recorder:
         return groups
 
     def tables(self) -> dict[str, Any]:
-        """Arrow tables (sequences, tokens, routes, hidden) of everything recorded so far."""
+        """Arrow tables of everything recorded so far: ``sequences``, ``tokens``, ``routes`` and
+        ``hidden`` (None unless router inputs were sampled with hidden_rate / hidden_positions).
+
+        Idempotent: calling it again (a rerun notebook cell) returns the same tables, plus
+        whatever was recorded in between. Groups taken with :meth:`take` are not included.
+        """
         from moescope.capture.assemble import assemble_groups
 
-        return assemble_groups(self.take(), self)
+        self._close_group()
+        if self._closed or self._tables is None:
+            self._kept += self._closed
+            self._closed = []
+            self._tables = assemble_groups(self._kept, self)
+        return dict(self._tables)
+
+    def save(self, out: str | os.PathLike, *, model_name: str | None = None, overwrite: bool = False) -> Any:
+        """Write what was recorded as a trace directory (Parquet shards + manifest) that
+        :func:`moescope.open_trace` and every analysis read. Returns the opened :class:`Trace`.
+
+        The manifest describes the model like `moescope capture` does, with capture mode
+        "record" and the layers recorded.
+        """
+        from moescope.capture.recording import save_recording
+
+        return save_recording(self, out, model_name=model_name, overwrite=overwrite)
 
     # -- groups --------------------------------------------------------------------------
     def _open_group(self, batch: int) -> Group:
@@ -513,11 +549,14 @@ def record(
 ) -> Recorder:
     """A recorder to use as a context manager around forward or generate calls of `model`.
 
-    Keyword arguments not named here are :class:`CaptureOptions` fields
-    (``router_scores``, ``hidden_rate``, ``hidden_positions``, ``hidden_layers``, ...).
+    Keyword arguments not named here are :class:`CaptureOptions` fields: ``layers``,
+    ``router_scores``, ``hidden_rate``, ``hidden_positions``, ``hidden_layers``,
+    ``weights_dtype``, ``seed`` (the same keywords :func:`moescope.capture_dataset` takes).
+
+    After the block, ``rec.tables()`` gives the Arrow tables and ``rec.save(dir)`` writes
+    them as a trace directory.
     """
-    if option_kwargs:
-        options = CaptureOptions(**option_kwargs)
+    options = merge_options(CaptureOptions, options, option_kwargs)
     return Recorder(model, tokenizer=tokenizer, options=options, first_seq_id=first_seq_id)
 
 

@@ -44,6 +44,7 @@ def register(app: typer.Typer, **_: object) -> None:
         router_scores: Optional[str] = typer.Option(None, "--router-scores", help="Also store all E router 'logits' or 'probs'."),
         hidden_rate: float = typer.Option(0.0, "--hidden-rate", help="Fraction of tokens whose router input vector is stored."),
         hidden_positions: Optional[str] = typer.Option(None, "--hidden-positions", help="Store router inputs at these token positions, e.g. 0,1,2,10."),
+        layers: Optional[str] = typer.Option(None, "--layers", help="Record only these MoE layers, e.g. 0,7 (default: every MoE layer)."),
         hidden_layers: Optional[str] = typer.Option(None, "--hidden-layers", help="Only at these layers, e.g. 0,7 (default: every MoE layer)."),
         no_special_tokens: bool = typer.Option(False, "--no-special-tokens", help="Do not add the tokenizer's special tokens (texts already carry them)."),
         text_field: str = typer.Option("text", "--text-field", help="Field holding the text in .jsonl / .parquet."),
@@ -89,7 +90,8 @@ def register(app: typer.Typer, **_: object) -> None:
                          shard_rows=shard_rows, add_special_tokens=not no_special_tokens)
         options = CaptureOptions(router_scores=router_scores, hidden_rate=hidden_rate, seed=seed,
                                  hidden_positions=_int_list(hidden_positions, "--hidden-positions"),
-                                 hidden_layers=_int_list(hidden_layers, "--hidden-layers"))
+                                 hidden_layers=_int_list(hidden_layers, "--hidden-layers"),
+                                 layers=_int_list(layers, "--layers"))
         load = LoadOptions(device=device, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
                            allow_pickle=allow_pickle)
         try:

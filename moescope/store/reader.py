@@ -3,8 +3,12 @@
     trace = moescope.open_trace("runs/olmoe")
     trace.sql("SELECT layer, count(*) FROM routes GROUP BY layer").df()
     routes = trace.table("routes", columns=["seq_id", "pos", "layer", "experts"])
+    code = moescope.open_trace("runs/olmoe", where="label = 'code'")   # a selection of sequences
 
 Nothing is loaded until asked for: views and datasets stream from the Parquet files.
+A selection (``where``: a SQL predicate over the sequences table) restricts every view and
+dataset of the trace to the selected sequences, so any analysis given the opened trace sees
+only them. `moescope analyze ... --where` opens its traces this way (moescope.commands.selection).
 """
 from __future__ import annotations
 
@@ -15,9 +19,10 @@ from typing import Any, Iterator
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from moescope.errors import TraceError
+from moescope.errors import MoescopeError, TraceError
 from moescope.schema import TABLES, required_columns
 from moescope.store.manifest import read_manifest, sha256_file
 
@@ -30,10 +35,12 @@ class Trace:
         manifest: the parsed manifest.json.
     """
 
-    def __init__(self, path: str | os.PathLike, *, allow_incomplete: bool = False, verify: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike, *, allow_incomplete: bool = False, verify: bool = True,
+                 where: str | None = None) -> None:
         self.path = Path(path)
         self.verify = verify
         self._verified: set[str] = set()
+        self.where = where.strip() if where and where.strip() else None
         self.manifest: dict[str, Any] = read_manifest(self.path)
         if not self.manifest.get("complete") and not allow_incomplete:
             raise TraceError(
@@ -44,6 +51,8 @@ class Trace:
                 self.files(table)
         if not self.files("routes"):
             raise TraceError(f"{self.path} has no routes shards; the trace is empty")
+        if self.where is not None:
+            self.selected_seq_ids  # check the predicate now: one clear line, before any analysis starts
 
     # -- what the trace describes ------------------------------------------------------
     @property
@@ -62,8 +71,10 @@ class Trace:
 
     @property
     def moe_layers(self) -> list[int]:
-        """MoE layer indices in model order."""
-        return [int(x) for x in self.model["moe_layers"]]
+        """Indices of the MoE layers this trace records, in model order: every MoE layer of the
+        model, or those chosen at capture (``capture --layers``; the manifest's capture.layers)."""
+        captured = self.manifest.get("capture", {}).get("layers")
+        return [int(x) for x in (captured if captured is not None else self.model["moe_layers"])]
 
     @property
     def has_weights(self) -> bool:
@@ -102,11 +113,15 @@ class Trace:
         return [str(self.path / info["path"]) for info in entries]
 
     def dataset(self, table: str) -> ds.Dataset:
-        """A pyarrow dataset over the table's shards (streams; nothing loaded yet)."""
+        """A pyarrow dataset over the table's shards (streams; nothing loaded yet), restricted
+        to the selected sequences when the trace was opened with `where`."""
         files = self.files(table)
         if not files:
             raise TraceError(f"{self.path} has no {table} table (capture with the option that records it)")
-        return ds.dataset(files, format="parquet")
+        dataset = ds.dataset(files, format="parquet")
+        if self.where is not None:
+            dataset = dataset.filter(pc.field("seq_id").isin(self.selected_seq_ids))
+        return dataset
 
     def table(self, table: str, columns: list[str] | None = None, filter: Any = None) -> pa.Table:
         """Load (columns of) a table into memory as one Arrow table."""
@@ -119,14 +134,34 @@ class Trace:
     # -- SQL -----------------------------------------------------------------------------
     @cached_property
     def con(self) -> duckdb.DuckDBPyConnection:
-        """A DuckDB connection with one view per table present (routes, tokens, sequences, hidden)."""
+        """A DuckDB connection with one view per table present (routes, tokens, sequences, hidden),
+        restricted to the selected sequences when the trace was opened with `where`."""
         con = duckdb.connect()
-        for table in TABLES:
+        if self.where is not None and not self.files("sequences"):
+            raise TraceError(f"{self.path} has no sequences table, so `where` has nothing to select from")
+        # sequences first: with a selection, the other views keep the rows of its seq_ids.
+        for table in sorted(TABLES, key=lambda t: t != "sequences"):
             files = self.files(table)
             if files:
                 listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+                source = f"read_parquet([{listing}], union_by_name=true)"
+                if self.where is None:
+                    body = f"SELECT * FROM {source}"
+                elif table == "sequences":
+                    check_predicate(self.where)
+                    con.execute(f"CREATE VIEW all_sequences AS SELECT * FROM {source}")
+                    try:
+                        con.execute(f"CREATE VIEW sequences AS SELECT * FROM all_sequences WHERE ({self.where})")
+                    except duckdb.Error as exc:
+                        raise MoescopeError(
+                            f"--where {self.where!r} does not run on the sequences table ({str(exc).splitlines()[0]}); "
+                            f"its columns are {', '.join(self.columns_unfiltered('sequences'))}"
+                        ) from None
+                    continue
+                else:
+                    body = f"SELECT * FROM {source} WHERE seq_id IN (SELECT seq_id FROM sequences)"
                 try:
-                    con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{listing}], union_by_name=true)")
+                    con.execute(f"CREATE VIEW {table} AS {body}")
                 except duckdb.Error as exc:
                     raise TraceError(
                         f"{self.path}: the {table} shards are unreadable ({str(exc).splitlines()[0]}); "
@@ -134,9 +169,32 @@ class Trace:
                     ) from exc
         return con
 
-    def sql(self, query: str) -> duckdb.DuckDBPyRelation:
-        """A lazy DuckDB relation over the trace's views; `.arrow()`, `.df()` or `.fetchall()` it."""
-        return self.con.sql(query)
+    @cached_property
+    def selected_seq_ids(self) -> pa.Array:
+        """The seq_ids the `where` predicate selects (every seq_id of the sequences table
+        without one), sorted.
+
+        MoescopeError in one line for a predicate DuckDB cannot run (syntax, unknown column)
+        or one that selects nothing."""
+        try:
+            ids = self.con.sql("SELECT DISTINCT seq_id FROM sequences ORDER BY seq_id").to_arrow_table().column("seq_id")
+        except duckdb.Error as exc:  # e.g. a type mismatch found only when the predicate runs
+            raise MoescopeError(
+                f"--where {self.where!r} fails on the sequences table ({str(exc).splitlines()[0]}); "
+                f"its columns are {', '.join(self.columns_unfiltered('sequences'))}"
+            ) from None
+        if self.where is not None and not len(ids):
+            raise MoescopeError(f"--where {self.where!r} selects no sequence of {self.path}; loosen the predicate")
+        return ids.combine_chunks()
+
+    def columns_unfiltered(self, table: str) -> list[str]:
+        """Column names of a table as stored (no selection applied)."""
+        return list(ds.dataset(self.files(table), format="parquet").schema.names)
+
+    def sql(self, query: str) -> "Relation":
+        """A lazy DuckDB relation over the trace's views: ``.df()``, ``.arrow()`` (a
+        materialised pyarrow Table), ``.pl()`` or ``.fetchall()`` it."""
+        return Relation(self.con.sql(query))
 
     def rows(self, query: str, params: list | None = None) -> list[tuple]:
         """Run SQL over the trace's views and return every result row."""
@@ -160,7 +218,40 @@ class Trace:
             raise TraceError(f"{self.path}: table {table} lacks column(s) {', '.join(missing)}")
 
     def __repr__(self) -> str:
-        return f"Trace({str(self.path)!r}, model={self.model.get('name_or_path')!r})"
+        where = f", where={self.where!r}" if self.where else ""
+        return f"Trace({str(self.path)!r}, model={self.model.get('name_or_path')!r}{where})"
+
+
+class Relation:
+    """A DuckDB relation whose ``.arrow()`` returns a materialised pyarrow Table.
+
+    DuckDB 2's ``DuckDBPyRelation.arrow()`` returns a lazy RecordBatchReader that keeps the
+    connection busy until drained: every later query on the same trace would block. Every
+    other attribute is the relation's own (``df``, ``pl``, ``fetchall``, ``show``, ...).
+    """
+
+    def __init__(self, relation: duckdb.DuckDBPyRelation) -> None:
+        self.relation = relation
+
+    def arrow(self) -> pa.Table:
+        """The whole result as a pyarrow Table."""
+        return self.relation.to_arrow_table()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.relation, name)
+
+    def __repr__(self) -> str:
+        return repr(self.relation)
+
+
+def check_predicate(where: str) -> None:
+    """MoescopeError unless `where` is a single SQL expression (no `;`, no second statement)."""
+    try:
+        statements = duckdb.extract_statements(f"SELECT 1 WHERE ({where})")
+    except duckdb.Error as exc:
+        raise MoescopeError(f"--where {where!r} is not a valid SQL predicate ({str(exc).splitlines()[0]})") from None
+    if len(statements) != 1:
+        raise MoescopeError(f"--where {where!r} must be one SQL predicate such as \"label = 'code'\", not several statements")
 
 
 def require_weights(trace: Trace, what: str) -> None:
@@ -175,14 +266,23 @@ def require_weights(trace: Trace, what: str) -> None:
     )
 
 
-def open_trace(path: str | os.PathLike, *, allow_incomplete: bool = False, verify: bool = True) -> Trace:
+def open_trace(path: str | os.PathLike, *, allow_incomplete: bool = False, verify: bool = True,
+               where: str | None = None) -> Trace:
     """Open a trace directory for reading (DuckDB via `.sql()`, Arrow via `.table()`).
 
     With `verify` (the default) each table's shards are checked against the manifest (size,
     SHA-256) before their first use; `moescope inspect` opens with verify=False and reports
     every problem instead of stopping at the first.
+
+    `where`: a SQL predicate over the sequences table (e.g. ``"label = 'code'"``, evaluated
+    by DuckDB); the trace then shows only the selected sequences in every table. Without it,
+    the predicate of an enclosing `moescope analyze ... --where` applies (see
+    :func:`moescope.store.selection.active_where`).
     """
-    return Trace(path, allow_incomplete=allow_incomplete, verify=verify)
+    from moescope.store.selection import active_where
+
+    return Trace(path, allow_incomplete=allow_incomplete, verify=verify,
+                 where=where if where is not None else active_where())
 
 
 # Shards this process has already verified: (path, size, mtime_ns, inode, sha256). A file

@@ -44,10 +44,12 @@ def write_trace(
     capture: dict[str, Any] | None = None,
     shard_rows: int = DEFAULT_SHARD_ROWS,
     overwrite: bool = False,
+    header_extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write tables as a complete trace directory; returns the manifest.
 
-    `model` needs at least n_experts, top_k and moe_layers. Rows are split into shards of
+    `model` needs at least n_experts, top_k and moe_layers; `header_extra` adds manifest
+    sections (e.g. tokenizer, provenance). Rows are split into shards of
     about `shard_rows` routes rows, at sequence boundaries.
     """
     for key in ("n_experts", "top_k", "moe_layers"):
@@ -64,6 +66,7 @@ def write_trace(
         "model": {"name_or_path": "unknown", "n_layers": None, "shared_experts": 0, **model},
         "capture": {"mode": "import", "has_weights": "weights" in routes_t.column_names
                     and routes_t.column("weights").null_count < routes_t.num_rows, **(capture or {})},
+        **(header_extra or {}),
     }
     fp = fingerprint({"header": header, "rows": routes_t.num_rows})
     # The writer holds the directory lock until finish() (or until an error closes it).
