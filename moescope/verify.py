@@ -57,8 +57,10 @@ class LayerProof:
             (the experts module's output, when the block is not linear in it).
         rows: token positions compared (padding included: the block computes it too); reason: why
             the layer failed ("" when it passed).
-        experts_seen: distinct experts read back with a non-zero weight (how much of the layer
-            the inputs exercised).
+        experts_reached: distinct experts (of the `n_experts` routed ones; identity experts not
+            counted) read back with a non-zero weight: how much of the layer the inputs exercised.
+            The proof checks only experts some token reached; the others could be mislabelled.
+        n_experts: routed experts of the layer (E).
         decoded: (rows, E + 1) the weights read back per row and expert (last column: identity
             experts; NaN rows: unobservable), for tests that compare them with a trace; not in JSON.
     """
@@ -73,7 +75,8 @@ class LayerProof:
     decoded_at: str
     rows: int
     reason: str = ""
-    experts_seen: int = 0
+    experts_reached: int = 0
+    n_experts: int = 0
     decoded: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
@@ -223,7 +226,7 @@ def prove(model: nn.Module, inputs: dict[str, Any], *, family: Family | None = N
 
 def _failed(layer: MoELayer, dtype: torch.dtype, reason: str) -> LayerProof:
     return LayerProof(layer.layer, layer.path, False, 0.0, float("inf"), TOLERANCE.get(dtype, 6e-2),
-                      float("inf"), "block", 0, reason)
+                      float("inf"), "block", 0, reason, 0, layer.n_experts)
 
 
 @torch.no_grad()
@@ -293,10 +296,10 @@ def _compare(layer: MoELayer, decoded: np.ndarray, residual: np.ndarray, call: t
     n, k = ids.shape
     if weights is None:
         return LayerProof(layer.layer, layer.path, False, 0.0, float("inf"), tol, float("inf"), decoded_at, n,
-                          "the adapter records no weights")
+                          "the adapter records no weights", 0, layer.n_experts)
     if decoded.shape[0] != n:
         return LayerProof(layer.layer, layer.path, False, 0.0, float("inf"), tol, float("inf"), decoded_at, n,
-                          f"the adapter recorded {n} tokens but the block computed {decoded.shape[0]}")
+                          f"the adapter recorded {n} tokens but the block computed {decoded.shape[0]}", 0, layer.n_experts)
     recorded = np.zeros((n, layer.n_experts + 1))
     w = weights.double().cpu().numpy()
     keep = np.ones_like(w, dtype=bool) if dropped is None else ~dropped.cpu().numpy().astype(bool)
@@ -324,7 +327,7 @@ def _compare(layer: MoELayer, decoded: np.ndarray, residual: np.ndarray, call: t
         reasons.append(f"{worst_residual:.3g} of the routed output is not explained by the experts")
     seen = int((np.abs(decoded[:, : layer.n_experts]) > tol * big).any(axis=0).sum())
     return LayerProof(layer.layer, layer.path, not reasons, match, error, tol * big, worst_residual, decoded_at, n,
-                      "; ".join(reasons), seen, full)
+                      "; ".join(reasons), seen, layer.n_experts, full)
 
 
 def text_inputs(model: nn.Module, tokenizer: Any, n_tokens: int = 256, *, rows: int = 4) -> dict[str, torch.Tensor]:

@@ -40,11 +40,11 @@ def register(app: typer.Typer, **_: object) -> None:
         inputs = text_inputs(loaded, tokenizer, tokens)
         proof = prove(loaded, inputs)
         table = Table(title=f"{proof.family} ({proof.model_type}, {proof.dtype}): read-back of every MoE layer")
-        for col in ("layer", "experts seen", "ids match", "max weight err", "tolerance", "read at", "verdict"):
+        for col in ("layer", "experts reached", "ids match", "max weight err", "tolerance", "read at", "verdict"):
             table.add_column(col, justify="right" if col != "verdict" else "left")
         for layer in proof.layers:
             verdict = "[green]pass[/]" if layer.passed else f"[red]FAIL[/] {layer.reason}"
-            table.add_row(str(layer.layer), str(layer.experts_seen), f"{layer.experts_match:.1%}", f"{layer.max_weight_error:.2g}",
+            table.add_row(str(layer.layer), f"{layer.experts_reached}/{layer.n_experts}", f"{layer.experts_match:.1%}", f"{layer.max_weight_error:.2g}",
                           f"{layer.tolerance:.2g}", layer.decoded_at, verdict)
         console.print(table)
         failed = [layer.layer for layer in proof.layers if not layer.passed]
