@@ -27,7 +27,7 @@ class CatalogRow:
     top_k: int | str
     n_shared: int | str
     verified: bool  # the read-back proof passes on a tiny random model of this type (verified.json)
-    verified_note: str = ""  # why not, when it fails
+    verified_note: str = ""  # why not, when it fails; which layers' experts the proof did not all reach
 
 
 def load_verified() -> dict[str, Any]:
@@ -65,8 +65,17 @@ def catalog() -> list[CatalogRow]:
             e, k, s = defaults(model_type, family)
             entry = record.get(model_type, {"passed": False, "reason": "not in verified.json: run scripts/verify_all_models.py"})
             note = "" if entry["passed"] else "; ".join(x for x in (entry["reason"], family.unverified_reason) if x)
+            if entry["passed"]:
+                note = _partial_reach(entry)
             rows.append(CatalogRow(model_type, family.name, family.router, e, k, s, bool(entry["passed"]), note))
     return sorted(rows, key=lambda r: (r.family.lower(), r.model_type))
+
+
+def _partial_reach(entry: dict[str, Any]) -> str:
+    """A note when the tiny proof left some expert of some layer unreached (those were not checked)."""
+    partial = [f"layer {layer}: {r}" for layer, r in sorted(entry.get("experts_reached", {}).items(), key=lambda x: int(x[0]))
+               if r.split("/")[0] != r.split("/")[1]]
+    return ("experts reached by the proof (the others unchecked), by MoE layer: " + ", ".join(partial)) if partial else ""
 
 
 def unsupported() -> dict[str, str]:

@@ -87,7 +87,7 @@ def record_entry(proof: ModelProof) -> dict[str, Any]:
     return {
         "passed": proof.passed,
         "moe_layers": len(proof.layers),
-        "experts_reached": [f"{p.experts_reached}/{p.n_experts}" for p in proof.layers],
+        "experts_reached": {str(p.layer): f"{p.experts_reached}/{p.n_experts}" for p in proof.layers},
         "reason": "; ".join(f"layer {p.layer}: {_what_differs(p)}" for p in proof.layers if not p.passed),
     }
 
