@@ -62,9 +62,12 @@ def _per_layer(value: Any, index: int) -> int:
 
 
 def first_attr(obj: Any, names: tuple[str, ...], default: Any = None) -> Any:
-    """The first attribute of `obj` among `names` that is set (not None)."""
+    """The first attribute of `obj` among `names` that is set (not None); a dotted name
+    (``ffn_config.moe_num_experts``) reads a nested config."""
     for name in names:
-        value = getattr(obj, name, None)
+        value = obj
+        for part in name.split("."):
+            value = getattr(value, part, None)
         if value is not None:
             return value
     return default
@@ -141,8 +144,8 @@ class Family:
         skip_weightless: a slot with weight exactly 0 means "no expert" (zaya's skip class);
             it is recorded as id E.
         exclude_paths: module path prefixes whose experts are not recorded (with the reason in notes).
-        verified: whether the correctness tests (tests/test_adapters.py) hold for this family;
-            when False, `unverified_reason` says why.
+        unverified_reason: why the read-back proof fails for this family, when the cause is known
+            (whether it passes is computed, see moescope/adapters/verified.json).
     """
 
     name: str
@@ -166,7 +169,6 @@ class Family:
     skip_weightless: bool = False
     fixed_top_k: int | None = None
     exclude_paths: tuple[str, ...] = ()
-    verified: bool = True
     unverified_reason: str = ""
 
     # -- discovery -----------------------------------------------------------------------

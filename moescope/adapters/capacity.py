@@ -73,7 +73,6 @@ NllbMoe = NllbFamily(
     "NLLB-MoE", ("nllb_moe",),
     "softmax top-2 with expert capacity; padding tokens get no expert",
     router_names=("router",), experts_classes=("NllbMoeExperts",), fixed_top_k=2, capacity=True,
-    verified=False,
     unverified_reason=(
         "transformers 5.23's NllbMoeExperts runs only expert_0 and expert_1 whatever the router decides; "
         "moescope records the router's decision, which is not what the experts computed"

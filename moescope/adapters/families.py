@@ -141,7 +141,8 @@ register(Family(
 # -- contract-shaped with a twist -----------------------------------------------------------------
 register(Family(
     "DBRX", ("dbrx",), "softmax top-k, normalised by the p-norm (moe_normalize_expert_weights)",
-    experts_classes=("DbrxExperts",),
+    experts_classes=("DbrxExperts",), n_experts_attrs=("ffn_config.moe_num_experts",),
+    top_k_attrs=("ffn_config.moe_top_k",),
 ))
 register(Family(
     "LongCat-Flash", ("longcat_flash",),
