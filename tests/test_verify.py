@@ -166,6 +166,9 @@ def test_default_model_loads_captures_and_verifies(tmp_path, capsys):
     assert len(result["layers"]) == len(rec.layers)
     assert all(layer["experts_match"] == 1.0 and layer["max_weight_error"] < 1e-4 for layer in result["layers"])
     assert "verified" in printed.out
+    unreached = sum(layer["n_experts"] - layer["experts_reached"] for layer in result["layers"])
+    # 48 tokens do not reach all 16 experts of every layer: the verdict must say which part is unchecked
+    assert unreached == 0 or "unchecked" in printed.out
 
 
 def test_verify_exits_non_zero_when_a_layer_fails(tmp_path, capsys):

@@ -58,6 +58,11 @@ def register(app: typer.Typer, **_: object) -> None:
         if proof.passed:
             console.print(f"[bold green]verified[/]: at all {len(proof.layers)} MoE layers, on {n_tokens} tokens, the "
                           "recorded experts and weights are the ones the model's output was made of.")
+            unreached = sum(layer.n_experts - layer.experts_reached for layer in proof.layers)
+            if unreached:
+                # An expert no token reached is unchecked: say so, so "verified" is not read as more than it is.
+                console.print(f"note: {unreached} expert(s) across the layers were reached by no token and are unchecked; "
+                              "raise --tokens until every layer shows E/E.")
             return
         console.print(f"[bold red]not verified[/]: {len(failed)} of {len(proof.layers)} MoE layers differ "
                       f"(layers {', '.join(map(str, failed))}); do not trust captures of this model until this is fixed.")
