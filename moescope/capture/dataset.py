@@ -200,7 +200,7 @@ class BatchCapture:
         metadata = [{**r.metadata, TRUNCATED: flag} for r, flag in zip(batch, too_long)]
         self.recorder.expect([r.seq_id for r in batch], texts=[r.text for r in batch],
                              metadata=metadata, offsets=offsets)
-        device = _input_device(model)
+        device = input_device(model)
         input_ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         if run.generate:
             torch.manual_seed(run.seed * 1_000_003 + batch[0].index)
@@ -263,22 +263,32 @@ def capture_dataset(
     options, run = capture_options(options, run, kwargs)
     dataset = data if isinstance(data, TextDataset) else TextDataset(data)
     say = notify or (lambda line: None)
+    ident = trace_identity(model, tokenizer, dataset, options, run, model_name)
+    total = len(dataset)
+    with open_capture_writer(out, ident, run, overwrite, dataset, say) as writer:
+        if writer.complete:
+            return writer.manifest
+        pending_ranges = writer.pending(total)
+        n_truncated = _capture_into(writer, model, tokenizer, dataset, options, run, ident, pending_ranges, progress)
+        report_truncation(n_truncated, ident.max_length, notify)
+        return writer.finish({"run": {"truncated_texts": n_truncated}})
+
+
+def open_capture_writer(out: str | Path, ident: TraceIdentity, run: RunOptions, overwrite: bool,
+                        dataset: TextDataset, say: Callable[[str], None]) -> TraceWriter:
+    """The trace writer of a capture of `dataset` (locked, resumed or new), having told `say` the
+    dataset's notes and whether the trace is already complete or where the capture starts. Shared
+    by the single-process and the Ray capture, so both resume and announce alike."""
     for line in dataset.notes():
         say(line)
-    ident = trace_identity(model, tokenizer, dataset, options, run, model_name)
-    with TraceWriter(out, ident.header, ident.fingerprint, shard_rows=run.shard_rows, overwrite=overwrite,
-                     shard_info={"batch_size": run.batch_size}) as writer:
-        total = len(dataset)
-        pending_ranges = writer.pending(total)
-        if writer.complete:
-            say(f"{out} is already complete ({total:,} sequences); nothing to do")
-            return writer.manifest
-        say(resume_note(pending_ranges, total))
-        n_truncated = _capture_into(writer, model, tokenizer, dataset, options, run, ident, pending_ranges, progress)
-        if n_truncated:
-            line = truncation_note(n_truncated, ident.max_length)
-            say(line) if notify else warnings.warn(line)
-        return writer.finish({"run": {"truncated_texts": n_truncated}})
+    total = len(dataset)
+    writer = TraceWriter(out, ident.header, ident.fingerprint, shard_rows=run.shard_rows, overwrite=overwrite,
+                         shard_info={"batch_size": run.batch_size})
+    if writer.complete:
+        say(f"{out} is already complete ({total:,} sequences); nothing to do")
+    else:
+        say(resume_note(writer.pending(total), total))
+    return writer
 
 
 def resume_note(pending: list[tuple[int, int]], total: int) -> str:
@@ -288,6 +298,12 @@ def resume_note(pending: list[tuple[int, int]], total: int) -> str:
         return f"capturing {total:,} sequences"
     return (f"resuming at sequence {pending[0][0]:,} of {total:,}: {total - todo:,} already committed, "
             f"{todo:,} to capture")
+
+
+def report_truncation(n_truncated: int, max_length: int, notify: Callable[[str], None] | None) -> None:
+    """Tell `notify` how many texts were truncated (a warning without it); nothing when none were."""
+    if n_truncated:
+        (notify or warnings.warn)(truncation_note(n_truncated, max_length))
 
 
 def truncation_note(n_truncated: int, max_length: int) -> str:
@@ -370,7 +386,8 @@ def _tokenize(tokenizer: Any, batch: list[Record], max_length: int, on_long: str
     return enc, offsets, [len(ids) > max_length for ids in full]
 
 
-def _input_device(model: Any) -> torch.device:
+def input_device(model: Any) -> torch.device:
+    """Where a model's input ids go: its input embeddings' device (the first parameter's when it has none)."""
     try:
         return model.get_input_embeddings().weight.device
     except Exception:

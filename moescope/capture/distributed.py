@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from moescope.capture.data import Record, TextDataset
-from moescope.capture.dataset import RunOptions, TraceIdentity, resume_note, truncation_note
+from moescope.capture.dataset import RunOptions, TraceIdentity, open_capture_writer, report_truncation
 from moescope.capture.loading import LoadOptions
 from moescope.capture.recorder import CaptureOptions
 from moescope.errors import MoescopeError, TraceError
-from moescope.store.writer import TraceWriter
 
 DEFAULT_CHUNK = 64  # sequences per chunk: small enough to balance workers, big enough to amortise a task
 
@@ -267,16 +266,11 @@ def _drive(ray: Any, model: str | None, dataset: TextDataset, out: Path, load: L
                       model_name if model_name is not None else model, threads, str(out.resolve()))
     ident = _identity(ray, spec, gpus)
     say = notify or (lambda line: None)
-    for line in dataset.notes():
-        say(line)
-    with TraceWriter(out, ident.header, ident.fingerprint, shard_rows=run.shard_rows, overwrite=overwrite,
-                     shard_info={"batch_size": run.batch_size}) as writer:
-        total = len(dataset)
-        pending = writer.pending(total)
+    total = len(dataset)
+    with open_capture_writer(out, ident, run, overwrite, dataset, say) as writer:
         if writer.complete:
-            say(f"{out} is already complete ({total:,} sequences); nothing to do")
             return writer.manifest
-        say(resume_note(pending, total))
+        pending = writer.pending(total)
         chunks = plan_chunks(pending, chunk_size_for(ray_options.chunk_size, run.batch_size))
         if ray_options.max_chunks is not None:
             chunks = chunks[:ray_options.max_chunks]
@@ -296,14 +290,7 @@ def _drive(ray: Any, model: str | None, dataset: TextDataset, out: Path, load: L
                 progress(done, total, tokens)
         if writer.pending(total):
             return writer.manifest  # stopped early on purpose (max_chunks): resumable
-        if truncated:
-            line = truncation_note(truncated, ident.max_length)
-            if notify:
-                say(line)
-            else:
-                import warnings
-
-                warnings.warn(line)
+        report_truncation(truncated, ident.max_length, notify)
         # "run" describes this session, not the trace (it is no part of the fingerprint).
         return writer.finish({"run": {"truncated_texts": truncated, "engine": "ray", "workers": ray_options.num_workers,
                                       "gpus_per_worker": ray_options.gpus_per_worker,
