@@ -144,12 +144,6 @@ def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
             "digest": hashlib.sha256((text + special).encode("utf-8")).hexdigest()}
 
 
-def identity_digest(identity: dict[str, Any]) -> str:
-    """The fingerprint: a short stable hash of the identity."""
-    text = json.dumps(identity, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
-
-
 def normalised_path(name: str | os.PathLike | None) -> str | None:
     """An absolute, normalised path for a local path (so `m`, `m/` and `/abs/m` agree); a hub
     id or None unchanged."""

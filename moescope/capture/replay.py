@@ -28,6 +28,7 @@ import torch
 
 import moescope
 from moescope.capture.assemble import TokenTexts, assemble_group
+from moescope.capture.dataset import input_device
 from moescope.capture.identity import weights_identity
 from moescope.capture.loading import describe_model
 from moescope.capture.recorder import CaptureOptions, Recorder
@@ -158,7 +159,7 @@ def _replay_into(writer: TraceWriter, model: Any, tokenizer: Any, seqs: list[Rep
     texts = TokenTexts(tokenizer)
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = 0 if pad is None else int(pad)
-    device = _input_device(model)
+    device = input_device(model)
     total, n_tokens = len(seqs), 0
 
     def write(groups: list, batch: list[ReplaySequence], first: int) -> None:
@@ -207,10 +208,3 @@ def _assemble(groups: list, recorder: Recorder, texts: TokenTexts, batch: list[R
     phases = [lookup[int(s)][p] for s, p in zip(seq, pos)]
     tables["tokens"] = tok.set_column(tok.schema.get_field_index("phase"), "phase", pa.array(phases, pa.string()))
     return tables
-
-
-def _input_device(model: Any) -> torch.device:
-    try:
-        return model.get_input_embeddings().weight.device
-    except Exception:
-        return next(model.parameters()).device
