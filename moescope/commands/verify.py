@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -51,10 +50,10 @@ def register(app: typer.Typer, **_: object) -> None:
         n_tokens = int(inputs["attention_mask"].sum())
         if out is not None:
             payload = {**proof.to_dict(), "model": model or "built-in default model", "tokens": n_tokens}
+            from moescope.store.manifest import atomic_write_bytes
+
             out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(out.name + ".tmp")
-            tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-            os.replace(tmp, out)
+            atomic_write_bytes(out, (json.dumps(payload, indent=2) + "\n").encode("utf-8"))
         if proof.passed:
             console.print(f"[bold green]verified[/]: at all {len(proof.layers)} MoE layers, on {n_tokens} tokens, the "
                           "recorded experts and weights are the ones the model's output was made of.")
