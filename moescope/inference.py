@@ -34,6 +34,9 @@ import numpy as np
 ALPHA_FACTORS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
 Split = tuple[np.ndarray, np.ndarray]
+#: ridge_cv keeps every label set's out-of-fold predictions up to this many (repeats x sets x
+#: items; 1 byte each for up to 127 classes), else only the real labels' and the null accuracies.
+KEEP_PREDICTIONS_MAX = 1 << 26
 Features = Any  # (S, p) array, scipy sparse matrix, or callable(split_index, train_idx, test_idx) -> (X_train, X_test)
 
 
@@ -106,22 +109,55 @@ def group_permutations(y: np.ndarray, groups: np.ndarray | None, n: int, seed: i
     return out
 
 
+@dataclass
+class PermutedLabels:
+    """Permuted label sets kept as small integer codes: codes[..., i] indexes `classes`
+    (np.asarray gives the labels themselves). 250,000 sequences x 200 permutations x 5 repeats
+    are 250 MB as int8 codes, 6 GB as 6-character labels."""
+
+    classes: np.ndarray
+    codes: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.codes.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.codes.ndim
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self.classes[self.codes]
+        return out if dtype is None else out.astype(dtype)
+
+
+def code_type(n_classes: int) -> np.dtype:
+    """The narrowest signed integer type holding class indices 0..n_classes-1."""
+    return np.dtype(np.int8 if n_classes <= 127 else np.int16 if n_classes <= 32767 else np.int64)
+
+
 def fold_permutations(y: np.ndarray, groups: np.ndarray | None, splits: list[list[Split]], n: int,
-                      seed: int = 0) -> np.ndarray:
+                      seed: int = 0, *, as_codes: bool = False) -> np.ndarray | PermutedLabels:
     """(R, n, S) label vectors for the permutation null of repeated CV: in every repeat, labels
     are shuffled at the group level *within each test fold* (:func:`group_permutations` on the
     fold's items), so each permuted label set has the same label counts per fold as the real
     one. Shuffling over all items instead leaves folds that were stratified on the real labels
     unbalanced for the shuffled ones, which pushes the null below chance (anti-learning) and
-    makes the real accuracy look significant when it is not."""
+    makes the real accuracy look significant when it is not.
+
+    as_codes: return the same shuffles as a :class:`PermutedLabels` (small integer codes;
+    ridge_cv takes it as permuted_labels without expanding it)."""
     y = np.asarray(y)
-    out = np.empty((len(splits), max(n, 0), len(y)), dtype=y.dtype)
+    classes, yi = np.unique(y, return_inverse=True)
+    yi = yi.reshape(-1).astype(code_type(len(classes)))
+    out = np.empty((len(splits), max(n, 0), len(y)), dtype=yi.dtype)
     for r, rep in enumerate(splits):
         for f, (_, te) in enumerate(rep):
-            sub = group_permutations(y[te], None if groups is None else np.asarray(groups)[te], n,
+            # the shuffles depend only on positions, so shuffling codes = shuffling the labels
+            sub = group_permutations(yi[te], None if groups is None else np.asarray(groups)[te], n,
                                      seed=seed + 1000 * r + f)
             out[r][:, te] = sub
-    return out
+    return PermutedLabels(classes, out) if as_codes else classes[out]
 
 
 def permutation_p_value(observed: float, null: np.ndarray) -> float:
@@ -240,8 +276,9 @@ class CVResult:
     """Out-of-fold results of :func:`ridge_cv` for the real labels (set 0) and any label
     permutations (sets 1..P), on R repeats x K folds.
 
-    predictions: (R, P+1, S) predicted class index; fold_accuracy: (R, K, P+1); alpha_factor:
-    (R, K) chosen penalty factor for the real labels; classes: label names (index -> name)."""
+    predictions: (R, P+1, S) predicted class index (R, 1, S) when ridge_cv kept only the real
+    labels' (above KEEP_PREDICTIONS_MAX); fold_accuracy: (R, K, P+1); alpha_factor: (R, K) chosen
+    penalty factor for the real labels; classes: label names (index -> name)."""
 
     predictions: np.ndarray
     fold_accuracy: np.ndarray
@@ -281,10 +318,14 @@ class CVResult:
     @property
     def null_accuracy(self) -> np.ndarray:
         """(P,) accuracy (mean over repeats) of each label permutation."""
+        if self._null_accuracy is not None:
+            return self._null_accuracy
         perm = self.predictions[:, 1:, :]
         return np.mean(perm == self._perm_y, axis=(0, 2)) if perm.shape[1] else np.zeros(0)
 
     _perm_y: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), int))
+    # null accuracies computed by ridge_cv when it drops the permutation predictions (too large to keep)
+    _null_accuracy: np.ndarray | None = None
 
     @property
     def p_value(self) -> float | None:
@@ -404,6 +445,12 @@ def ridge_cv(features: Features, y: np.ndarray, splits: list[list[Split]], *, gr
     Every label set in `permuted_labels` ((R, P, S) one set of P per repeat, e.g.
     :func:`fold_permutations`, or (P, S) for all repeats) goes through the identical procedure
     on the same folds, tuned on its own; the null accuracy of permutation p is its mean over repeats.
+    `permuted_labels` may be a :class:`PermutedLabels` (fold_permutations(..., as_codes=True)).
+
+    Memory: when the training folds have many more rows than features (or the features are a
+    moescope.chunked.ChunkedMatrix), each fold is fitted from p x p sums over blocks of rows
+    (moescope.ridge_pspace; equal to the direct fit up to rounding), so neither the n x p
+    features nor the n x (classes x label sets) targets are ever held whole.
 
     Args:
         features: (S, p) dense or sparse, or a callable (split_index, train_idx, test_idx) ->
@@ -417,10 +464,15 @@ def ridge_cv(features: Features, y: np.ndarray, splits: list[list[Split]], *, gr
     classes, yi = np.unique(y, return_inverse=True)
     C = len(classes)
     R = len(splits)
-    perm = np.asarray(permuted_labels) if permuted_labels is not None else np.zeros((0, len(y)))
-    if perm.ndim == 2:
-        perm = np.broadcast_to(perm, (R,) + perm.shape)
-    perm_i = np.searchsorted(classes, perm) if perm.size else np.zeros((R, 0, len(y)), int)
+    codes = code_type(C)  # class indices in the narrowest type: (R, sets, S) arrays stay small
+    yi = yi.reshape(-1).astype(codes)
+    if isinstance(permuted_labels, PermutedLabels):  # codes already: map them to this call's classes
+        perm_i = np.searchsorted(classes, permuted_labels.classes).astype(codes)[permuted_labels.codes]
+    else:
+        perm = np.asarray(permuted_labels) if permuted_labels is not None else np.zeros((0, len(y)))
+        perm_i = np.searchsorted(classes, perm).astype(codes) if perm.size else np.zeros((R, 0, len(y)), codes)
+    if perm_i.ndim == 2:
+        perm_i = np.broadcast_to(perm_i, (R,) + perm_i.shape)
     sets = np.concatenate([np.broadcast_to(yi, (R, 1, len(y))), perm_i], axis=1)  # (R, n_sets, S)
     n_sets = sets.shape[1]
 
@@ -433,9 +485,21 @@ def ridge_cv(features: Features, y: np.ndarray, splits: list[list[Split]], *, gr
     K = len(splits[0]) if splits else 0
 
     def one(j: int, split: Split) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        from moescope import ridge_pspace
+
         tr, te = split
+        # n >> p (or features built on demand): the fold is fitted from p x p sums over blocks of
+        # rows, without copying the training rows (moescope.ridge_pspace)
+        if not callable(features) and ridge_pspace.pspace_wanted(features, len(tr)):
+            pred, best = ridge_pspace.fit_fold_pspace(features, tr, features, te, sets[j // K][:, tr], C, g_all[tr],
+                                                      alpha_factors, standardize)
+            return te, pred.astype(codes), best
         if callable(features):
             Xtr, Xte = features(j, tr, te)
+            if ridge_pspace.pspace_wanted(Xtr, len(tr)):
+                pred, best = ridge_pspace.fit_fold_pspace(Xtr, np.arange(len(tr)), Xte, np.arange(len(te)),
+                                                          sets[j // K][:, tr], C, g_all[tr], alpha_factors, standardize)
+                return te, pred.astype(codes), best
         else:
             Xtr, Xte = features[tr], features[te]
         if standardize:
@@ -447,7 +511,7 @@ def ridge_cv(features: Features, y: np.ndarray, splits: list[list[Split]], *, gr
             Z, Zte = Xtr - mu, Xte - mu
         scores, best = _fit_fold(Z, Zte, onehot(j // K, tr), g_all[tr], n_sets, alpha_factors)
         pred = scores.reshape(len(te), n_sets, C).argmax(axis=2).T  # (n_sets, nte)
-        return te, pred, best
+        return te, pred.astype(codes), best
 
     flat = [sp for rep in splits for sp in rep]
     if n_jobs != 1 and len(flat) > 1:
@@ -456,18 +520,29 @@ def ridge_cv(features: Features, y: np.ndarray, splits: list[list[Split]], *, gr
         results = Parallel(n_jobs=n_jobs, prefer="threads")(delayed(one)(j, sp) for j, sp in enumerate(flat))
     else:
         results = [one(j, sp) for j, sp in enumerate(flat)]
-    predictions = np.empty((R, n_sets, len(y)), dtype=np.int64)
+    # every label set's predictions are kept unless that is large (then the null accuracies are
+    # kept instead: the same numbers, counted fold by fold)
+    keep_all = R * n_sets * len(y) <= KEEP_PREDICTIONS_MAX
+    predictions = np.empty((R, n_sets if keep_all else 1, len(y)), dtype=codes)
+    correct = np.zeros(n_sets, np.int64)
     fold_acc = np.empty((R, K, n_sets))
     sizes = np.empty((R, K))
     alpha = np.empty((R, K))
     for j, (te, pred, best) in enumerate(results):
         r, k = divmod(j, K)
-        predictions[r][:, te] = pred
-        fold_acc[r, k] = np.mean(pred == sets[r][:, te], axis=1)
+        predictions[r][:, te] = pred if keep_all else pred[:1]
+        hits = pred == sets[r][:, te]
+        correct += hits.sum(axis=1)
+        fold_acc[r, k] = np.mean(hits, axis=1)
         sizes[r, k] = len(te)
         alpha[r, k] = np.asarray(alpha_factors)[best[0]]
     res = CVResult(predictions, fold_acc, sizes, alpha, classes, yi)
-    res._perm_y = sets[:, 1:]
+    if keep_all:
+        res._perm_y = sets[:, 1:]
+    else:
+        res._null_accuracy = correct[1:] / float(R * len(y))
+        res.notes.append(f"out-of-fold predictions of the {n_sets - 1} label permutations not kept (too many); "
+                         "their null accuracies were counted fold by fold")
     return res
 
 
