@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from moescope.analysis.spilled_keys import SpilledKeys
+from moescope.analysis.spilled_keys import SpilledCounts, SpilledKeys
 
 
 @dataclass
@@ -209,17 +209,19 @@ class WeightCounter:
 
 class SequenceCounter:
     """Expert counts per (sequence, position bucket, layer): counts (S, B, L, E), n_tokens (S, B, L).
-    Positions are taken relative to offsets[s] (the first position of the phase)."""
+    Positions are taken relative to offsets[s] (the first position of the phase).
+    spill: keep counts in a temporary file (a :class:`SpilledCounts`), not in memory."""
 
     def __init__(self, seq_ids: np.ndarray, offsets: np.ndarray, edges: np.ndarray, n_layers: int, E: int,
-                 max_tokens: int = 1 << 31) -> None:
+                 max_tokens: int = 1 << 31, spill: bool = False) -> None:
         self.seq_ids, self.offsets, self.edges = seq_ids, offsets, edges
         self.shape = (len(seq_ids), len(edges), n_layers)
         self.E = E
         # A cell counts at most one sequence's tokens: the narrowest type that holds that
         # halves this, the analysis's largest array, for sequences under 65,536 tokens.
         dtype = np.uint16 if max_tokens < np.iinfo(np.uint16).max else np.int32
-        self.counts = np.zeros(self.shape + (E,), dtype)
+        self.counts: np.ndarray | SpilledCounts = (SpilledCounts(self.shape + (E,), dtype) if spill
+                                                   else np.zeros(self.shape + (E,), dtype))
         self.n_tokens = np.zeros(self.shape, dtype)
 
     def add(self, chunk: Chunk, blocks: LayerBlocks | None = None) -> None:
@@ -229,7 +231,11 @@ class SequenceCounter:
         b = np.searchsorted(self.edges, chunk.pos - self.offsets[s], side="right") - 1
         cell = ((s * self.shape[1] + b) * self.shape[2] + chunk.li)[known]
         _add_range(self.n_tokens.reshape(-1), cell)
-        _add_range(self.counts.reshape(-1), _expert_codes(cell, chunk.ex[known], self.E))
+        codes = _expert_codes(cell, chunk.ex[known], self.E)
+        if isinstance(self.counts, SpilledCounts):
+            _add_spans(self.counts, codes)
+        else:
+            _add_range(self.counts.reshape(-1), codes)
 
 
 class SequenceKeyRecorder:
@@ -322,6 +328,28 @@ def _range_bincount(codes: np.ndarray) -> tuple[int, np.ndarray] | None:
         return None
     lo = int(codes.min())
     return lo, np.bincount(codes - lo)
+
+
+#: Widest span of cells one bincount covers when adding to a SpilledCounts (32 MB of int64).
+_SPAN = 1 << 22
+
+
+def _add_spans(target: SpilledCounts, cells: np.ndarray) -> None:
+    """Add the cells' counts to the file: one bincount over their range when it is narrow (rows
+    grouped by sequence), else over sorted spans of at most _SPAN cells (rows in any order)."""
+    if not len(cells):
+        return
+    lo, hi = int(cells.min()), int(cells.max())
+    if hi - lo < _SPAN:
+        target.add_at(lo, np.bincount(cells - lo))
+        return
+    cells = np.sort(cells)
+    i = 0
+    while i < len(cells):
+        start = int(cells[i])
+        j = int(np.searchsorted(cells, start + _SPAN))
+        target.add_at(start, np.bincount(cells[i:j] - start))
+        i = j
 
 
 def _add_range(target: np.ndarray, cells: np.ndarray) -> None:

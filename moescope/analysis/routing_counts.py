@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from moescope.analysis import route_pass as rp
 from moescope.analysis.engine import current_engine
+from moescope.analysis.spilled_keys import SpilledCounts
 
 from moescope.errors import MoescopeError
 from moescope.store.reader import Trace
@@ -92,6 +93,14 @@ def expert_load(trace: Trace, *, phase: str = "all") -> tuple[np.ndarray, np.nda
     return load, n_rows
 
 
+#: Per-sequence bucket counts above this many cells (sequences x buckets x layers x experts;
+#: 128 MB of uint16) are kept in a temporary file (SpilledCounts), not in memory. Tests set it to 0.
+SPILL_SEQUENCE_CELLS = 1 << 26
+
+#: Sequences per block when bucket counts are summed from a SpilledCounts file.
+_SUM_ROWS = 4096
+
+
 @dataclass
 class SequenceCounts:
     """Expert counts per sequence and MoE layer, optionally split into position buckets.
@@ -99,25 +108,45 @@ class SequenceCounts:
     Attributes:
         seq_ids: (S,) sequence ids, ascending.
         counts: (S, B, L, E) uint16 (int32 for sequences of 65,536 tokens or more): tokens of the
-            sequence in bucket b whose top-k at layer l holds e.
+            sequence in bucket b whose top-k at layer l holds e. A numpy array, or a
+            :class:`~moescope.analysis.spilled_keys.SpilledCounts` (a temporary file read by
+            blocks of sequences) when large: :meth:`total` and :meth:`first` read either.
         n_tokens: (S, B, L), same type: token rows of the sequence in bucket b at layer l.
         bucket_edges: (B,) first position (within the phase) of each bucket; bucket b holds
             positions [edges[b], edges[b+1]).
     """
 
     seq_ids: np.ndarray
-    counts: np.ndarray
+    counts: Any
     n_tokens: np.ndarray
     bucket_edges: np.ndarray
 
     def total(self) -> tuple[np.ndarray, np.ndarray]:
-        """(counts (S, L, E), n_tokens (S, L)) over all positions."""
-        return self.counts.sum(axis=1), self.n_tokens.sum(axis=1)
+        """(counts (S, L, E), n_tokens (S, L)) over all positions (from a file: in the counts'
+        own type, which holds any one sequence's total)."""
+        if isinstance(self.counts, np.ndarray):
+            return self.counts.sum(axis=1), self.n_tokens.sum(axis=1)
+        return self._summed(self.counts.shape[1]), self.n_tokens.sum(axis=1)
 
     def first(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(counts, n_tokens) over the first n tokens of each sequence (n must be a bucket edge)."""
         b = int(np.searchsorted(self.bucket_edges, n, side="left"))
-        return self.counts[:, :b].sum(axis=1), self.n_tokens[:, :b].sum(axis=1)
+        if isinstance(self.counts, np.ndarray):
+            return self.counts[:, :b].sum(axis=1), self.n_tokens[:, :b].sum(axis=1)
+        return self._summed(b), self.n_tokens[:, :b].sum(axis=1)
+
+    def _summed(self, buckets: int) -> np.ndarray:
+        """(S, L, E) sum of the first `buckets` buckets, read from the file a block of sequences at a time."""
+        src = self.counts
+        out = np.empty((src.shape[0],) + src.shape[2:], src.dtype)
+        for lo in range(0, len(out), _SUM_ROWS):
+            out[lo:lo + _SUM_ROWS] = src.block(lo, lo + _SUM_ROWS)[:, :buckets].sum(axis=1, dtype=src.dtype)
+        return out
+
+    def select(self, keep: np.ndarray) -> "SequenceCounts":
+        """The sequences where the boolean mask `keep` is true (a file is shared, not copied)."""
+        counts = self.counts[keep] if isinstance(self.counts, np.ndarray) else self.counts.select(np.flatnonzero(keep))
+        return SequenceCounts(self.seq_ids[keep], counts, self.n_tokens[keep], self.bucket_edges)
 
 
 def token_expert_counts(trace: Trace, *, phase: str = "all") -> dict[str, np.ndarray]:
@@ -251,8 +280,9 @@ def _sequence_counter(trace: Trace, phase: str, bucket_edges: list[int] | None,
         ok = (at < len(seq_ids)) & (seq_ids[np.minimum(at, len(seq_ids) - 1)] == np.asarray(first["seq_id"], np.int64))
         offsets[at[ok]] = np.asarray(first["p"], np.int64)[ok]
     longest = trace.con.sql(f"SELECT coalesce(max(pos), 0) + 1 AS n FROM {routes_relation(trace, phase, ['pos'])}").fetchnumpy()["n"]
+    cells = len(seq_ids) * len(edges) * len(trace.moe_layers) * trace.n_experts
     return rp.SequenceCounter(seq_ids, offsets, edges, len(trace.moe_layers), trace.n_experts,
-                              max_tokens=int(longest[0]))
+                              max_tokens=int(longest[0]), spill=cells > SPILL_SEQUENCE_CELLS)
 
 
 def _token_counter(trace: Trace, phase: str, record_seq_ids: np.ndarray | None = None,
@@ -352,7 +382,8 @@ def count_routes(trace: Trace, *, phase: str = "all", scan: bool = True, transit
             weight_mean=weights.total.reshape(L, k) / np.maximum(whist.sum(axis=2), 1) if weights else None,
             weight_bins=weight_bins, weight_max=w_max)
     if seqs is not None:
-        result.sequences = SequenceCounts(seqs.seq_ids, seqs.counts, seqs.n_tokens, seqs.edges)
+        counts = seqs.counts.finish() if isinstance(seqs.counts, SpilledCounts) else seqs.counts
+        result.sequences = SequenceCounts(seqs.seq_ids, counts, seqs.n_tokens, seqs.edges)
     if tokens is not None and tokens.recorder is not None:
         from moescope.analysis.signature_controls import SequenceTokenExperts
 

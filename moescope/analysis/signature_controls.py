@@ -18,6 +18,7 @@ import numpy as np
 
 from moescope.analysis.routing_counts import layer_index, routes_relation
 from moescope.analysis.spilled_keys import SpilledKeys
+from moescope.chunked import ChunkedMatrix, lazy_wanted
 
 
 # Keys per np.bincount call: bincount casts its input to int64, so counting all keys at once would
@@ -223,7 +224,14 @@ class TokenIdControl:
         self.total = (ste.counts(minlength=L * V * E).reshape(L, V, E).astype(np.float64) if total is None
                       else np.asarray(total, np.float64))
         self.base_map = top_k_map(self.total, top_k)
-        self.base_counts = np.stack([np.asarray(self.A @ self.base_map[li]) for li in range(L)], axis=1)  # (S, L, E)
+        S = self.A.shape[0]
+        # (S, L, E) control counts of the whole-trace map; float32 when large (exact for the
+        # integer counts of seen tokens, ~1e-7 relative for the fallback's shares)
+        self.lazy = lazy_wanted(S, L * E)
+        self.base_counts = np.empty((S, L, E), np.float32 if self.lazy else np.float64)
+        for li in range(L):
+            self.base_counts[:, li, :] = np.asarray(self.A @ self.base_map[li])
+        self.A_rows = token_counts.tocsr() if self.lazy else None  # row blocks of the lazy features
 
     def fold(self, train_idx: np.ndarray, test_idx: np.ndarray) -> tuple[np.ndarray, float]:
         """((S, L * E) control signature vectors with the map of the training fold, share of the
@@ -234,6 +242,8 @@ class TokenIdControl:
         fold's); the control counts change by the token occurrences times the map's change."""
         L, V, E = self.ste.shape
         if not self.per_fold:  # too large to keep per-sequence counts: the whole-trace map
+            if self.lazy:
+                return ControlMatrix(self, {}), 0.0
             base = self.base_counts / np.maximum(self.n_tokens[:, :, None], 1e-12)
             return np.where(self.n_tokens[:, :, None] > 0, base, 0.0).reshape(len(base), -1), 0.0
         # dense bincount (no sort) of the test fold's assignments; only touched rows are refitted
@@ -251,15 +261,43 @@ class TokenIdControl:
         new[unseen_rows] = fallback[layer[unseen_rows]]
         old = self.base_map.reshape(L * V, E)[touched]
         changed = np.flatnonzero(np.any(new != old, axis=1))
-        counts = self.base_counts.copy()
-        for li in np.unique(layer[changed]):
-            sel = changed[layer[changed] == li]
-            counts[:, li, :] += np.asarray(self.A[:, touched[sel] % V] @ (new[sel] - old[sel]))
         occ = self.A[test_idx]
         unseen_tokens = touched[unseen_rows & (layer == 0)] % V
         unseen = float(occ[:, unseen_tokens].sum() / max(occ.sum(), 1))
+        changes = {int(li): (touched[changed[layer[changed] == li]] % V,
+                             new[changed[layer[changed] == li]] - old[changed[layer[changed] == li]])
+                   for li in np.unique(layer[changed])}
+        if self.lazy:  # the fold's map as changes to the whole-trace map; rows built when read
+            return ControlMatrix(self, changes), unseen
+        counts = self.base_counts.copy()
+        for li, (tokens, delta) in changes.items():
+            counts[:, li, :] += np.asarray(self.A[:, tokens] @ delta)
         sig = np.divide(counts, self.n_tokens[:, :, None], out=np.zeros(counts.shape), where=self.n_tokens[:, :, None] > 0)
         return sig.reshape(len(sig), -1), unseen
+
+
+class ControlMatrix(ChunkedMatrix):
+    """(S, L * E) token-id control signatures of one fold, built a block of rows at a time: the
+    whole-trace map's counts plus, per layer, the token occurrences times the fold map's change
+    (changes: layer -> (vocab positions, (tokens, E) change of their map rows))."""
+
+    def __init__(self, control: TokenIdControl, changes: dict[int, tuple[np.ndarray, np.ndarray]]) -> None:
+        S, L, E = control.base_counts.shape
+        super().__init__(S, L * E)
+        self.control, self.changes, self.E = control, changes, E
+
+    def _dense(self, rows: np.ndarray, cols: slice) -> np.ndarray:
+        from moescope.analysis.signature_matrix import layer_block
+
+        ctl, E = self.control, self.E
+        l0, l1 = cols.start // E, -(-cols.stop // E)
+        counts = np.asarray(ctl.base_counts[rows, l0:l1], np.float64)
+        occ = ctl.A_rows[rows] if any(l0 <= li < l1 for li in self.changes) else None
+        for li, (tokens, delta) in self.changes.items():
+            if l0 <= li < l1:
+                counts[:, li - l0, :] += np.asarray(occ[:, tokens] @ delta)
+        n = ctl.n_tokens[rows, l0:l1]
+        return layer_block(counts, n, np.arange(len(rows)), slice(cols.start - l0 * E, cols.stop - l0 * E), E)
 
 
 def whole_trace_control(token_expert: dict[str, np.ndarray], token_counts: Any, vocab: np.ndarray,

@@ -40,7 +40,7 @@ def embeddings(X: np.ndarray, y: np.ndarray, seed: int) -> dict[str, Any]:
     if len(X) > MAX_EMBED_POINTS:
         pick = np.sort(np.random.default_rng(seed).choice(len(X), MAX_EMBED_POINTS, replace=False))
         X, y = X[pick], y[pick]
-    Z = StandardScaler().fit_transform(X)
+    Z = StandardScaler().fit_transform(np.asarray(X))  # a large signature matrix is built here, for the sample
     n_comp = min(50, *Z.shape)
     pca = PCA(n_components=n_comp, random_state=seed).fit(Z)
     P = pca.transform(Z)

@@ -30,10 +30,12 @@ import numpy as np
 
 from moescope import inference as inf
 from moescope.analysis.result import AnalysisResult
+from moescope.analysis.signature_matrix import SignatureMatrix
 from moescope.analysis.signature_controls import (SequenceTokenExperts, TokenIdControl, load_balanced_counts,
                                                    sequence_token_expert_counts, tfidf_fold_features, token_count_matrix,
                                                    whole_trace_control)
 from moescope.analysis.routing_counts import RouteCounts, SequenceCounts, count_routes, sequence_token_counts, trace_phases
+from moescope.chunked import BLOCK_ROWS, dense_rows, lazy_wanted
 from moescope.errors import DataError
 from moescope.store.reader import Trace
 
@@ -65,32 +67,48 @@ def check_labels(labels: np.ndarray, label: str) -> None:
 
 
 # -- signature vectors and their geometry ----------------------------------------------------------
-def signature_vectors(counts: np.ndarray, n_tokens: np.ndarray) -> np.ndarray:
-    """(S, L * E) float64: counts (S, L, E) over tokens n_tokens (S, L); 0 where a layer saw no token."""
+def signature_vectors(counts: np.ndarray, n_tokens: np.ndarray) -> np.ndarray | SignatureMatrix:
+    """(S, L * E) float64: counts (S, L, E) over tokens n_tokens (S, L); 0 where a layer saw no token.
+    Above moescope.chunked.LAZY_CELLS cells: a :class:`SignatureMatrix` with the same values,
+    built a block of rows at a time (the classifier and cosine_stats read it so)."""
+    if lazy_wanted(counts.shape[0], counts.shape[1] * counts.shape[2]):
+        return SignatureMatrix(counts, n_tokens)
     n = np.asarray(n_tokens, np.float64)[:, :, None]
     sig = np.divide(counts, n, out=np.zeros(counts.shape, np.float64), where=n > 0)
     return sig.reshape(len(sig), -1)
 
 
-def cosine_stats(X: np.ndarray, y: np.ndarray) -> dict[str, float]:
+def cosine_stats(X: Any, y: np.ndarray) -> dict[str, float]:
     """Mean and sd of the cosine similarity over all pairs of sequences with the same label
     (within) and with different labels (across), and Cohen's d = (within - across) / pooled sd.
 
     Exact, without the S x S matrix: for unit vectors U, the sum of pairwise cosines is
-    (|sum U|^2 - n) / 2 and the sum of their squares (|U^T U|_F^2 - n) / 2."""
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
-    U = np.divide(X, norms, out=np.zeros_like(X, dtype=np.float64), where=norms > 0)
-    n_unit = float((norms[:, 0] > 0).sum())
-    tot_sum = (np.sum(U.sum(0) ** 2) - n_unit) / 2
-    tot_sq = (np.sum((U.T @ U) ** 2) - n_unit) / 2
-    tot_n = len(U) * (len(U) - 1) / 2
-    w_sum = w_sq = w_n = 0.0
-    for c in np.unique(y):
-        Uc = U[y == c]
-        nc = float((np.linalg.norm(Uc, axis=1) > 0).sum())
-        w_sum += (np.sum(Uc.sum(0) ** 2) - nc) / 2
-        w_sq += (np.sum((Uc.T @ Uc) ** 2) - nc) / 2
-        w_n += len(Uc) * (len(Uc) - 1) / 2
+    (|sum U|^2 - n) / 2 and the sum of their squares (|U^T U|_F^2 - n) / 2. X: an array or a
+    moescope.chunked.ChunkedMatrix; a large X is read a block of rows at a time (the sums add up)."""
+    y = np.asarray(y)
+    block = max(len(X) if not lazy_wanted(*X.shape) else BLOCK_ROWS, 1)
+    p = X.shape[1]
+    tot_vec, tot_gram = np.zeros(p), np.zeros((p, p))
+    w_sum = w_sq = w_n = n_all = 0.0
+    for c in np.unique(y):  # one class at a time: a single p x p sum besides the total's
+        rows = np.flatnonzero(y == c)
+        vec, gram, nc = np.zeros(p), np.zeros((p, p)), 0.0
+        for lo in range(0, len(rows), block):
+            Xb = dense_rows(X, rows[lo:lo + block])
+            norms = np.linalg.norm(Xb, axis=1, keepdims=True)
+            Uc = np.divide(Xb, norms, out=np.zeros_like(Xb, dtype=np.float64), where=norms > 0)
+            vec += Uc.sum(0)
+            gram += Uc.T @ Uc
+            nc += float((norms[:, 0] > 0).sum())
+        w_sum += (np.sum(vec ** 2) - nc) / 2
+        w_sq += (np.sum(gram ** 2) - nc) / 2
+        w_n += len(rows) * (len(rows) - 1) / 2
+        tot_vec += vec
+        tot_gram += gram
+        n_all += nc
+    tot_sum = (np.sum(tot_vec ** 2) - n_all) / 2
+    tot_sq = (np.sum(tot_gram ** 2) - n_all) / 2
+    tot_n = len(y) * (len(y) - 1) / 2
     a_sum, a_sq, a_n = tot_sum - w_sum, tot_sq - w_sq, tot_n - w_n
 
     def mean_sd(s: float, sq: float, n: float) -> tuple[float, float]:
@@ -158,9 +176,10 @@ class SignatureInputs:
     seq_token_experts: SequenceTokenExperts | None = None
 
 
-#: Above this many expert assignments (tokens x MoE layers x k; 4 bytes each, kept per sequence),
-#: the token-id control falls back to one whole-trace map (noted).
-MAX_SEQUENCE_TOKEN_EXPERT_ROWS = 100_000_000
+#: Above this many expert assignments (tokens x MoE layers x k; 4 bytes each, kept per sequence in
+#: a temporary file: 8 GB of disk at the limit, not memory), the token-id control falls back to
+#: one whole-trace map (noted).
+MAX_SEQUENCE_TOKEN_EXPERT_ROWS = 2_000_000_000
 
 #: The sequences field that groups pieces of one document, used without --group when present
 #: (the built-in prompts and the default model's probe texts carry it).
@@ -234,7 +253,7 @@ def gather_signature_inputs(trace: Trace, label: str, *, phase: str = "prompt", 
         notes.append(f"{left_out} sequence(s) without a label{' or group' if group_field else ''} "
                      f"or without {phase} tokens left out")
     if not keep.all():  # boolean indexing copies the largest array: only when something is left out
-        seqc = SequenceCounts(seqc.seq_ids[keep], seqc.counts[keep], seqc.n_tokens[keep], seqc.bucket_edges)
+        seqc = seqc.select(keep)
     y = np.array([labels_by_seq[int(s)] for s in seqc.seq_ids], dtype=object).astype(str)
     check_labels(y, label)
     groups = (np.array([groups_by_seq[int(s)] for s in seqc.seq_ids], dtype=object).astype(str)
@@ -356,7 +375,7 @@ def _evaluate(inputs: SignatureInputs, label: str, folds: int, repeats: int, per
         notes.append(f"folds reduced from {folds} to {k_used}: the rarest label has {k_used} {unit}")
     repeats = max(1, int(repeats))
     splits = inf.repeated_grouped_splits(y, groups, folds=k_used, repeats=repeats, seed=seed)
-    perms = inf.fold_permutations(y, groups, splits, permutations, seed=seed + 7919)
+    perms = inf.fold_permutations(y, groups, splits, permutations, seed=seed + 7919, as_codes=True)
 
     def cv(features: Any, *, with_perms: bool = False, standardize: bool = True) -> inf.CVResult:
         return inf.ridge_cv(features, y, splits, groups=groups, permuted_labels=perms if with_perms else None,
