@@ -53,7 +53,7 @@ def fit_fold_pspace(Xtr: Any, tr_rows: np.ndarray, Xte: Any, te_rows: np.ndarray
     every label set (set 0 the real one).
     Returns (predicted class (n_sets, n_test), chosen factor index per set), as _fit_fold's
     scores would give after argmax (equal up to floating-point rounding)."""
-    from moescope.chunked import BLOCK_ROWS, dense_rows
+    from moescope.chunked import BLOCK_ROWS
     from moescope.inference import _group_index
 
     block = block_rows or BLOCK_ROWS
@@ -61,15 +61,21 @@ def fit_fold_pspace(Xtr: Any, tr_rows: np.ndarray, Xte: Any, te_rows: np.ndarray
     n_sets = labels.shape[0]
     M = n_sets * C
     tr_labels = labels
-    # pass 1: shift, column sums, Gram, X'T, label counts
-    shift = dense_rows(Xtr, tr_rows[:block]).mean(axis=0)
+    sparse = hasattr(Xtr, "tocsr")
+    # pass 1: shift (dense rows: centring then loses no precision), column sums, Gram, X'T, label counts
+    shift = np.zeros(p) if sparse else _raw(Xtr, tr_rows[:block]).mean(axis=0)
     s1, G, XT, tsum = np.zeros(p), np.zeros((p, p)), np.zeros((p, M)), np.zeros(M)
     for lo in range(0, n, block):
-        Xc = dense_rows(Xtr, tr_rows[lo:lo + block]) - shift
         T = _onehot_rows(tr_labels[:, lo:lo + block], C)
-        s1 += Xc.sum(axis=0)
-        G += Xc.T @ Xc
-        XT += Xc.T @ T
+        Xc = _raw(Xtr, tr_rows[lo:lo + block])
+        if sparse:  # sparse products: cost in non-zeros, not n x p
+            s1 += np.asarray(Xc.sum(axis=0)).ravel()
+            G += (Xc.T @ Xc).toarray()
+        else:
+            Xc = Xc - shift
+            s1 += Xc.sum(axis=0)
+            G += Xc.T @ Xc
+        XT += np.asarray(Xc.T @ T)
         tsum += T.sum(axis=0)
     mu_s = s1 / n  # mean of the shifted columns
     Gc = G - n * np.outer(mu_s, mu_s)  # centred cross-products
@@ -94,7 +100,7 @@ def fit_fold_pspace(Xtr: Any, tr_rows: np.ndarray, Xte: Any, te_rows: np.ndarray
     buckets = _group_index(g_train)
 
     def u_rows(pos: np.ndarray) -> np.ndarray:
-        return (dense_rows(Xtr, tr_rows[pos]) - mu) @ proj
+        return _centred_product(_raw(Xtr, tr_rows[pos]), mu, proj)
 
     if all(idx.shape[1] == 1 for idx in buckets):  # leave-one-out: leverage-weighted residuals
         for lo in range(0, n, block):
@@ -138,6 +144,24 @@ def fit_fold_pspace(Xtr: Any, tr_rows: np.ndarray, Xte: Any, te_rows: np.ndarray
         W[:, cols] = (V / sd[:, None]) @ ((s / (s2 + alphas[ai]))[:, None] * UT[:, cols])
     pred = np.empty((n_sets, len(te_rows)), np.int64)
     for lo in range(0, len(te_rows), block):
-        scores = tbar + (dense_rows(Xte, te_rows[lo:lo + block]) - mu) @ W
+        scores = tbar + _centred_product(_raw(Xte, te_rows[lo:lo + block]), mu, W)
         pred[:, lo:lo + block] = scores.reshape(-1, n_sets, C).argmax(axis=2).T
     return pred, best
+
+
+def _raw(X: Any, idx: np.ndarray) -> Any:
+    """Rows idx of X: scipy sparse stays sparse (CSR), anything else dense float64."""
+    from moescope.chunked import ChunkedMatrix
+
+    if isinstance(X, ChunkedMatrix):
+        return np.asarray(X.take(idx), np.float64)
+    if hasattr(X, "tocsr"):
+        return X.tocsr()[idx] if not hasattr(X, "indptr") else X[idx]
+    return np.asarray(X[idx], np.float64)
+
+
+def _centred_product(raw: Any, mu: np.ndarray, M: np.ndarray) -> np.ndarray:
+    """(raw - mu) @ M, without densifying sparse rows."""
+    if hasattr(raw, "tocsr"):
+        return np.asarray(raw @ M) - mu @ M
+    return (raw - mu) @ M

@@ -47,6 +47,20 @@ def test_pspace_path_equals_direct_fit(monkeypatch, grouped, standardize):
         assert fast.accuracy == direct.accuracy and fast.p_value == direct.p_value
 
 
+def test_pspace_path_takes_sparse_rows_without_densifying(monkeypatch):
+    from scipy.sparse import csr_matrix
+
+    X, y, groups = _problem(True)
+    X = np.where(np.random.default_rng(1).random(X.shape) < 0.5, 0.0, np.abs(X))  # half zeros, like tf-idf
+    splits = inf.repeated_grouped_splits(y, groups, folds=3, repeats=2, seed=0)
+    direct = inf.ridge_cv(X, y, splits, groups=groups, standardize=False)
+    monkeypatch.setattr(ridge_pspace, "PSPACE_MIN_CELLS", 0)
+    sparse = inf.ridge_cv(lambda j, tr, te: (csr_matrix(X[tr]), csr_matrix(X[te])), y, splits, groups=groups,
+                          standardize=False)
+    assert np.array_equal(sparse.predictions, direct.predictions)
+    assert np.array_equal(sparse.alpha_factor, direct.alpha_factor)
+
+
 def test_permuted_label_codes_equal_the_labels_and_large_sets_keep_null_accuracies(monkeypatch):
     X, y, groups = _problem(True)
     splits = inf.repeated_grouped_splits(y, groups, folds=3, repeats=2, seed=0)
