@@ -467,18 +467,24 @@ def ridge_cv(features: Features, y: np.ndarray, splits: list[list[Split]], *, gr
     codes = code_type(C)  # class indices in the narrowest type: (R, sets, S) arrays stay small
     yi = yi.reshape(-1).astype(codes)
     if isinstance(permuted_labels, PermutedLabels):  # codes already: map them to this call's classes
-        perm_i = np.searchsorted(classes, permuted_labels.classes).astype(codes)[permuted_labels.codes]
+        lut = np.searchsorted(classes, permuted_labels.classes).astype(codes)
+        same = permuted_labels.codes.dtype == codes and np.array_equal(lut, np.arange(len(lut)))
+        perm_i = permuted_labels.codes if same else lut[permuted_labels.codes]  # no copy when they agree
     else:
         perm = np.asarray(permuted_labels) if permuted_labels is not None else np.zeros((0, len(y)))
         perm_i = np.searchsorted(classes, perm).astype(codes) if perm.size else np.zeros((R, 0, len(y)), codes)
     if perm_i.ndim == 2:
         perm_i = np.broadcast_to(perm_i, (R,) + perm_i.shape)
-    sets = np.concatenate([np.broadcast_to(yi, (R, 1, len(y))), perm_i], axis=1)  # (R, n_sets, S)
-    n_sets = sets.shape[1]
+    n_sets = 1 + perm_i.shape[1]
+
+    def label_sets(r: int, idx: np.ndarray) -> np.ndarray:
+        """(n_sets, len(idx)) labels of items idx in repeat r: set 0 the real ones, then the
+        permutations (built per fold, so no (R, n_sets, S) copy is held)."""
+        return np.concatenate([yi[idx][None], perm_i[r][:, idx]], axis=0)
 
     def onehot(r: int, idx: np.ndarray) -> np.ndarray:
         out = np.zeros((len(idx), n_sets * C))
-        out[np.arange(len(idx))[:, None], np.arange(n_sets)[None, :] * C + sets[r][:, idx].T] = 1.0
+        out[np.arange(len(idx))[:, None], np.arange(n_sets)[None, :] * C + label_sets(r, idx).T] = 1.0
         return out
 
     g_all = _groups_or_items(groups, len(y))
@@ -491,14 +497,14 @@ def ridge_cv(features: Features, y: np.ndarray, splits: list[list[Split]], *, gr
         # n >> p (or features built on demand): the fold is fitted from p x p sums over blocks of
         # rows, without copying the training rows (moescope.ridge_pspace)
         if not callable(features) and ridge_pspace.pspace_wanted(features, len(tr)):
-            pred, best = ridge_pspace.fit_fold_pspace(features, tr, features, te, sets[j // K][:, tr], C, g_all[tr],
+            pred, best = ridge_pspace.fit_fold_pspace(features, tr, features, te, label_sets(j // K, tr), C, g_all[tr],
                                                       alpha_factors, standardize)
             return te, pred.astype(codes), best
         if callable(features):
             Xtr, Xte = features(j, tr, te)
             if ridge_pspace.pspace_wanted(Xtr, len(tr)):
                 pred, best = ridge_pspace.fit_fold_pspace(Xtr, np.arange(len(tr)), Xte, np.arange(len(te)),
-                                                          sets[j // K][:, tr], C, g_all[tr], alpha_factors, standardize)
+                                                          label_sets(j // K, tr), C, g_all[tr], alpha_factors, standardize)
                 return te, pred.astype(codes), best
         else:
             Xtr, Xte = features[tr], features[te]
@@ -531,14 +537,14 @@ def ridge_cv(features: Features, y: np.ndarray, splits: list[list[Split]], *, gr
     for j, (te, pred, best) in enumerate(results):
         r, k = divmod(j, K)
         predictions[r][:, te] = pred if keep_all else pred[:1]
-        hits = pred == sets[r][:, te]
+        hits = pred == label_sets(r, te)
         correct += hits.sum(axis=1)
         fold_acc[r, k] = np.mean(hits, axis=1)
         sizes[r, k] = len(te)
         alpha[r, k] = np.asarray(alpha_factors)[best[0]]
     res = CVResult(predictions, fold_acc, sizes, alpha, classes, yi)
     if keep_all:
-        res._perm_y = sets[:, 1:]
+        res._perm_y = perm_i
     else:
         res._null_accuracy = correct[1:] / float(R * len(y))
         res.notes.append(f"out-of-fold predictions of the {n_sets - 1} label permutations not kept (too many); "
