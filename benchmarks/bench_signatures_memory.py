@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/bench_signatures_memory.py                      # 25,000 and 250,000 sequences
     .venv/bin/python benchmarks/bench_signatures_memory.py --sequences 2000     # a quick look
-    options: --permutations N (default 200, the CLI's), --seq-len 32, --keep / --reuse (keep the
+    options: --permutations N (default 200, the CLI's), --extra "--folds 2 --repeats 1" (more
+             analyze options), --seq-len 32, --keep / --reuse (keep the
              traces under --dir, then rerun the analyses only), --out FILE (default
              benchmarks/results/signatures_memory.md; "-" prints only), --append (add this run's table
              to --out), --generate-only (write the traces, keep them, stop)
@@ -52,10 +53,10 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
-def measure(trace: Path, out: Path, permutations: int) -> dict:
+def measure(trace: Path, out: Path, permutations: int, extra: list[str]) -> dict:
     """`analyze signatures` in a fresh process: wall seconds, its own peak RSS, the result's size."""
     cmd = [sys.executable, "-m", "moescope.cli", "analyze", "signatures", str(trace), "--label", "label",
-           "--out", str(out), "--permutations", str(permutations)]
+           "--out", str(out), "--permutations", str(permutations), *extra]
     log = out.parent / "analyze.log"
     started = time.perf_counter()
     with open(log, "w") as sink:  # a file, not a pipe: the child never blocks on a full pipe
@@ -75,6 +76,7 @@ def main() -> None:
     ap.add_argument("--sequences", type=int, nargs="+", default=[25_000, 250_000])
     ap.add_argument("--seq-len", type=int, default=32)
     ap.add_argument("--permutations", type=int, default=200)
+    ap.add_argument("--extra", default="", help="more `analyze signatures` options, e.g. \"--folds 2 --repeats 1\"")
     ap.add_argument("--dir", type=Path, default=ROOT / "runs" / "bench-signatures-memory")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--reuse", action="store_true")
@@ -95,7 +97,7 @@ def main() -> None:
         size = sum(p.stat().st_size for p in trace.rglob("*") if p.is_file())
         with tempfile.TemporaryDirectory() as tmp:
             print(f"analyze signatures on {n_seq:,} sequences ...", flush=True)
-            r = measure(trace, Path(tmp) / "out", args.permutations)
+            r = measure(trace, Path(tmp) / "out", args.permutations, args.extra.split())
         r.update(sequences=n_seq, trace_gib=size / 2**30, generation=gen)
         print(f"  {json.dumps(r)}", flush=True)
         rows.append(r)
@@ -117,13 +119,15 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
         "# Signatures: peak memory against the number of sequences", "",
         f"Measured {time.strftime('%Y-%m-%d')} by `benchmarks/bench_signatures_memory.py --sequences "
-        f"{' '.join(map(str, args.sequences))} --seq-len {args.seq_len} --permutations {args.permutations}` on "
+        f"{' '.join(map(str, args.sequences))} --seq-len {args.seq_len} --permutations {args.permutations}"
+        f"{' --extra ' + repr(args.extra) if args.extra else ''}` on "
         f"{os.cpu_count()} CPU cores, Python {platform.python_version()} (load average {load:.1f} at the end: wall "
         "times are pessimistic on a shared machine; peak RSS is not affected). Peak RSS = the kernel's ru_maxrss of "
         f"the fresh process running `moescope analyze signatures` (goal < {GOAL_GIB:g} GiB).", "",
         f"Traces: E=64, k=8, 16 MoE layers, {args.seq_len} tokens per sequence, 4 labels, vocabulary 1,024 token "
         "ids, tokens table present (bag-of-tokens and per-fold token-id control run), no groups; default options "
-        f"(5 x 5 CV, 3 load-balancing draws, figures) except --permutations {args.permutations}.", "",
+        f"(5 x 5 CV, 3 load-balancing draws, figures) except --permutations {args.permutations}"
+        f"{' ' + args.extra if args.extra else ''}.", "",
         "| sequences | token-layer rows | trace on disk | wall time | peak RSS | goal |", "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         met = "met" if r["peak_rss_gib"] < GOAL_GIB else "NOT met"
