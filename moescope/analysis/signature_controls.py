@@ -225,13 +225,14 @@ class TokenIdControl:
                       else np.asarray(total, np.float64))
         self.base_map = top_k_map(self.total, top_k)
         S = self.A.shape[0]
-        # (S, L, E) control counts of the whole-trace map; float32 when large (exact for the
-        # integer counts of seen tokens, ~1e-7 relative for the fallback's shares)
+        # (S, L, E) control counts of the whole-trace map: computed for the rows asked for when
+        # large (MapCounts), else held
         self.lazy = lazy_wanted(S, L * E)
-        self.base_counts = np.empty((S, L, E), np.float32 if self.lazy else np.float64)
-        for li in range(L):
-            self.base_counts[:, li, :] = np.asarray(self.A @ self.base_map[li])
         self.A_rows = token_counts.tocsr() if self.lazy else None  # row blocks of the lazy features
+        if self.lazy:
+            self.base_counts: np.ndarray | MapCounts = MapCounts(self.A_rows, self.base_map)
+        else:
+            self.base_counts = np.stack([np.asarray(self.A @ self.base_map[li]) for li in range(L)], axis=1)
 
     def fold(self, train_idx: np.ndarray, test_idx: np.ndarray) -> tuple[np.ndarray, float]:
         """((S, L * E) control signature vectors with the map of the training fold, share of the
@@ -274,6 +275,25 @@ class TokenIdControl:
             counts[:, li, :] += np.asarray(self.A[:, tokens] @ delta)
         sig = np.divide(counts, self.n_tokens[:, :, None], out=np.zeros(counts.shape), where=self.n_tokens[:, :, None] > 0)
         return sig.reshape(len(sig), -1), unseen
+
+
+class MapCounts:
+    """(S, L, E) token-id control counts occurrences @ map[l], computed for the rows asked for:
+    ``counts[rows, l0:l1]`` -> (len(rows), l1 - l0, E) float64 (no S x L x E array is held)."""
+
+    def __init__(self, occurrences: Any, maps: np.ndarray) -> None:
+        self.occurrences, self.maps = occurrences, maps  # (S, V) CSR, (L, V, E)
+        self.shape = (occurrences.shape[0],) + maps.shape[::2]
+        self.dtype = np.dtype(np.float64)
+
+    def __getitem__(self, key: tuple[Any, slice]) -> np.ndarray:
+        rows, layers = key
+        occ = self.occurrences[rows]
+        picked = range(*layers.indices(self.shape[1]))
+        out = np.empty((occ.shape[0], len(picked), self.shape[2]))
+        for i, li in enumerate(picked):
+            out[:, i, :] = np.asarray(occ @ self.maps[li])
+        return out
 
 
 class ControlMatrix(ChunkedMatrix):

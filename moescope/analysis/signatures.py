@@ -448,12 +448,12 @@ def _evaluate(inputs: SignatureInputs, label: str, folds: int, repeats: int, per
             fitted = [control.fold(tr, te) for tr, te in flat]
         control_features = [f for f, _ in fitted]
         tcv = cv(lambda j, tr, te: (control_features[j][tr], control_features[j][te]))
-        full_map = control.base_counts / np.maximum(n_tok[:, :, None], 1)
+        full_map = signature_vectors(control.base_counts, n_tok)  # (S, L * E); built per block when large
         v.update(_cv_keys("bag_of_tokens_accuracy", bag))
         v.update(_cv_keys("token_id_control_accuracy", tcv))
         v.update(_paired("adds_over_bag_of_tokens", main, bag))
         v.update(_paired("adds_over_token_id_control", main, tcv))
-        v.update(token_id_control_cohens_d=cosine_stats(full_map.reshape(S, -1), y)["cohens_d"],
+        v.update(token_id_control_cohens_d=cosine_stats(full_map, y)["cohens_d"],
                  token_id_control_unseen_token_share=float(np.mean([u for _, u in fitted])),
                  token_id_control_fitted_per_fold=control.per_fold)
     # per layer: accuracy with CI, permutation p (same shuffles), Holm; the control per layer
