@@ -132,10 +132,11 @@ class SequenceTokenExperts:
     def counts(self, rows: np.ndarray | None = None, minlength: int = 0) -> np.ndarray:
         """bincount of the keys (of `rows`), weighted by n."""
         if rows is None:
+            # a generator: the keys on disk are read one chunk at a time (a list would hold them all)
             return _chunked_bincount([(self.key[:], self.n)] if not isinstance(self.key, SpilledKeys)
-                                     else [(self.key[a:a + _BINCOUNT_CHUNK], None if self.n is None else
+                                     else ((self.key[a:a + _BINCOUNT_CHUNK], None if self.n is None else
                                             self.n[a:a + _BINCOUNT_CHUNK])
-                                           for a in range(0, len(self.key), _BINCOUNT_CHUNK)], minlength)
+                                           for a in range(0, len(self.key), _BINCOUNT_CHUNK)), minlength)
         key = self.key[rows]
         weights = None if self.n is None else self.n[rows]
         return np.bincount(key, weights=weights, minlength=minlength)
