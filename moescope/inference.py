@@ -11,8 +11,9 @@ What lives here (and nowhere else: analyses call these instead of keeping their 
   label permutations at once). Features may be fitted per fold (a callable).
 - :func:`corrected_resampled_t`: mean, 95% CI and p of per-fold values of repeated CV with the
   Nadeau-Bengio correction for overlapping training sets; :func:`paired_comparison` applies it
-  to the per-fold difference of two feature sets evaluated on the same folds.
-- :func:`mcnemar`: exact McNemar test on paired per-item correctness.
+  to the per-fold difference of two feature sets evaluated on the same folds. (No McNemar test
+  on pooled out-of-fold predictions: it treats items as independent, which tokens of one
+  sentence or pieces of one document are not, and ignores the variation between training folds.)
 - :func:`group_permutations` (labels shuffled at the group level), :func:`fold_permutations`
   (the same within each test fold: the null of a cross-validated score), :func:`permutation_p_value`
   ((1 + #null >= observed) / (1 + n)) and :func:`format_p` (states the floor as "p ≤ 1/(n+1)").
@@ -159,47 +160,57 @@ def holm(p_values: Sequence[float]) -> np.ndarray:
     return out
 
 
-def corrected_resampled_t(values: Sequence[float], n_train: float, n_test: float, level: float = 0.95) -> dict[str, float]:
+def corrected_resampled_t(values: Sequence[float], n_train: float, n_test: float, level: float = 0.95) -> dict[str, Any]:
     """Mean of per-fold values from repeated K-fold CV with a CI and a two-sided p (H0: mean 0)
     from the corrected resampled t-test (Nadeau & Bengio 2003): variance inflated by
-    (1/J + n_test/n_train) for J fold values, J - 1 degrees of freedom. Returns mean, ci_low,
-    ci_high, p_value, se. A single value gives NaN for everything but the mean; identical values
-    (zero variance) give a zero-width CI and p = 0 when they differ from 0 (every fold agrees), else 1."""
+    (1/J + n_test/n_train) for J fold values, J - 1 degrees of freedom.
+
+    Returns mean, ci_low, ci_high, p_value, se and note (None, or why p is not a t-test p).
+    A single value gives NaN for everything but the mean.
+
+    Identical fold values (zero variance) make t undefined (0/0 or x/0), and no p is given for them:
+    when they differ from 0 the CI is the point [mean, mean] and p_value is NaN (null in
+    results.json) with a note. An "infinite t" would claim p = 0, which no finite number of
+    overlapping folds can show; an exact sign test over the folds is no way out either, because
+    it assumes independent folds, and the folds of repeated CV share training (and, across
+    repeats, test) items, the very dependence the correction exists for. Identical values of 0
+    (e.g. two classifiers right on the same items of every fold) give p = 1: no evidence of a
+    difference. Either way the note says so; read the fold values or add test items.
+    """
     from scipy import stats
 
     v = np.asarray(values, dtype=float)
     J = len(v)
     mean = float(v.mean()) if J else float("nan")
+    nan = float("nan")
     if J < 2:
-        return {"mean": mean, "ci_low": float("nan"), "ci_high": float("nan"), "p_value": float("nan"), "se": float("nan")}
+        return {"mean": mean, "ci_low": nan, "ci_high": nan, "p_value": nan, "se": nan, "note": None}
+    # Identical up to rounding (differences of fold accuracies such as 0.8 - 0.7 differ in the
+    # last bits): a variance made of rounding error would give a t of 1e15, not evidence.
+    if np.ptp(v) <= 1e-12 * max(1.0, float(np.abs(v).max())):
+        v = np.full(J, mean)
     se = float(np.sqrt((1.0 / J + n_test / max(n_train, 1e-12)) * v.var(ddof=1)))
-    q = float(stats.t.ppf(0.5 + level / 2, J - 1))
     if se == 0:
-        p = 1.0 if mean == 0 else 0.0
-    else:
-        p = float(2 * stats.t.sf(abs(mean) / se, J - 1))
-    return {"mean": mean, "ci_low": mean - q * se, "ci_high": mean + q * se, "p_value": p, "se": se}
+        if mean == 0:
+            return {"mean": mean, "ci_low": mean, "ci_high": mean, "p_value": 1.0, "se": 0.0,
+                    "note": f"all {J} fold values are 0: no difference in any fold (p = 1, no t-test)"}
+        return {"mean": mean, "ci_low": mean, "ci_high": mean, "p_value": nan, "se": 0.0,
+                "note": f"all {J} fold values equal {mean:.6g}: zero variance leaves the corrected t undefined, so no "
+                        "p is given (read the fold values; more test items per fold give a testable spread)"}
+    q = float(stats.t.ppf(0.5 + level / 2, J - 1))
+    p = float(2 * stats.t.sf(abs(mean) / se, J - 1))
+    return {"mean": mean, "ci_low": mean - q * se, "ci_high": mean + q * se, "p_value": p, "se": se, "note": None}
 
 
 def paired_comparison(fold_a: Sequence[float], fold_b: Sequence[float], n_train: float, n_test: float,
-                      level: float = 0.95) -> dict[str, float]:
+                      level: float = 0.95) -> dict[str, Any]:
     """A minus B on the same folds: difference of mean per-fold scores, corrected resampled t CI
-    and two-sided p (see :func:`corrected_resampled_t`). Keys: difference, ci_low, ci_high, p_value."""
+    and two-sided p (see :func:`corrected_resampled_t`, also for the zero-variance case where p is
+    NaN). Keys: difference, ci_low, ci_high, p_value, note."""
     d = np.asarray(fold_a, dtype=float) - np.asarray(fold_b, dtype=float)
     r = corrected_resampled_t(d, n_train, n_test, level)
-    return {"difference": r["mean"], "ci_low": r["ci_low"], "ci_high": r["ci_high"], "p_value": r["p_value"]}
-
-
-def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> dict[str, float]:
-    """Exact (binomial) McNemar test on paired correctness of two classifiers on the same items.
-    Returns a_only, b_only (discordant counts), difference (accuracy A - B) and two-sided p_value."""
-    from scipy.stats import binomtest
-
-    a, b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
-    a_only, b_only = int(np.sum(a & ~b)), int(np.sum(~a & b))
-    n = a_only + b_only
-    p = float(binomtest(a_only, n, 0.5).pvalue) if n else 1.0
-    return {"a_only": a_only, "b_only": b_only, "difference": float(a.mean() - b.mean()), "p_value": p}
+    return {"difference": r["mean"], "ci_low": r["ci_low"], "ci_high": r["ci_high"], "p_value": r["p_value"],
+            "note": r["note"]}
 
 
 def cluster_bootstrap_ci(values: np.ndarray, groups: np.ndarray | None, *, n_boot: int = 2000, seed: int = 0,
