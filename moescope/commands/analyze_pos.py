@@ -28,7 +28,7 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: Any) -> None:
         cv_groups: str = typer.Option("sentence", "--cv-groups", help="'sentence': no sentence in both train and test; 'token': ungrouped."),
         seed: int = typer.Option(0, "--seed", help="Seed of the subsample, folds, shuffles, permutations and t-SNE."),
         max_tokens: int = typer.Option(20_000, "--max-tokens", help="Tokens the probe trains on at most (seeded subsample of whole sentences)."),
-        shuffles: int = typer.Option(20, "--shuffles", help="Tag shuffles: KL / Spec chance levels and shuffled-tag probes."),
+        shuffles: int = typer.Option(20, "--shuffles", help="Tag permutations of the probe's token-identity null (and shuffles of the naive KL / Spec null)."),
         permutations: Optional[int] = typer.Option(None, "--permutations", help="Permutations of the token-identity null (default: 100 x tags x layers)."),
         tsne_points: int = typer.Option(1500, "--tsne-points", help="Routing paths in the t-SNE figure (0: none)."),
         ablation: Optional[str] = typer.Option(None, "--ablation", help="Comma-separated numbers of layers to drop (default: ~1, L/4, L/2, 3L/4, L-1)."),
@@ -44,9 +44,10 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: Any) -> None:
         allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickle checkpoints (they can run code)."),
     ) -> None:
         """Predict Universal POS tags from routing paths (ridge probe, CV grouped by sentence) vs word-form, word-level,
-        majority and shuffled-tag baselines; expert specialisation and KL from uniform per POS and layer against a
-        token-identity null; t-SNE; layer ablation."""
+        majority baselines and against the probe on tags permuted within token ids; expert specialisation and KL from
+        uniform per POS and layer against a token-identity null; t-SNE; layer ablation."""
         from moescope.analysis.pos import PosParams, pos_analysis
+        from moescope.inference import format_p
         from moescope.capture.loading import LoadOptions
         from moescope.errors import MoescopeError
         from moescope.pos.pipeline import load_tagged
@@ -94,8 +95,9 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: Any) -> None:
             f"[green]POS probe[/] accuracy {v['probe_accuracy']:.3f} (macro-F1 {v['macro_f1']:.3f}); word form "
             f"{v['word_form_accuracy']:.3f} (seen ids {v['word_form_accuracy_seen']:.3f}, unseen "
             f"{v['word_form_accuracy_unseen']:.3f}), word level {v['word_level_accuracy']:.3f}, majority "
-            f"{v['majority_accuracy']:.3f}, shuffled tags {v['shuffled_probe_accuracy']:.3f}; probe - word form "
-            f"{t['difference']:+.3f} [{t['ci_low']:+.3f}, {t['ci_high']:+.3f}], p = {t['p_value']:.2g}  ->  {path}"
+            f"{v['majority_accuracy']:.3f}, tags permuted within token ids {v['token_null_probe_accuracy']:.3f} "
+            f"({format_p(v['probe_p_value_token_null'], shuffles)}); probe - word form "
+            f"{t['difference']:+.3f} [{t['ci_low']:+.3f}, {t['ci_high']:+.3f}], {format_p(t['p_value'])}  ->  {path}"
         )
 
 
