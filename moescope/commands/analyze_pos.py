@@ -28,7 +28,7 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: Any) -> None:
         cv_groups: str = typer.Option("sentence", "--cv-groups", help="'sentence': no sentence in both train and test; 'token': ungrouped."),
         seed: int = typer.Option(0, "--seed", help="Seed of the subsample, folds, shuffles, permutations and t-SNE."),
         max_tokens: int = typer.Option(20_000, "--max-tokens", help="Tokens the probe trains on at most (seeded subsample of whole sentences)."),
-        shuffles: int = typer.Option(20, "--shuffles", help="Tag permutations of the probe's token-identity null (and shuffles of the naive KL / Spec null)."),
+        shuffles: int = typer.Option(100, "--shuffles", help="Tag permutations of the probe's token-identity null (and shuffles of the naive KL / Spec null)."),
         permutations: Optional[int] = typer.Option(None, "--permutations", help="Permutations of the token-identity null (default: 100 x tags x layers)."),
         tsne_points: int = typer.Option(1500, "--tsne-points", help="Routing paths in the t-SNE figure (0: none)."),
         ablation: Optional[str] = typer.Option(None, "--ablation", help="Comma-separated numbers of layers to drop (default: ~1, L/4, L/2, 3L/4, L-1)."),
