@@ -58,7 +58,8 @@ def table(v: dict) -> str:
         f"{t['ci_high']:+.3f}], {fmt_p(t['p_value'])} | routing below word form |",
         f"| majority tag ({v['majority_tag']}) | {v['majority_accuracy']:.3f} | — |",
         f"| probe on tags permuted within token ids (its token-identity null) | "
-        f"{v['token_null_probe_accuracy']:.3f} (probe vs these: "
+        f"{v['token_null_probe_accuracy']:.3f} (first CV repeat; the probe there: "
+        f"{v['probe_token_null']['probe_accuracy']:.3f}; "
         f"{fmt_p(v['probe_p_value_token_null'], v['probe_token_null']['permutations'])}, "
         f"{v['probe_token_null']['permutations']} permutations) | — |",
         f"| KL from uniform, token-weighted mean per layer, nats | {_range(v['kl_layer_mean'])} | — |",
@@ -138,13 +139,14 @@ def probe_null(v: dict) -> str:
     """Whether the probe knows more of the tag than the token id its routing encodes."""
     n = v["probe_token_null"]["permutations"]
     p = v["probe_p_value_token_null"]
-    gap = v["probe_accuracy"] - v["token_null_probe_accuracy"]
+    real = v["probe_token_null"]["probe_accuracy"]  # the probe's accuracy in the permuted repeat
+    gap = real - v["token_null_probe_accuracy"]
     floor = ", the floor of the permutations: no permuted probe reached it" if p <= 1 / (n + 1) + 1e-12 else ""
     head = (f"- **Beyond the token id, routing {'does' if p <= 0.05 else 'does not measurably'} carry POS"
             f"{', but little' if p <= 0.05 and gap < 0.02 else ''}.** "
             f"Retrained on tags permuted among occurrences of the same token id within each test fold (the "
-            f"probe's token-identity null; {n} permutations), the probe reaches {v['token_null_probe_accuracy']:.3f} "
-            f"against its {v['probe_accuracy']:.3f} ({gap:+.3f}; {fmt_p(p, n)}{floor}). ")
+            f"probe's token-identity null; {n} permutations in the first CV repeat), the probe reaches "
+            f"{v['token_null_probe_accuracy']:.3f} against its {real:.3f} in that repeat ({gap:+.3f}; {fmt_p(p, n)}{floor}). ")
     if p <= 0.05:
         return head + ("So routing separates tags within one token id (context), although less well than a lookup "
                        "of the id separates them across ids (the word-form comparison above).")

@@ -77,7 +77,8 @@ def render(results: dict[str, Any], out_dir: Path, env: Any) -> Section:
     t = r.get("probe_minus_word_form") or {}
     paired = (f"{t.get('difference', float('nan')):+.3f} [{_f(t.get('ci_low'))}, {_f(t.get('ci_high'))}], "
               f"p = {_p(t.get('p_value'))}" + (f" ({t['note']})" if t.get("note") else ""))
-    probe_null = (f"accuracy {_f(r['token_null_probe_accuracy'])} vs {_f(r['probe_accuracy'])}, "
+    tested = (r.get("probe_token_null") or {}).get("probe_accuracy", r["probe_accuracy"])  # the permuted repeat's
+    probe_null = (f"accuracy {_f(r['token_null_probe_accuracy'])} vs the probe's {_f(tested)} in the same CV repeat, "
                   f"{format_p(r.get('probe_p_value_token_null'), (r.get('probe_token_null') or {}).get('permutations'))}")
     tags = r["tags"]
     holm = np.array([r["kl_token_null_p_value_holm"][tag] for tag in tags], dtype=float)
