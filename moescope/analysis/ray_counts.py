@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -133,6 +133,17 @@ class ShardCounting:
         count-based analyses (`fn` pure, module-level, returning mergeable counts)."""
         return map_reduce(fn, units, spec, add, initial)
 
+    def map_gather(self, units: list[Any], fn: Callable[[Any, Any], Any], spec: Any, n_parts: int) -> Iterator[list[Any]]:
+        """For p in range(n_parts), [fn(unit, spec)[p] for unit in units]: the hook for analyses
+        whose per-unit results are not counts but must be joined part by part (e.g. one MoE
+        layer at a time, :mod:`moescope.analysis.compare_map`). In process every result is
+        kept until its part is yielded; RayCounting keeps them in the object store."""
+        results = [fn(unit, spec) for unit in units]
+        for p in range(n_parts):
+            yield [r[p] for r in results]
+            for r in results:
+                r[p] = None  # the part is the caller's now
+
     # -- the counting pass of stats and signatures ---------------------------------------------------
     def count_routes(self, trace: Trace, *, phase: str = "all", scan: bool = True, transitions: bool = True,
                      weight_bins: int = 20, sequences: bool = False, bucket_edges: list[int] | None = None,
@@ -214,6 +225,45 @@ class RayCounting(ShardCounting):
         finally:
             if started_here:
                 ray.shutdown()
+
+    def map_gather(self, units: list[Any], fn: Callable[[Any, Any], Any], spec: Any, n_parts: int) -> Iterator[list[Any]]:
+        """ShardCounting.map_gather with fn run as Ray tasks (at most num_workers at a time),
+        each returning its n_parts parts as separate objects: they wait in Ray's object store
+        (spilled to disk when it fills) and the driver fetches one part of every unit at a
+        time, releasing it before the next."""
+        if n_parts == 0 or not units:
+            yield from ([] for _ in range(n_parts))
+            return
+        ray = _import_ray()
+        started_here = not ray.is_initialized()
+        if started_here:
+            ray.init(address=self.address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        try:
+            remote = ray.remote(num_cpus=1, max_retries=2, num_returns=n_parts)(_as_parts)
+            spec_ref = ray.put(spec)
+            refs: list[list[Any]] = []
+            pending: list = []
+            for unit in units:  # at most num_workers tasks running; the rest wait for a free worker
+                if len(pending) >= self.num_workers:
+                    _, pending = ray.wait(pending, num_returns=1)
+                out = remote.remote(fn, unit, spec_ref, n_parts)
+                refs.append(list(out) if n_parts > 1 else [out])
+                pending.append(refs[-1][0])
+            for p in range(n_parts):
+                yield ray.get([r[p] for r in refs])
+                for r in refs:
+                    r[p] = None  # release the part in the object store
+        finally:
+            if started_here:
+                ray.shutdown()
+
+
+def _as_parts(fn: Callable[[Any, Any], Any], unit: Any, spec: Any, n_parts: int) -> Any:
+    """fn(unit, spec) as Ray's num_returns expects it (a tuple of n_parts, or the one part)."""
+    parts = fn(unit, spec)
+    if len(parts) != n_parts:
+        raise ValueError(f"{fn.__name__} returned {len(parts)} parts, not {n_parts}")
+    return tuple(parts) if n_parts > 1 else parts[0]
 
 
 def _scan(trace: Trace, total: PartialCounts, has_w: bool, transitions: bool, weight_bins: int,
