@@ -23,7 +23,7 @@ import numpy as np
 
 from moescope.analysis.compare import Alignment
 from moescope.analysis.routing_sets import list_matrix
-from moescope.analysis.trace_pairs import RoutesFile, files_holding, group_files, read_routes, routes_files
+from moescope.analysis.trace_pairs import RoutesFile, pair_units, read_routes, routes_files
 from moescope.store.reader import Trace
 
 
@@ -49,16 +49,21 @@ class CompareSpec:
 
 def compare_units(alignment: Alignment, trace_a: Trace, trace_b: Trace, locations: tuple[str | None, str | None] = (None, None)
                   ) -> list[CompareUnit]:
-    """One unit per group of A's routes files with overlapping seq_id ranges that holds aligned tokens."""
-    files_a, files_b = routes_files(trace_a, locations[0]), routes_files(trace_b, locations[1])
+    """The units of :func:`trace_pairs.pair_units` over the aligned sequences (the same seq_id
+    in both traces), with their aligned tokens."""
+    seqs, seq_index = np.unique(alignment.seq_id, return_inverse=True)
+    found = pair_units(routes_files(trace_a, locations[0]), routes_files(trace_b, locations[1]), seqs, seqs)
+    unit_of_seq = np.full(len(seqs), -1, np.int64)
+    for u, (members, _, _) in enumerate(found):
+        unit_of_seq[members] = u
+    row_unit = unit_of_seq[seq_index.reshape(-1)]
+    by_unit = np.argsort(row_unit, kind="stable")
+    bounds = np.searchsorted(row_unit[by_unit], np.arange(len(found) + 1))
     units = []
-    for first, last, members in group_files(files_a):
-        rows = np.flatnonzero((alignment.seq_id >= first) & (alignment.seq_id <= last))
-        if not len(rows):
-            continue
-        seqs = np.unique(alignment.seq_id[rows])
+    for u, (_, files_a, files_b) in enumerate(found):
+        rows = by_unit[bounds[u]:bounds[u + 1]]
         units.append(CompareUnit(rows, alignment.seq_id[rows], alignment.pos_a[rows], alignment.pos_b[rows],
-                                 tuple(members), tuple(files_holding(files_b, seqs))))
+                                 files_a, files_b))
     return units
 
 

@@ -87,6 +87,31 @@ def files_holding(files: list[RoutesFile], seq_ids: np.ndarray) -> list[RoutesFi
     return out
 
 
+def pair_units(files_a: list[RoutesFile], files_b: list[RoutesFile], seq_a: np.ndarray, seq_b: np.ndarray
+               ) -> list[tuple[np.ndarray, tuple[RoutesFile, ...], tuple[RoutesFile, ...]]]:
+    """Units over aligned sequence pairs (pair i: A's sequence seq_a[i], B's seq_b[i]):
+    [(pair indices ascending, A's files, B's files)], one per group of the trace with fewer
+    routes files (its files with overlapping seq_id ranges joined) holding a pair, with the
+    other trace's files holding the twins. Each file of that trace is read by one unit, each
+    file of the other by the units whose sequences it holds (two when it straddles a boundary
+    of the first), never once per MoE layer."""
+    seq_a, seq_b = np.asarray(seq_a, np.int64), np.asarray(seq_b, np.int64)
+    a_leads = len(files_a) <= len(files_b)
+    lead_files, other_files = (files_a, files_b) if a_leads else (files_b, files_a)
+    lead_seq, other_seq = (seq_a, seq_b) if a_leads else (seq_b, seq_a)
+    order = np.argsort(lead_seq, kind="stable")
+    sorted_seq = lead_seq[order]
+    units = []
+    for first, last, members in group_files(lead_files):
+        lo, hi = np.searchsorted(sorted_seq, first), np.searchsorted(sorted_seq, last, side="right")
+        if lo == hi:
+            continue
+        pairs = np.sort(order[lo:hi])
+        others = tuple(files_holding(other_files, np.unique(other_seq[pairs])))
+        units.append((pairs, tuple(members), others) if a_leads else (pairs, others, tuple(members)))
+    return units
+
+
 def read_routes(files: tuple[RoutesFile, ...], columns: list[str], seq_ids: np.ndarray) -> pa.Table:
     """The rows of `seq_ids` (sorted) in `files` (each checked against the manifest), `columns`
     only (those the files have)."""
