@@ -174,6 +174,21 @@ def test_agreement_reads_each_routes_file_once(traces, monkeypatch):
     assert len(seen) < 1.5 * len(a + b) < len(LAYERS) * len(a + b)
 
 
+@pytest.mark.parametrize("extra, needle", [(["--engine", "ray", "--num-workers", "0"], "at least 1"),
+                                           (["--num-workers", "2"], "need --engine ray"),
+                                           (["--engine", "ray", "--ray-address", "127.0.0.1:1"], "cannot reach")])
+@pytest.mark.parametrize("command", ["compare", "agreement"])
+def test_engine_errors_are_one_line(traces, tmp_path, capsys, command, extra, needle):
+    """(Before the Ray cluster of this module starts: a process already connected ignores --ray-address.)"""
+    from test_cli_errors import assert_one_line_error, run_cli
+
+    b = traces["cmp_b" if command == "compare" else "agr_b"].path
+    code, err = run_cli(["analyze", command, str(traces["cmp_a"].path), str(b), "--out", str(tmp_path / "o"), *extra],
+                        capsys)
+    assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "o").exists()
+
+
 # -- on a local Ray cluster: one start for the module ---------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_cluster():
@@ -216,17 +231,3 @@ def test_on_ray_the_cli_keeps_where(traces, ray_cluster, tmp_path, capsys):
         assert_same_values(runs[name, "local"], runs[name, "ray"])
     assert runs["agreement", "ray"]["alignment"]["n_sequence_pairs"] == 7  # the odd seq ids of A but 3 (no twin)
     assert runs["compare", "ray"]["alignment"]["n_sequences"] == 8
-
-
-@pytest.mark.parametrize("extra, needle", [(["--engine", "ray", "--num-workers", "0"], "at least 1"),
-                                           (["--num-workers", "2"], "need --engine ray"),
-                                           (["--engine", "ray", "--ray-address", "127.0.0.1:1"], "cannot reach")])
-@pytest.mark.parametrize("command", ["compare", "agreement"])
-def test_engine_errors_are_one_line(traces, tmp_path, capsys, command, extra, needle):
-    from test_cli_errors import assert_one_line_error, run_cli
-
-    b = traces["cmp_b" if command == "compare" else "agr_b"].path
-    code, err = run_cli(["analyze", command, str(traces["cmp_a"].path), str(b), "--out", str(tmp_path / "o"), *extra],
-                        capsys)
-    assert_one_line_error(code, err, needle)
-    assert not (tmp_path / "o").exists()

@@ -209,9 +209,7 @@ class RayCounting(ShardCounting):
         at most num_workers at a time; `add(total, part)` runs in the driver as results arrive.
         `fn` must be pure and importable by the workers (a module-level function)."""
         ray = _import_ray()
-        started_here = not ray.is_initialized()
-        if started_here:
-            ray.init(address=self.address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        started_here = _connect(ray, self.address)
         try:
             remote = ray.remote(num_cpus=1, max_retries=2)(fn)
             spec_ref = ray.put(spec)
@@ -235,9 +233,7 @@ class RayCounting(ShardCounting):
             yield from ([] for _ in range(n_parts))
             return
         ray = _import_ray()
-        started_here = not ray.is_initialized()
-        if started_here:
-            ray.init(address=self.address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        started_here = _connect(ray, self.address)
         try:
             remote = ray.remote(num_cpus=1, max_retries=2, num_returns=n_parts)(_as_parts)
             spec_ref = ray.put(spec)
@@ -287,6 +283,46 @@ def _scan(trace: Trace, total: PartialCounts, has_w: bool, transitions: bool, we
         weight_mean=None if whist is None else (total.weight_total if total.weight_total is not None
                                                 else np.zeros(L * k)).reshape(L, k) / np.maximum(whist.sum(axis=2), 1),
         weight_bins=weight_bins, weight_max=weight_max)
+
+
+def _connect(ray: Any, address: str | None) -> bool:
+    """Join `address` (None: the running cluster, else a new local one) unless this process is
+    already connected; True when it connected here (and so must disconnect). MoescopeError in
+    one line for a cluster that does not answer (a host:port is probed first, so a wrong address
+    fails in seconds rather than after Ray's own retries)."""
+    if ray.is_initialized():
+        return False
+    if address and address not in ("auto", "local"):
+        import socket
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(address if "://" in address else f"ray://{address}")
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if not parts.hostname or port is None:
+            raise MoescopeError(f"--ray-address {address!r} is not host:port (or ray://host:port, or auto)")
+        try:
+            socket.create_connection((parts.hostname, port), timeout=5).close()
+        except OSError as exc:
+            raise MoescopeError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); start it with "
+                                "`ray start --head` or fix --ray-address") from None
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise MoescopeError(f"cannot reach the Ray cluster at {address or 'a new local cluster'} "
+                            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    return True
+
+
+def engine_for_pair(engine: str, num_workers: int = 1, address: str | None = None, shards_at_a: str | None = None,
+                    shards_at_b: str | None = None) -> tuple[ShardCounting | None, tuple[str | None, str | None]]:
+    """The counting engine and the shard locations of a two-trace command (compare, agreement):
+    --engine/--num-workers/--ray-address as for one trace, --shards-at-a/--shards-at-b per trace."""
+    if engine == "local" and (shards_at_a or shards_at_b):
+        raise MoescopeError("--shards-at-a and --shards-at-b need --engine ray")
+    return engine_for(engine, num_workers, address), (shards_at_a, shards_at_b)
 
 
 def _import_ray() -> Any:
