@@ -154,16 +154,19 @@ class ShardCounting:
         edges = np.asarray(sorted(set([0] + [int(e) for e in bucket_edges or []])), dtype=np.int64)
         use_tokens = token_experts and trace.has("tokens")
         units = shard_units(trace, self.location)
+        # --where: the driver's views hold the selected sequences only; the workers read whole shards
+        selected = (np.asarray(trace.selected_seq_ids.to_numpy(zero_copy_only=False), np.int64)
+                    if trace.where is not None else None)
         w_max = 1.0
         if has_w:  # the histograms' range (routing_counts.weight_range), from a first map over the shards
-            extremes = self.map_shards(units, weight_extremes, None, np.fmax, np.array([np.nan, np.nan]))
+            extremes = self.map_shards(units, weight_extremes, selected, np.fmax, np.array([np.nan, np.nan]))
             w_max = rc.weight_range_of([float(x) for x in extremes if not np.isnan(x)])
         spec = CountSpec(
             n_experts=E, top_k=k, layer_index=rc.layer_index(trace), phase=phase,
             phase_filter=rc.needs_phase_filter(trace, phase), scan=scan, transitions=transitions, weights=has_w,
             weight_bins=weight_bins, token_experts=use_tokens, weight_max=w_max,
             sequences=sequences, edges=edges,
-            only=None if sequence_ids is None else np.asarray(sequence_ids, np.int64))
+            only=None if sequence_ids is None else np.asarray(sequence_ids, np.int64), selected=selected)
         # The driver reads only the manifest here: each task finds its own sequences.
         reducer = self.map_shards(units, count_shard, spec,
                                   lambda total, part: total.add(part), _Reducer())
