@@ -214,6 +214,21 @@ def test_on_ray_compare_and_agreement_equal_the_single_process_run(traces, ray_c
         assert_same_values(single_agr, _agree(a, r, locations=(uris[0], f"file://{os.path.abspath(r.path)}")))
 
 
+def test_on_ray_a_damaged_copy_stops_with_its_path(traces, ray_cluster, tmp_path):
+    """--shards-at-b pointing at a copy with one damaged shard: the task's TraceError, one line."""
+    import shutil
+
+    from moescope.errors import TraceError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(traces["agr_b"].path, copy)
+    victim = sorted((copy / "routes").glob("*.parquet"))[0]
+    victim.write_bytes(victim.read_bytes()[:-9] + b"corrupted")
+    with use_engine(RayCounting(num_workers=2)), pytest.raises(TraceError, match="SHA-256") as err:
+        _agree(traces["cmp_a"], traces["agr_b"], locations=(None, str(copy)))
+    assert len(str(err.value).splitlines()) == 1
+
+
 def test_on_ray_the_cli_keeps_where(traces, ray_cluster, tmp_path, capsys):
     """`--where` selects the sequences on Ray as in process (compare and agreement, one CLI run each)."""
     from test_cli_errors import run_cli

@@ -219,7 +219,7 @@ class RayCounting(ShardCounting):
 
             def wait(pending: list) -> tuple[list, list]:
                 done, rest = ray.wait(pending, num_returns=1)
-                return ray.get(done), rest
+                return _get(ray, done), rest
 
             return map_reduce(fn, units, spec_ref, add, initial, submit=lambda unit, s: remote.remote(unit, s), wait=wait,
                               in_flight=self.num_workers)
@@ -249,7 +249,7 @@ class RayCounting(ShardCounting):
                 refs.append(list(out) if n_parts > 1 else [out])
                 pending.append(refs[-1][0])
             for p in range(n_parts):
-                yield ray.get([r[p] for r in refs])
+                yield _get(ray, [r[p] for r in refs])
                 for r in refs:
                     r[p] = None  # release the part in the object store
         finally:
@@ -286,6 +286,18 @@ def _scan(trace: Trace, total: PartialCounts, has_w: bool, transitions: bool, we
         weight_mean=None if whist is None else (total.weight_total if total.weight_total is not None
                                                 else np.zeros(L * k)).reshape(L, k) / np.maximum(whist.sum(axis=2), 1),
         weight_bins=weight_bins, weight_max=weight_max)
+
+
+def _get(ray: Any, refs: list) -> list:
+    """ray.get, re-raising a task's MoescopeError (e.g. a damaged shard) as itself: one line,
+    not Ray's wrapper with the worker's traceback."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, MoescopeError):
+            raise cause from None
+        raise
 
 
 def _connect(ray: Any, address: str | None) -> bool:
