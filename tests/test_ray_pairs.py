@@ -178,6 +178,8 @@ def test_agreement_reads_each_routes_file_once(traces, monkeypatch):
 
 @pytest.mark.parametrize("extra, needle", [(["--engine", "ray", "--num-workers", "0"], "at least 1"),
                                            (["--num-workers", "2"], "need --engine ray"),
+                                           (["--shards-at-b", "/elsewhere"], "need --engine ray"),
+                                           (["--engine", "ray", "--ray-address", "nonsense"], "host:port"),
                                            (["--engine", "ray", "--ray-address", "127.0.0.1:1"], "cannot reach")])
 @pytest.mark.parametrize("command", ["compare", "agreement"])
 def test_engine_errors_are_one_line(traces, tmp_path, capsys, command, extra, needle):
