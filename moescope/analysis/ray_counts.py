@@ -138,7 +138,7 @@ class ShardCounting:
         whose per-unit results are not counts but must be joined part by part (e.g. one MoE
         layer at a time, :mod:`moescope.analysis.compare_map`). In process every result is
         kept until its part is yielded; RayCounting keeps them in the object store."""
-        results = [fn(unit, spec) for unit in units]
+        results = [list(fn(unit, spec)) for unit in units]
         for p in range(n_parts):
             yield [r[p] for r in results]
             for r in results:
