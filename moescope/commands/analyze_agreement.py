@@ -33,7 +33,7 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None
         trace_b: Path = typer.Argument(..., help="Second trace of the same model over the same tokens (e.g. its replay)."),
         out: Path = typer.Option(..., "--out", help="Directory for results.json and figures/."),
         engine: str = typer.Option("local", "--engine", help=PAIR_ENGINE_HELP["engine"]),
-        num_workers: int = typer.Option(1, "--num-workers", help=ENGINE_HELP["num_workers"]),
+        num_workers: int = typer.Option(1, "--num-workers", help=PAIR_ENGINE_HELP["num_workers"]),
         ray_address: Optional[str] = typer.Option(None, "--ray-address", help=ENGINE_HELP["address"]),
         shards_at_a: Optional[str] = typer.Option(None, "--shards-at-a", help=PAIR_ENGINE_HELP["shards_at_a"]),
         shards_at_b: Optional[str] = typer.Option(None, "--shards-at-b", help=PAIR_ENGINE_HELP["shards_at_b"]),

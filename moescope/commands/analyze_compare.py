@@ -13,6 +13,7 @@ from moescope.commands.analyze_core import ENGINE_HELP
 console = Console(stderr=True)
 PAIR_ENGINE_HELP = {  # --engine ray for two traces (moescope.analysis.compare_map, agreement_run)
     "engine": "'local' (this process) or 'ray' (the routes read by Ray tasks, one range of sequences each).",
+    "num_workers": "Ray: tasks running at once (one CPU each; a task reads one range of sequences).",
     "shards_at_a": "Ray: where workers read trace A's shards, if not at its path (shared mount, s3://, gs://, file://).",
     "shards_at_b": "Ray: the same for trace B.",
 }
@@ -58,7 +59,7 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None
         seed: int = typer.Option(0, "--seed", help="Seed of the cross-fitting halves and shuffles."),
         shuffles: int = typer.Option(20, "--shuffles", help="Shuffles of each chance level (matched chance, token-id null)."),
         engine: str = typer.Option("local", "--engine", help=PAIR_ENGINE_HELP["engine"]),
-        num_workers: int = typer.Option(1, "--num-workers", help=ENGINE_HELP["num_workers"]),
+        num_workers: int = typer.Option(1, "--num-workers", help=PAIR_ENGINE_HELP["num_workers"]),
         ray_address: Optional[str] = typer.Option(None, "--ray-address", help=ENGINE_HELP["address"]),
         shards_at_a: Optional[str] = typer.Option(None, "--shards-at-a", help=PAIR_ENGINE_HELP["shards_at_a"]),
         shards_at_b: Optional[str] = typer.Option(None, "--shards-at-b", help=PAIR_ENGINE_HELP["shards_at_b"]),
