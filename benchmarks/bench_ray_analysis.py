@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--trace", type=Path, default=ROOT / "runs" / "bench-ray-analysis")
     ap.add_argument("--keep", action="store_true", help="leave the trace on disk")
     ap.add_argument("--reuse", action="store_true", help="use a complete trace already at --trace")
+    ap.add_argument("--no-count", action="store_true", help="time the whole statistics only (the counting pass "
+                    "is inside it): half the passes over the trace")
     args = ap.parse_args()
     if args.rows is None:
         args.rows = 20_000_000 if args.analysis == "compare" else 200_000_000
@@ -76,6 +78,7 @@ def main() -> None:
     from moescope.analysis.ray_counts import RayCounting
     from moescope.analysis.routing_counts import count_routes
     from moescope.analysis.stats import routing_statistics
+    from moescope.inference import default_jobs
     from moescope.testing.synthetic import stream_trace
 
     if not (args.reuse and (args.trace / "manifest.json").exists()):
@@ -93,19 +96,21 @@ def main() -> None:
         for rep in range(args.reps):
             for workers in ((1, 2) if rep % 2 == 0 else (2, 1)):
                 with use_engine(RayCounting(num_workers=workers)):
-                    t, counts = timed(lambda: count_routes(trace, phase="all", sequences=True,
-                                                           token_experts=trace.has("tokens")))
-                    times[workers]["count"].append(t)
-                    loads[workers] = counts.scan.pairs
-                    t, _ = timed(lambda: routing_statistics(trace, label="label", permutations=args.permutations,
-                                                            figures=False))
+                    if not args.no_count:
+                        t, counts = timed(lambda: count_routes(trace, phase="all", sequences=True,
+                                                               token_experts=trace.has("tokens")))
+                        times[workers]["count"].append(t)
+                    # the driver's evaluation as the CLI runs it (--jobs 0: a thread per core), same in both
+                    t, res = timed(lambda: routing_statistics(trace, label="label", permutations=args.permutations,
+                                                              figures=False, n_jobs=default_jobs()))
                     times[workers]["stats"].append(t)
-                print(f"rep {rep}, {workers} worker(s): count {times[workers]['count'][-1]:.1f} s, "
+                    loads[workers] = np.asarray(res.values["load"]["counts"])
+                print(f"rep {rep}, {workers} worker(s): count {(times[workers]['count'] or [float('nan')])[-1]:.1f} s, "
                       f"statistics {times[workers]['stats'][-1]:.1f} s", flush=True)
     finally:
         ray.shutdown()
     assert np.array_equal(loads[1], loads[2]), "1 and 2 workers counted differently"
-    med = {w: {k: statistics.median(v) for k, v in d.items()} for w, d in times.items()}
+    med = {w: {k: statistics.median(v) if v else float("nan") for k, v in d.items()} for w, d in times.items()}
     result = {"rows": n_rows, "shards": n_shards, "reps": args.reps, "permutations": args.permutations,
               "cpus": os.cpu_count(), "seconds": times, "median_seconds": med,
               "speedup_count": med[1]["count"] / med[2]["count"], "speedup_stats": med[1]["stats"] / med[2]["stats"],

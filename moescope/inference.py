@@ -234,14 +234,25 @@ def wilcoxon_signed_rank(a: Sequence[float], b: Sequence[float] | None = None) -
             "rank_biserial": rb}
 
 
+def default_jobs() -> int:
+    """Threads for the analyses' parallel parts when the user does not say: one per core this
+    process may use, at most 8 (the folds are small; more threads only contend)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores))
+
+
 # -- the classifier: ridge with nested leave-one-group-out tuning ---------------------------------
 @dataclass
 class CVResult:
     """Out-of-fold results of :func:`ridge_cv` for the real labels (set 0) and any label
-    permutations (sets 1..P), on R repeats x K folds.
+    permutations (sets 1..P), on R repeats x K folds; the permutations run in the first
+    `permuted_repeats` repeats (all R by default; the others hold the real labels only).
 
-    predictions: (R, P+1, S) predicted class index; fold_accuracy: (R, K, P+1); alpha_factor:
-    (R, K) chosen penalty factor for the real labels; classes: label names (index -> name)."""
+    predictions: (R, P+1, S) predicted class index (-1 where a repeat has no permutations);
+    fold_accuracy: (R, K, P+1) (NaN there); alpha_factor: (R, K) chosen penalty factor for the
+    real labels; classes: label names (index -> name)."""
 
     predictions: np.ndarray
     fold_accuracy: np.ndarray
@@ -280,17 +291,25 @@ class CVResult:
 
     @property
     def null_accuracy(self) -> np.ndarray:
-        """(P,) accuracy (mean over repeats) of each label permutation."""
-        perm = self.predictions[:, 1:, :]
+        """(P,) accuracy (mean over the permuted repeats) of each label permutation."""
+        Rp = len(self._perm_y)
+        perm = self.predictions[:Rp, 1:, :]
         return np.mean(perm == self._perm_y, axis=(0, 2)) if perm.shape[1] else np.zeros(0)
 
     _perm_y: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), int))
 
     @property
+    def tested_accuracy(self) -> float:
+        """The real labels' accuracy over the repeats that carry permutations: the statistic the
+        permutation p compares with its null (the identical statistic for every label set)."""
+        return float(self.repeat_accuracy[:max(len(self._perm_y), 1)].mean())
+
+    @property
     def p_value(self) -> float | None:
-        """Permutation p of the real accuracy against the label-permutation accuracies."""
+        """Permutation p of the real accuracy against the label-permutation accuracies (both over
+        the same repeats, :attr:`tested_accuracy`)."""
         null = self.null_accuracy
-        return permutation_p_value(self.accuracy, null) if len(null) else None
+        return permutation_p_value(self.tested_accuracy, null) if len(null) else None
 
     def pooled_predictions(self, repeat: int = 0) -> np.ndarray:
         """Class names predicted out of fold in one repeat (every item once)."""
@@ -401,9 +420,12 @@ def ridge_cv(features: Features, y: np.ndarray, splits: list[list[Split]], *, gr
     (skip with standardize=False, e.g. for tf-idf) and chooses the penalty from `alpha_factors`
     (times the mean squared singular value of the training features) by the exact
     leave-one-group-out squared error within the training fold (leave-one-out without groups).
-    Every label set in `permuted_labels` ((R, P, S) one set of P per repeat, e.g.
-    :func:`fold_permutations`, or (P, S) for all repeats) goes through the identical procedure
-    on the same folds, tuned on its own; the null accuracy of permutation p is its mean over repeats.
+    Every label set in `permuted_labels` ((R', P, S) one set of P per repeat for the first
+    R' <= R repeats, e.g. :func:`fold_permutations` of ``splits[:R']``, or (P, S) for all
+    repeats) goes through the identical procedure on the same folds, tuned on its own; the
+    permutation p compares the real labels' accuracy over those R' repeats with the permuted
+    sets' (:attr:`CVResult.tested_accuracy`). R' = 1 tests the first repeat's accuracy: a
+    valid test at 1/R of the cost, while the accuracy and its CI still use every repeat.
 
     Args:
         features: (S, p) dense or sparse, or a callable (split_index, train_idx, test_idx) ->
@@ -420,13 +442,20 @@ def ridge_cv(features: Features, y: np.ndarray, splits: list[list[Split]], *, gr
     perm = np.asarray(permuted_labels) if permuted_labels is not None else np.zeros((0, len(y)))
     if perm.ndim == 2:
         perm = np.broadcast_to(perm, (R,) + perm.shape)
+    if len(perm) > R:
+        raise ValueError(f"permuted_labels has {len(perm)} repeats, the splits {R}")
+    Rp = len(perm) if perm.size else 0  # repeats carrying permutations: the first Rp
     perm_i = np.searchsorted(classes, perm) if perm.size else np.zeros((R, 0, len(y)), int)
-    sets = np.concatenate([np.broadcast_to(yi, (R, 1, len(y))), perm_i], axis=1)  # (R, n_sets, S)
-    n_sets = sets.shape[1]
+    P = perm_i.shape[1]
+    real = np.broadcast_to(yi, (1, len(y)))
 
-    def onehot(r: int, idx: np.ndarray) -> np.ndarray:
+    def label_sets(r: int) -> np.ndarray:
+        return np.concatenate([real, perm_i[r]]) if r < Rp else real  # (n_sets of repeat r, S)
+
+    def onehot(sets: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        n_sets = len(sets)
         out = np.zeros((len(idx), n_sets * C))
-        out[np.arange(len(idx))[:, None], np.arange(n_sets)[None, :] * C + sets[r][:, idx].T] = 1.0
+        out[np.arange(len(idx))[:, None], np.arange(n_sets)[None, :] * C + sets[:, idx].T] = 1.0
         return out
 
     g_all = _groups_or_items(groups, len(y))
@@ -445,8 +474,9 @@ def ridge_cv(features: Features, y: np.ndarray, splits: list[list[Split]], *, gr
             Xte = Xte.toarray() if hasattr(Xte, "toarray") else np.asarray(Xte, dtype=np.float64)
             mu = Xtr.mean(axis=0)
             Z, Zte = Xtr - mu, Xte - mu
-        scores, best = _fit_fold(Z, Zte, onehot(j // K, tr), g_all[tr], n_sets, alpha_factors)
-        pred = scores.reshape(len(te), n_sets, C).argmax(axis=2).T  # (n_sets, nte)
+        sets = label_sets(j // K)
+        scores, best = _fit_fold(Z, Zte, onehot(sets, tr), g_all[tr], len(sets), alpha_factors)
+        pred = scores.reshape(len(te), len(sets), C).argmax(axis=2).T  # (n_sets, nte)
         return te, pred, best
 
     flat = [sp for rep in splits for sp in rep]
@@ -456,18 +486,18 @@ def ridge_cv(features: Features, y: np.ndarray, splits: list[list[Split]], *, gr
         results = Parallel(n_jobs=n_jobs, prefer="threads")(delayed(one)(j, sp) for j, sp in enumerate(flat))
     else:
         results = [one(j, sp) for j, sp in enumerate(flat)]
-    predictions = np.empty((R, n_sets, len(y)), dtype=np.int64)
-    fold_acc = np.empty((R, K, n_sets))
+    predictions = np.full((R, 1 + P, len(y)), -1, dtype=np.int64)
+    fold_acc = np.full((R, K, 1 + P), np.nan)
     sizes = np.empty((R, K))
     alpha = np.empty((R, K))
     for j, (te, pred, best) in enumerate(results):
         r, k = divmod(j, K)
-        predictions[r][:, te] = pred
-        fold_acc[r, k] = np.mean(pred == sets[r][:, te], axis=1)
+        predictions[r][:len(pred), te] = pred
+        fold_acc[r, k, :len(pred)] = np.mean(pred == label_sets(r)[:, te], axis=1)
         sizes[r, k] = len(te)
         alpha[r, k] = np.asarray(alpha_factors)[best[0]]
     res = CVResult(predictions, fold_acc, sizes, alpha, classes, yi)
-    res._perm_y = sets[:, 1:]
+    res._perm_y = perm_i[:Rp]
     return res
 
 
