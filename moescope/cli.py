@@ -1,7 +1,8 @@
 """The `moescope` command line: thin wiring of the library's layers.
 
 Each command group lives in ``moescope/commands/<name>.py`` and exposes
-``register(app, analyze_app=..., experiment_app=...)``; modules are discovered automatically.
+``register(app, analyze_app=..., experiment_app=...)``; modules are discovered automatically
+(those named ``_*`` hold pieces the commands share, such as ``_model_options``).
 Errors the user can fix (``MoescopeError``) print one line and exit non-zero.
 """
 from __future__ import annotations
@@ -42,6 +43,8 @@ def _register_commands() -> None:
 
     # Every module in moescope/commands/ adds its commands; heavy imports stay inside them.
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):  # shared pieces of the commands (e.g. _model_options), not commands
+            continue
         module = importlib.import_module(f"moescope.commands.{info.name}")
         module.register(app, analyze_app=analyze_app, experiment_app=experiment_app)
     from moescope.store.selection import add_where_option

@@ -44,6 +44,7 @@ def run_demo(
     from moescope.analysis.stats import routing_statistics
     from moescope.capture.dataset import RunOptions, capture_dataset
     from moescope.capture.loading import LoadOptions, load_model
+    from moescope.inference import default_jobs
     from moescope.report.html import write_report
     from moescope.store.reader import open_trace
 
@@ -69,11 +70,13 @@ def run_demo(
             loaded, tokenizer, data, out / f"trace-{name}", run=run, model_name=result.model))
 
     tasks = open_trace(out / "trace-tasks")
-    stage("routing statistics", lambda: routing_statistics(tasks, label="label").save(out / "stats-tasks"))
+    stage("routing statistics", lambda: routing_statistics(tasks, label="label", n_jobs=default_jobs())
+                                           .save(out / "stats-tasks"))
     for name in sets:
         trace = open_trace(out / f"trace-{name}")
         sig = stage(f"routing signatures ({name})",
-                    lambda trace=trace: routing_signatures(trace, label="label", permutations=permutations))
+                    lambda trace=trace: routing_signatures(trace, label="label", permutations=permutations,
+                                                                   n_jobs=default_jobs()))
         sig.save(out / f"signatures-{name}")
         result.signatures[name] = sig.values
     stage("report", lambda: write_report([out], result.report))

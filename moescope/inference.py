@@ -11,8 +11,9 @@ What lives here (and nowhere else: analyses call these instead of keeping their 
   label permutations at once). Features may be fitted per fold (a callable).
 - :func:`corrected_resampled_t`: mean, 95% CI and p of per-fold values of repeated CV with the
   Nadeau-Bengio correction for overlapping training sets; :func:`paired_comparison` applies it
-  to the per-fold difference of two feature sets evaluated on the same folds.
-- :func:`mcnemar`: exact McNemar test on paired per-item correctness.
+  to the per-fold difference of two feature sets evaluated on the same folds. (No McNemar test
+  on pooled out-of-fold predictions: it treats items as independent, which tokens of one
+  sentence or pieces of one document are not, and ignores the variation between training folds.)
 - :func:`group_permutations` (labels shuffled at the group level), :func:`fold_permutations`
   (the same within each test fold: the null of a cross-validated score), :func:`permutation_p_value`
   ((1 + #null >= observed) / (1 + n)) and :func:`format_p` (states the floor as "p ≤ 1/(n+1)").
@@ -195,47 +196,57 @@ def holm(p_values: Sequence[float]) -> np.ndarray:
     return out
 
 
-def corrected_resampled_t(values: Sequence[float], n_train: float, n_test: float, level: float = 0.95) -> dict[str, float]:
+def corrected_resampled_t(values: Sequence[float], n_train: float, n_test: float, level: float = 0.95) -> dict[str, Any]:
     """Mean of per-fold values from repeated K-fold CV with a CI and a two-sided p (H0: mean 0)
     from the corrected resampled t-test (Nadeau & Bengio 2003): variance inflated by
-    (1/J + n_test/n_train) for J fold values, J - 1 degrees of freedom. Returns mean, ci_low,
-    ci_high, p_value, se. A single value gives NaN for everything but the mean; identical values
-    (zero variance) give a zero-width CI and p = 0 when they differ from 0 (every fold agrees), else 1."""
+    (1/J + n_test/n_train) for J fold values, J - 1 degrees of freedom.
+
+    Returns mean, ci_low, ci_high, p_value, se and note (None, or why p is not a t-test p).
+    A single value gives NaN for everything but the mean.
+
+    Identical fold values (zero variance) make t undefined (0/0 or x/0), and no p is given for them:
+    when they differ from 0 the CI is the point [mean, mean] and p_value is NaN (null in
+    results.json) with a note. An "infinite t" would claim p = 0, which no finite number of
+    overlapping folds can show; an exact sign test over the folds is no way out either, because
+    it assumes independent folds, and the folds of repeated CV share training (and, across
+    repeats, test) items, the very dependence the correction exists for. Identical values of 0
+    (e.g. two classifiers right on the same items of every fold) give p = 1: no evidence of a
+    difference. Either way the note says so; read the fold values or add test items.
+    """
     from scipy import stats
 
     v = np.asarray(values, dtype=float)
     J = len(v)
     mean = float(v.mean()) if J else float("nan")
+    nan = float("nan")
     if J < 2:
-        return {"mean": mean, "ci_low": float("nan"), "ci_high": float("nan"), "p_value": float("nan"), "se": float("nan")}
+        return {"mean": mean, "ci_low": nan, "ci_high": nan, "p_value": nan, "se": nan, "note": None}
+    # Identical up to rounding (differences of fold accuracies such as 0.8 - 0.7 differ in the
+    # last bits): a variance made of rounding error would give a t of 1e15, not evidence.
+    if np.ptp(v) <= 1e-12 * max(1.0, float(np.abs(v).max())):
+        v = np.full(J, mean)
     se = float(np.sqrt((1.0 / J + n_test / max(n_train, 1e-12)) * v.var(ddof=1)))
-    q = float(stats.t.ppf(0.5 + level / 2, J - 1))
     if se == 0:
-        p = 1.0 if mean == 0 else 0.0
-    else:
-        p = float(2 * stats.t.sf(abs(mean) / se, J - 1))
-    return {"mean": mean, "ci_low": mean - q * se, "ci_high": mean + q * se, "p_value": p, "se": se}
+        if mean == 0:
+            return {"mean": mean, "ci_low": mean, "ci_high": mean, "p_value": 1.0, "se": 0.0,
+                    "note": f"all {J} fold values are 0: no difference in any fold (p = 1, no t-test)"}
+        return {"mean": mean, "ci_low": mean, "ci_high": mean, "p_value": nan, "se": 0.0,
+                "note": f"all {J} fold values equal {mean:.6g}: zero variance leaves the corrected t undefined, so no "
+                        "p is given (read the fold values; more test items per fold give a testable spread)"}
+    q = float(stats.t.ppf(0.5 + level / 2, J - 1))
+    p = float(2 * stats.t.sf(abs(mean) / se, J - 1))
+    return {"mean": mean, "ci_low": mean - q * se, "ci_high": mean + q * se, "p_value": p, "se": se, "note": None}
 
 
 def paired_comparison(fold_a: Sequence[float], fold_b: Sequence[float], n_train: float, n_test: float,
-                      level: float = 0.95) -> dict[str, float]:
+                      level: float = 0.95) -> dict[str, Any]:
     """A minus B on the same folds: difference of mean per-fold scores, corrected resampled t CI
-    and two-sided p (see :func:`corrected_resampled_t`). Keys: difference, ci_low, ci_high, p_value."""
+    and two-sided p (see :func:`corrected_resampled_t`, also for the zero-variance case where p is
+    NaN). Keys: difference, ci_low, ci_high, p_value, note."""
     d = np.asarray(fold_a, dtype=float) - np.asarray(fold_b, dtype=float)
     r = corrected_resampled_t(d, n_train, n_test, level)
-    return {"difference": r["mean"], "ci_low": r["ci_low"], "ci_high": r["ci_high"], "p_value": r["p_value"]}
-
-
-def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> dict[str, float]:
-    """Exact (binomial) McNemar test on paired correctness of two classifiers on the same items.
-    Returns a_only, b_only (discordant counts), difference (accuracy A - B) and two-sided p_value."""
-    from scipy.stats import binomtest
-
-    a, b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
-    a_only, b_only = int(np.sum(a & ~b)), int(np.sum(~a & b))
-    n = a_only + b_only
-    p = float(binomtest(a_only, n, 0.5).pvalue) if n else 1.0
-    return {"a_only": a_only, "b_only": b_only, "difference": float(a.mean() - b.mean()), "p_value": p}
+    return {"difference": r["mean"], "ci_low": r["ci_low"], "ci_high": r["ci_high"], "p_value": r["p_value"],
+            "note": r["note"]}
 
 
 def cluster_bootstrap_ci(values: np.ndarray, groups: np.ndarray | None, *, n_boot: int = 2000, seed: int = 0,
@@ -270,15 +281,26 @@ def wilcoxon_signed_rank(a: Sequence[float], b: Sequence[float] | None = None) -
             "rank_biserial": rb}
 
 
+def default_jobs() -> int:
+    """Threads for the analyses' parallel parts when the user does not say: one per core this
+    process may use, at most 8 (the folds are small; more threads only contend)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores))
+
+
 # -- the classifier: ridge with nested leave-one-group-out tuning ---------------------------------
 @dataclass
 class CVResult:
     """Out-of-fold results of :func:`ridge_cv` for the real labels (set 0) and any label
-    permutations (sets 1..P), on R repeats x K folds.
+    permutations (sets 1..P), on R repeats x K folds; the permutations run in the first
+    `permuted_repeats` repeats (all R by default; the others hold the real labels only).
 
-    predictions: (R, P+1, S) predicted class index (R, 1, S) when ridge_cv kept only the real
-    labels' (above KEEP_PREDICTIONS_MAX); fold_accuracy: (R, K, P+1); alpha_factor: (R, K) chosen
-    penalty factor for the real labels; classes: label names (index -> name)."""
+    predictions: (R, P+1, S) predicted class index (-1 where a repeat has no permutations), or
+    (R, 1, S) when ridge_cv kept only the real labels' (above KEEP_PREDICTIONS_MAX);
+    fold_accuracy: (R, K, P+1) (NaN there); alpha_factor: (R, K) chosen penalty factor for the
+    real labels; classes: label names (index -> name)."""
 
     predictions: np.ndarray
     fold_accuracy: np.ndarray
@@ -317,10 +339,11 @@ class CVResult:
 
     @property
     def null_accuracy(self) -> np.ndarray:
-        """(P,) accuracy (mean over repeats) of each label permutation."""
+        """(P,) accuracy (mean over the permuted repeats) of each label permutation."""
         if self._null_accuracy is not None:
             return self._null_accuracy
-        perm = self.predictions[:, 1:, :]
+        Rp = len(self._perm_y)
+        perm = self.predictions[:Rp, 1:, :]
         return np.mean(perm == self._perm_y, axis=(0, 2)) if perm.shape[1] else np.zeros(0)
 
     _perm_y: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), int))
@@ -328,10 +351,17 @@ class CVResult:
     _null_accuracy: np.ndarray | None = None
 
     @property
+    def tested_accuracy(self) -> float:
+        """The real labels' accuracy over the repeats that carry permutations: the statistic the
+        permutation p compares with its null (the identical statistic for every label set)."""
+        return float(self.repeat_accuracy[:max(len(self._perm_y), 1)].mean())
+
+    @property
     def p_value(self) -> float | None:
-        """Permutation p of the real accuracy against the label-permutation accuracies."""
+        """Permutation p of the real accuracy against the label-permutation accuracies (both over
+        the same repeats, :attr:`tested_accuracy`)."""
         null = self.null_accuracy
-        return permutation_p_value(self.accuracy, null) if len(null) else None
+        return permutation_p_value(self.tested_accuracy, null) if len(null) else None
 
     def pooled_predictions(self, repeat: int = 0) -> np.ndarray:
         """Class names predicted out of fold in one repeat (every item once)."""
@@ -442,9 +472,12 @@ def ridge_cv(features: Features, y: np.ndarray, splits: list[list[Split]], *, gr
     (skip with standardize=False, e.g. for tf-idf) and chooses the penalty from `alpha_factors`
     (times the mean squared singular value of the training features) by the exact
     leave-one-group-out squared error within the training fold (leave-one-out without groups).
-    Every label set in `permuted_labels` ((R, P, S) one set of P per repeat, e.g.
-    :func:`fold_permutations`, or (P, S) for all repeats) goes through the identical procedure
-    on the same folds, tuned on its own; the null accuracy of permutation p is its mean over repeats.
+    Every label set in `permuted_labels` ((R', P, S) one set of P per repeat for the first
+    R' <= R repeats, e.g. :func:`fold_permutations` of ``splits[:R']``, or (P, S) for all
+    repeats) goes through the identical procedure on the same folds, tuned on its own; the
+    permutation p compares the real labels' accuracy over those R' repeats with the permuted
+    sets' (:attr:`CVResult.tested_accuracy`). R' = 1 tests the first repeat's accuracy: a
+    valid test at 1/R of the cost, while the accuracy and its CI still use every repeat.
     `permuted_labels` may be a :class:`PermutedLabels` (fold_permutations(..., as_codes=True)).
 
     Memory: when the training folds have many more rows than features (or the features are a
@@ -475,16 +508,21 @@ def ridge_cv(features: Features, y: np.ndarray, splits: list[list[Split]], *, gr
         perm_i = np.searchsorted(classes, perm).astype(codes) if perm.size else np.zeros((R, 0, len(y)), codes)
     if perm_i.ndim == 2:
         perm_i = np.broadcast_to(perm_i, (R,) + perm_i.shape)
-    n_sets = 1 + perm_i.shape[1]
+    if len(perm_i) > R:
+        raise ValueError(f"permuted_labels has {len(perm_i)} repeats, the splits {R}")
+    Rp = len(perm_i) if perm_i.size else 0  # repeats carrying permutations: the first Rp
+    P = perm_i.shape[1]
 
     def label_sets(r: int, idx: np.ndarray) -> np.ndarray:
-        """(n_sets, len(idx)) labels of items idx in repeat r: set 0 the real ones, then the
-        permutations (built per fold, so no (R, n_sets, S) copy is held)."""
-        return np.concatenate([yi[idx][None], perm_i[r][:, idx]], axis=0)
+        """(n_sets of repeat r, len(idx)) labels of items idx: set 0 the real ones, then the
+        repeat's permutations (built per fold, so no (R, n_sets, S) copy is held)."""
+        real = yi[idx][None]
+        return np.concatenate([real, perm_i[r][:, idx]]) if r < Rp else real
 
-    def onehot(r: int, idx: np.ndarray) -> np.ndarray:
-        out = np.zeros((len(idx), n_sets * C))
-        out[np.arange(len(idx))[:, None], np.arange(n_sets)[None, :] * C + label_sets(r, idx).T] = 1.0
+    def onehot(sets: np.ndarray) -> np.ndarray:
+        n_sets, n = sets.shape
+        out = np.zeros((n, n_sets * C))
+        out[np.arange(n)[:, None], np.arange(n_sets)[None, :] * C + sets.T] = 1.0
         return out
 
     g_all = _groups_or_items(groups, len(y))
@@ -494,17 +532,18 @@ def ridge_cv(features: Features, y: np.ndarray, splits: list[list[Split]], *, gr
         from moescope import ridge_pspace
 
         tr, te = split
+        sets = label_sets(j // K, tr)
         # n >> p (or features built on demand): the fold is fitted from p x p sums over blocks of
         # rows, without copying the training rows (moescope.ridge_pspace)
         if not callable(features) and ridge_pspace.pspace_wanted(features, len(tr)):
-            pred, best = ridge_pspace.fit_fold_pspace(features, tr, features, te, label_sets(j // K, tr), C, g_all[tr],
-                                                      alpha_factors, standardize)
+            pred, best = ridge_pspace.fit_fold_pspace(features, tr, features, te, sets, C, g_all[tr], alpha_factors,
+                                                      standardize)
             return te, pred.astype(codes), best
         if callable(features):
             Xtr, Xte = features(j, tr, te)
             if ridge_pspace.pspace_wanted(Xtr, len(tr)):
-                pred, best = ridge_pspace.fit_fold_pspace(Xtr, np.arange(len(tr)), Xte, np.arange(len(te)),
-                                                          label_sets(j // K, tr), C, g_all[tr], alpha_factors, standardize)
+                pred, best = ridge_pspace.fit_fold_pspace(Xtr, np.arange(len(tr)), Xte, np.arange(len(te)), sets, C,
+                                                          g_all[tr], alpha_factors, standardize)
                 return te, pred.astype(codes), best
         else:
             Xtr, Xte = features[tr], features[te]
@@ -515,8 +554,8 @@ def ridge_cv(features: Features, y: np.ndarray, splits: list[list[Split]], *, gr
             Xte = Xte.toarray() if hasattr(Xte, "toarray") else np.asarray(Xte, dtype=np.float64)
             mu = Xtr.mean(axis=0)
             Z, Zte = Xtr - mu, Xte - mu
-        scores, best = _fit_fold(Z, Zte, onehot(j // K, tr), g_all[tr], n_sets, alpha_factors)
-        pred = scores.reshape(len(te), n_sets, C).argmax(axis=2).T  # (n_sets, nte)
+        scores, best = _fit_fold(Z, Zte, onehot(sets), g_all[tr], len(sets), alpha_factors)
+        pred = scores.reshape(len(te), len(sets), C).argmax(axis=2).T  # (n_sets, nte)
         return te, pred.astype(codes), best
 
     flat = [sp for rep in splits for sp in rep]
@@ -528,26 +567,26 @@ def ridge_cv(features: Features, y: np.ndarray, splits: list[list[Split]], *, gr
         results = [one(j, sp) for j, sp in enumerate(flat)]
     # every label set's predictions are kept unless that is large (then the null accuracies are
     # kept instead: the same numbers, counted fold by fold)
-    keep_all = R * n_sets * len(y) <= KEEP_PREDICTIONS_MAX
-    predictions = np.empty((R, n_sets if keep_all else 1, len(y)), dtype=codes)
-    correct = np.zeros(n_sets, np.int64)
-    fold_acc = np.empty((R, K, n_sets))
+    keep_all = R * (1 + P) * len(y) <= KEEP_PREDICTIONS_MAX
+    predictions = np.full((R, 1 + P if keep_all else 1, len(y)), -1, dtype=codes)
+    correct = np.zeros(1 + P, np.int64)
+    fold_acc = np.full((R, K, 1 + P), np.nan)
     sizes = np.empty((R, K))
     alpha = np.empty((R, K))
     for j, (te, pred, best) in enumerate(results):
         r, k = divmod(j, K)
-        predictions[r][:, te] = pred if keep_all else pred[:1]
+        predictions[r][:len(pred) if keep_all else 1, te] = pred if keep_all else pred[:1]
         hits = pred == label_sets(r, te)
-        correct += hits.sum(axis=1)
-        fold_acc[r, k] = np.mean(hits, axis=1)
+        if len(pred) > 1:
+            correct += hits.sum(axis=1)
+        fold_acc[r, k, :len(pred)] = np.mean(hits, axis=1)
         sizes[r, k] = len(te)
         alpha[r, k] = np.asarray(alpha_factors)[best[0]]
     res = CVResult(predictions, fold_acc, sizes, alpha, classes, yi)
-    if keep_all:
-        res._perm_y = perm_i
-    else:
-        res._null_accuracy = correct[1:] / float(R * len(y))
-        res.notes.append(f"out-of-fold predictions of the {n_sets - 1} label permutations not kept (too many); "
+    res._perm_y = perm_i[:Rp]  # a view of the caller's codes (no copy when classes agree)
+    if not keep_all:
+        res._null_accuracy = correct[1:] / float(max(Rp, 1) * len(y))
+        res.notes.append(f"out-of-fold predictions of the {P} label permutations not kept (too many); "
                          "their null accuracies were counted fold by fold")
     return res
 

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from moescope.adapters.base import Family, MoELayer, text_config
-from moescope.adapters.probes import ExpertsProbe, probe_for, watched_module
+from moescope.adapters.base import Family, MoELayer
+from moescope.adapters.probes import ExpertsProbe, first_tensor, probe_for, watched_module
 from moescope.adapters.registry import family_for_model
 from moescope.errors import UnsupportedModelError
 
@@ -139,12 +139,6 @@ def _clone(value: Any) -> Any:
     return value
 
 
-def _first_tensor(out: Any) -> torch.Tensor:
-    while not isinstance(out, torch.Tensor):
-        out = out[0] if isinstance(out, (tuple, list)) else out.to_tuple()[0]
-    return out
-
-
 def _model_dtype(model: nn.Module) -> torch.dtype:
     counts: dict[torch.dtype, int] = {}
     for p in model.parameters():
@@ -239,7 +233,7 @@ def _prove_layer(model: nn.Module, family: Family, layer: MoELayer, module: nn.M
     def run(scale: float, only: torch.Tensor | None = None, record: bool = False) -> torch.Tensor:
         with probe.known_outputs(scale, only):
             sink.on = record
-            out = _first_tensor(module(*_clone(args), **_clone(kwargs))).double()
+            out = first_tensor(module(*_clone(args), **_clone(kwargs))).double()
             sink.on = False
         return out
 

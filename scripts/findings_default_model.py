@@ -14,7 +14,47 @@ import math
 
 from findings_common import REPO, fmt_p, load_results, main_for
 
-CARD = REPO / "moescope" / "data" / "default_model" / "card.json"
+MODEL_DIR = REPO / "moescope" / "data" / "default_model"
+CARD = MODEL_DIR / "card.json"
+
+
+def stored_dtype() -> str:
+    """The dtype of the shipped weights, from the safetensors header (no tensor is loaded)."""
+    import struct
+
+    with open(MODEL_DIR / "model.safetensors", "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    dtypes = sorted({v["dtype"] for k, v in header.items() if k != "__metadata__"})
+    return "/".join({"F16": "float16", "BF16": "bfloat16", "F32": "float32"}.get(d, d) for d in dtypes)
+
+
+def what_it_is_block(card: dict) -> str:
+    """The model's facts from its shipped config.json and card.json (training section)."""
+    config = json.loads((MODEL_DIR / "config.json").read_text(encoding="utf-8"))
+    training = card["training"]
+    cfg = training["config"]
+    params = training["parameters"]
+    corpus_tokens = sum(d["train_tokens"] for d in training["data"])
+    window = cfg["data"]["seq_len"]
+    batch = cfg["optim"]["batch_size"]
+    renorm = "renormalised" if config.get("norm_topk_prob") else "not renormalised (OLMoE's default)"
+    return "\n".join([
+        "| | |",
+        "| --- | --- |",
+        f"| architecture | transformers `{config['architectures'][0]}` (no custom code) |",
+        f"| layers | {config['num_hidden_layers']}, every one an MoE layer |",
+        f"| hidden size, heads | {config['hidden_size']}, {config['num_attention_heads']} attention heads "
+        f"({config['num_key_value_heads']} key/value heads) |",
+        f"| experts | {config['num_experts']} per layer, each an MLP of width {config['intermediate_size']}; "
+        f"top-{config['num_experts_per_tok']}, {renorm} |",
+        f"| vocabulary | {training['vocab_size']:,} (byte-level BPE trained on the corpus by `moescope data`) |",
+        f"| parameters | {params['total'] / 1e6:.1f}M in all, {params['active'] / 1e6:.1f}M active per token; "
+        f"{stored_dtype()} safetensors, loads as {config.get('dtype', 'float32')} |",
+        f"| context | trained on windows of {window} tokens (positions up to {config['max_position_embeddings']:,} allowed) |",
+        f"| training tokens | {training['tokens']:,} ({training['steps']:,} steps of {batch} × {window}; "
+        f"{training['tokens'] / corpus_tokens:.2f} of an epoch of the {corpus_tokens / 1e6:.0f}M-token corpus) |",
+        f"| training time | {training['hours']} hours on {cfg['threads']} CPU cores (see [benchmarks.md](benchmarks.md)) |",
+    ])
 
 
 def pct(x: float) -> str:
@@ -59,7 +99,8 @@ def card_signatures_block(card: dict) -> str:
 
 def render() -> dict:
     card = json.loads(CARD.read_text(encoding="utf-8"))
-    return {REPO / "docs" / "default-model.md": {"default-model-perplexity": perplexity_block(card),
+    return {REPO / "docs" / "default-model.md": {"default-model-what-it-is": what_it_is_block(card),
+                                                 "default-model-perplexity": perplexity_block(card),
                                                  "default-model-card-signatures": card_signatures_block(card)}}
 
 

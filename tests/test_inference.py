@@ -106,19 +106,34 @@ def test_corrected_resampled_t_is_wider_than_naive():
     naive = stats.t.ppf(0.975, 9) * v.std(ddof=1) / np.sqrt(10)
     assert r["ci_high"] - r["mean"] > naive
     assert r["ci_low"] < v.mean() < r["ci_high"] and r["p_value"] < 1e-3
-    assert inf.corrected_resampled_t([0.5, 0.5, 0.5], 8, 2)["p_value"] == 0.0
-    assert inf.corrected_resampled_t([0.0, 0.0], 8, 2)["p_value"] == 1.0
+    assert r["note"] is None
 
 
-def test_paired_comparison_and_mcnemar():
+def test_corrected_resampled_t_never_claims_p_0_from_zero_variance():
+    # identical non-zero fold values: t would be infinite; no p is given (never p = 0), the CI is the point
+    r = inf.corrected_resampled_t([0.5, 0.5, 0.5], 8, 2)
+    assert np.isnan(r["p_value"]) and r["ci_low"] == r["ci_high"] == r["mean"] == 0.5
+    assert "zero variance" in r["note"]
+    assert inf.format_p(r["p_value"]) == "p = n/a"
+    # identical zeros: no difference in any fold, p = 1
+    r = inf.corrected_resampled_t([0.0, 0.0], 8, 2)
+    assert r["p_value"] == 1.0 and r["ci_low"] == r["ci_high"] == 0.0 and r["note"]
+    # equal up to rounding counts as equal (0.8 - 0.7 and 0.5 - 0.4 differ in the last bits)
+    assert np.isnan(inf.corrected_resampled_t(np.array([0.8, 0.5, 0.3]) - np.array([0.7, 0.4, 0.2]), 8, 2)["p_value"])
+    # a tiny spread is an ordinary t-test again
+    assert 0 < inf.corrected_resampled_t([0.5, 0.5, 0.5 + 1e-9], 8, 2)["p_value"] < 1e-3
+
+
+def test_paired_comparison():
     a = np.array([0.8, 0.82, 0.79, 0.81, 0.8])
-    r = inf.paired_comparison(a, a - 0.1, 80, 20)
-    assert r["difference"] == pytest.approx(0.1) and r["p_value"] == 0.0
+    r = inf.paired_comparison(a, a - 0.1 + np.array([0.01, -0.01, 0.0, 0.005, -0.005]), 80, 20)
+    assert r["difference"] == pytest.approx(0.1) and r["ci_low"] > 0.05 and 0 < r["p_value"] < 1e-3
     r = inf.paired_comparison(a, a[::-1], 80, 20)
     assert r["ci_low"] < 0 < r["ci_high"] and r["p_value"] > 0.5
-    m = inf.mcnemar(np.r_[np.ones(30, bool), np.zeros(10, bool)], np.r_[np.ones(10, bool), np.zeros(30, bool)])
-    assert m["a_only"] == 20 and m["b_only"] == 0 and m["p_value"] < 1e-5
-    assert inf.mcnemar(np.ones(5, bool), np.ones(5, bool))["p_value"] == 1.0
+    # a constant difference over all folds: no p, stated in the note (previously p = 0)
+    r = inf.paired_comparison(a, a - 0.1, 80, 20)
+    assert r["difference"] == pytest.approx(0.1) and np.isnan(r["p_value"]) and r["note"]
+    assert not hasattr(inf, "mcnemar")  # removed: it treats tokens of one sentence as independent
 
 
 def test_cluster_bootstrap_is_wider_for_clustered_values():

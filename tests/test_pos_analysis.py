@@ -35,23 +35,27 @@ def test_planted_routing_is_recovered(planted):
     v = planted
     assert v["probe_accuracy"] > v["majority_accuracy"] + 0.4  # majority ~0.35, probe ~0.9
     assert v["probe_accuracy"] > v["word_form_accuracy"] + 0.4  # token ids carry no tag here
-    assert abs(v["shuffled_probe_accuracy"] - v["majority_accuracy"]) < 0.06
+    # token ids carry no tag here: tags permuted within ids take the probe near the majority rate (a little
+    # above: tokens whose id occurs once in a test fold keep their real tag), p at the floor
+    assert -0.03 < v["token_null_probe_accuracy"] - v["majority_accuracy"] < 0.1
+    assert v["token_null_probe_accuracy"] < v["probe_accuracy"] - 0.3
+    assert v["probe_p_value_token_null"] == pytest.approx(1 / 11)
     assert v["macro_f1"] > 0.8 and min(v["per_tag_f1"].values()) > 0.7
     counts = np.asarray(v["confusion_matrix"]["counts"])
     assert counts.sum() == v["n_tokens_probe"] and np.trace(counts) / counts.sum() > 0.85
 
 
 def test_planted_kl_exceeds_chance_in_exactly_the_planted_layers(planted):
-    excess = np.subtract(planted["kl_layer_mean"], planted["kl_layer_mean_shuffled"])
+    excess = np.subtract(planted["kl_layer_mean"], planted["kl_layer_mean_naive_null"])
     assert [i for i in range(4) if excess[i] > 0.05] == list(PLANTED), excess
     assert all(abs(excess[i]) < 0.01 for i in range(4) if i not in PLANTED)
     for tag in planted["tags"]:
         kl = np.asarray(planted["kl_from_uniform"][tag])
-        p95 = np.asarray(planted["kl_from_uniform_shuffled_p95"][tag])
-        chance = np.asarray(planted["kl_from_uniform_shuffled"][tag])
+        p95 = np.asarray(planted["kl_from_uniform_naive_null_p95"][tag])
+        chance = np.asarray(planted["kl_from_uniform_naive_null"][tag])
         assert all(kl[i] > p95[i] + 0.1 for i in PLANTED), (tag, kl, p95)
         assert all(abs(kl[i] - chance[i]) < 0.02 for i in range(4) if i not in PLANTED), (tag, kl, chance)
-        gain, gain_chance = planted["top_gain"][tag], planted["top_gain_shuffled"][tag]
+        gain, gain_chance = planted["top_gain"][tag], planted["top_gain_naive_null"][tag]
         assert all(gain[i] > gain_chance[i] + 0.3 for i in PLANTED)
 
 
@@ -76,12 +80,13 @@ def test_null_trace_gives_chance(null):
     v = null
     # An MLP fitting noise predicts minority tags now and then: chance is at or a little under the majority rate.
     assert -0.08 < v["probe_accuracy"] - v["majority_accuracy"] < 0.03
-    assert abs(v["probe_accuracy"] - v["shuffled_probe_accuracy"]) < 0.05
-    excess = np.subtract(v["kl_layer_mean"], v["kl_layer_mean_shuffled"])
+    assert abs(v["probe_accuracy"] - v["token_null_probe_accuracy"]) < 0.05
+    assert v["probe_p_value_token_null"] > 0.05
+    excess = np.subtract(v["kl_layer_mean"], v["kl_layer_mean_naive_null"])
     assert np.all(np.abs(excess) < 0.01), excess  # chance KL is ~0.003 nats with these counts
-    above = sum(k > p for t in v["tags"] for k, p in zip(v["kl_from_uniform"][t], v["kl_from_uniform_shuffled_p95"][t]))
+    above = sum(k > p for t in v["tags"] for k, p in zip(v["kl_from_uniform"][t], v["kl_from_uniform_naive_null_p95"][t]))
     assert above <= 3  # of 5 tags x 4 layers, ~1 expected above a 95th percentile by chance
-    gains = np.subtract(v["top_gain_layer_mean"], v["top_gain_layer_mean_shuffled"])
+    gains = np.subtract(v["top_gain_layer_mean"], v["top_gain_layer_mean_naive_null"])
     assert np.all(np.abs(gains) < 0.05)
     assert all(-0.08 < a - v["majority_accuracy"] < 0.03 for side in ("drop_first", "drop_last")
                for a in v["ablation"][side].values())
@@ -108,7 +113,7 @@ def test_results_save_figures_and_report_section(tmp_path):
     path = result.save(tmp_path)
     body = json.loads(path.read_text())
     for key in ("probe_accuracy", "probe_accuracy_ci", "macro_f1", "majority_accuracy", "word_form_accuracy",
-                "shuffled_probe_accuracy", "kl_from_uniform", "ablation", "per_tag_f1", "confusion_matrix",
+                "token_null_probe_accuracy", "probe_p_value_token_null", "naive_null", "kl_from_uniform", "ablation", "per_tag_f1", "confusion_matrix",
                 "word_form_accuracy_seen", "word_form_accuracy_unseen", "probe_accuracy_seen", "probe_accuracy_unseen",
                 "word_level_accuracy", "probe_minus_word_form", "kl_from_uniform_token_null",
                 "kl_token_null_p_value_holm"):
@@ -165,11 +170,16 @@ def test_token_null_finds_the_planted_tag_effect_in_the_planted_layers_only(plan
     assert np.all(gain[:, list(PLANTED)] <= 0.01) and np.all(np.delete(gain, list(PLANTED), axis=1) > 0.05)
 
 
-def test_token_null_sees_nothing_when_tag_and_routing_both_follow_the_token_id():
+@pytest.fixture(scope="module")
+def identity():
+    return _run("identity", vocab=60)
+
+
+def test_token_null_sees_nothing_when_tag_and_routing_both_follow_the_token_id(identity):
     # The trap: routing and tags both follow the token id. The old statistic (KL against tags
     # shuffled across all tokens) claims a POS effect in every layer; the token-identity null does not.
-    v = _run("identity", vocab=60)
-    old_claims = [sum(k > p for k, p in zip(v["kl_from_uniform"][t], v["kl_from_uniform_shuffled_p95"][t]))
+    v = identity
+    old_claims = [sum(k > p for k, p in zip(v["kl_from_uniform"][t], v["kl_from_uniform_naive_null_p95"][t]))
                   for t in v["tags"]]
     assert sum(old_claims) >= 0.8 * len(v["tags"]) * 4, old_claims
     assert v["token_null"]["n_tokens_permutable"] > 1000  # ids carry several tags: the null does move tags
@@ -212,4 +222,68 @@ def test_paired_probe_minus_word_form(planted):
     assert t["ci_low"] > 0.3 and t["p_value"] < 0.001  # routing carries the tag, token ids do not
     assert t["difference"] == pytest.approx(np.mean(planted["probe_accuracy_folds"])
                                             - np.mean(planted["word_form_accuracy_folds"]))
-    assert planted["probe_p_value_vs_shuffled"] == pytest.approx(1 / 11)  # 10 shuffles: at the floor
+    assert planted["probe_p_value_token_null"] == pytest.approx(1 / 11)  # 10 permutations: at the floor
+
+
+# -- the probe's token-identity null and the inner tuning of token mode ------------------------------
+def test_probe_token_null_is_not_fooled_by_routing_that_follows_the_token_id(identity):
+    # The trap: routing and tags both follow the token id, and given the id the tag says nothing of
+    # routing. A probe beats tags shuffled over all tokens of a fold by reading the id from the path
+    # (shown below with the naive permutation); against tags permuted within ids it is at its null.
+    from moescope.inference import fold_permutations, repeated_grouped_splits, ridge_cv
+    from moescope.analysis.pos import path_features
+
+    v = identity
+    assert v["probe_accuracy"] > v["majority_accuracy"] + 0.1  # routing does carry the id, hence the tag
+    assert v["probe_p_value_token_null"] > 0.05
+    assert abs(v["probe_accuracy"] - v["token_null_probe_accuracy"]) < 0.05
+    d = synthetic("identity", n_tokens=2000, vocab=60)
+    y = np.unique(np.asarray(d["tokens"].column("upos").to_pylist()), return_inverse=True)[1].ravel()
+    seq = np.asarray(d["tokens"].column("seq_id").to_pylist())
+    paths, _ = routing_paths(d["tokens"], d["routes"], d["model"]["moe_layers"])
+    splits = repeated_grouped_splits(y, seq, folds=3, repeats=1, seed=0)
+    naive = ridge_cv(path_features(paths, 8), y, splits, groups=seq,
+                     permuted_labels=fold_permutations(y, None, splits, 10, seed=3))
+    assert naive.p_value == pytest.approx(1 / 11) and naive.accuracy > naive.null_accuracy.max() + 0.1
+
+
+def test_probe_token_null_permutes_tags_only_among_one_ids_tokens_of_one_test_fold():
+    from moescope.analysis.pos_null import token_identity_fold_permutations
+    from moescope.inference import repeated_grouped_splits
+
+    rng = np.random.default_rng(0)
+    y, ids, seq = rng.integers(0, 3, 300), rng.integers(0, 20, 300), np.arange(300) // 10
+    splits = repeated_grouped_splits(y, seq, folds=3, repeats=2, seed=0)
+    perm = token_identity_fold_permutations(y, ids, splits, 5, seed=1)
+    assert perm.shape == (2, 5, 300) and (perm != y).mean() > 0.3  # tags do move
+    for r, rep in enumerate(splits):
+        for _, test in rep:  # every (id, tag) count of every test fold is kept
+            for i in range(5):
+                assert sorted(zip(ids[test], y[test])) == sorted(zip(ids[test], perm[r, i, test]))
+
+
+def test_token_mode_tunes_the_penalty_by_token_not_by_sentence():
+    # Token-level folds put tokens of every test sentence in training, so a feature unique to a
+    # sentence predicts its tags. The inner tuning must mirror that split (leave one token out):
+    # leave-one-sentence-out never sees that feature help, sees only the noise features overfit,
+    # and picks a penalty for a harder task than the one scored.
+    from moescope.analysis.pos_probe import cv_splits, probe_and_baselines
+    from moescope.inference import ridge_cv
+
+    rng = np.random.default_rng(0)
+    n_sent, per = 60, 12
+    seq = np.repeat(np.arange(n_sent), per)
+    y = np.repeat(rng.integers(0, 3, n_sent), per)  # every token of a sentence has the sentence's tag
+    X = np.hstack([np.eye(n_sent)[seq], rng.normal(size=(len(y), 150))])  # which sentence + noise
+    ids = rng.integers(0, 500, len(y))
+    splits = cv_splits(y, seq, folds=3, repeats=1, seed=0, grouped=False)
+    run = (lambda grouped: probe_and_baselines(X, y, ids, ids, seq, splits, n_tags=3, n_shuffles=0, seed=0,  # noqa: E731
+                                               grouped=grouped))
+    by_token, by_sentence = run(False), run(True)
+    # token mode is exactly ridge_cv tuned leave-one-token-out on the same splits
+    direct = ridge_cv(X, y, splits, groups=None)
+    assert by_token["probe_accuracy"] == pytest.approx(direct.accuracy)
+    assert by_token["alpha_factors_chosen"] == sorted({float(a) for a in direct.alpha_factor.ravel()})
+    assert by_token["probe_accuracy"] > 0.95 and by_token["alpha_factors_chosen"] == [1e-4]
+    # tuned by sentence, some folds choose a strong penalty and lose what the outer folds measure
+    assert max(by_sentence["alpha_factors_chosen"]) >= 10 and by_sentence["probe_accuracy"] < by_token["probe_accuracy"] - 0.1

@@ -56,7 +56,7 @@ def test_capture_tag_and_analyse(run_dir):
     assert body["analysis"] == "pos" and body["moe_layers"] == [0, 1, 2] and body["n_experts"] == 8
     assert "gold.conllu" in body["tag_source"] and body["first_subword_only"] is False and body["trace"] == "trace"
     assert body["alignment"]["words"] == 4 * 42 and body["alignment"]["words_with_tokens"] == 4 * 42
-    for key in ("probe_accuracy", "word_form_accuracy", "majority_accuracy", "shuffled_probe_accuracy"):
+    for key in ("probe_accuracy", "word_form_accuracy", "majority_accuracy", "token_null_probe_accuracy"):
         assert 0 <= body[key] <= 1
     assert set(body["ablation"]["drop_first"]) == {"1", "2"}
     assert (run_dir / "figures" / "tsne.png").is_file() and not (run_dir / ".capture").exists()

@@ -270,3 +270,15 @@ def test_scaled_weights_get_the_same_histogram_range(tmp_path):
         mapped = count_routes(trace, **ASKS)
     assert local.scan.weight_max == mapped.scan.weight_max == 2.5
     assert_same_counts(local, mapped)
+
+
+@pytest.mark.parametrize("phase", ["all", "generated"])
+def test_where_selects_the_rows_the_workers_count(trace, phase):
+    """The trap: workers read whole shards, so a `--where` selection must reach them; counting
+    every sequence would still give plausible numbers, of the wrong sequences."""
+    selected = moescope.open_trace(trace.path, where="label = 'a'")
+    local = count_routes(selected, phase=phase, **ASKS)
+    with use_engine(ShardCounting()):
+        mapped = count_routes(selected, phase=phase, **ASKS)
+    assert local.scan.n_rows.sum() < count_routes(trace, phase=phase, transitions=False).scan.n_rows.sum()
+    assert_same_counts(local, mapped)

@@ -49,7 +49,7 @@ def test_the_polars_snippet_runs_and_counts_every_routed_expert(workdir, monkeyp
 
 
 def test_the_shard_map_snippet_runs(workdir, monkeypatch):
-    scope = run(snippet("ShardCounting()"), workdir, monkeypatch)
+    scope = run(snippet("whole = count_routes("), workdir, monkeypatch)
     assert scope["whole"].scan.pairs.sum() > 0
 
 

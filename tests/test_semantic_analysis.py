@@ -145,6 +145,9 @@ def test_sense_effect_found_exactly_where_planted(planted):
             assert v["difference_ci_low"][i] < 0 < v["difference_ci_high"][i]
             assert v["p_value_holm"][i] > 0.05
         assert abs(v["unrelated_kappa"][i]) < 0.06  # uniform routing elsewhere: load baseline ~ chance
+        # its CI (shared cluster bootstrap over unrelated pairs) covers chance and the mean
+        assert v["unrelated_ci_low"][i] < 0 < v["unrelated_ci_high"][i]
+        assert v["unrelated_ci_low"][i] < v["unrelated_kappa"][i] < v["unrelated_ci_high"][i]
 
 
 def test_substitution_effect_found_exactly_where_planted(planted):

@@ -58,9 +58,11 @@ def patched_forward(module: nn.Module, forward: Callable) -> Iterator[None]:
             del module.forward
 
 
-def _first_tensor(value: Any) -> torch.Tensor:
-    while isinstance(value, (tuple, list)):
-        value = value[0]
+def first_tensor(value: Any) -> torch.Tensor:
+    """The first tensor of a module's output: a tensor as is; tuples, lists and ModelOutputs
+    (``to_tuple()``) by their first element, recursively."""
+    while not isinstance(value, torch.Tensor):
+        value = value[0] if isinstance(value, (tuple, list)) else value.to_tuple()[0]
     return value
 
 
@@ -157,7 +159,7 @@ class ContractProbe(ExpertsProbe):
             return _with_hidden(self.experts, args, kwargs, u)
 
         def post(_m: nn.Module, _args: tuple, out: Any) -> Any:
-            tensor = _first_tensor(out)
+            tensor = first_tensor(out)
             if scale == 1.0:
                 self.experts_output = tensor.detach().reshape(-1, tensor.shape[-1]).clone()
             replaced = tensor * scale if scale != 0.0 else torch.zeros_like(tensor)
@@ -185,7 +187,7 @@ class ContractProbe(ExpertsProbe):
         one_each = torch.arange(n, device=ids.device, dtype=ids.dtype)[:, None].expand(n, k).contiguous()
         first = torch.zeros(n, k, device=weights.device, dtype=weights.dtype)
         first[:, 0] = 1
-        out = _first_tensor(self.experts(rows, one_each, first))
+        out = first_tensor(self.experts(rows, one_each, first))
         return out.reshape(n, -1).double()
 
 

@@ -69,6 +69,7 @@ class CountSpec:
     sequences: bool = False
     edges: np.ndarray | None = None
     only: np.ndarray | None = None
+    selected: np.ndarray | None = None  # the trace's --where selection: rows of other sequences are not counted
 
     @property
     def n_layers(self) -> int:
@@ -161,7 +162,7 @@ def count_shard(files: ShardFiles, spec: CountSpec) -> PartialCounts:
 
     E, k, L = spec.n_experts, spec.top_k, spec.n_layers
     columns = ["seq_id", "pos", "layer", "experts"] + (["weights"] if spec.weights else [])
-    table = read_parquet(files.routes, columns, files.expected(files.routes))
+    table = _selected(read_parquet(files.routes, columns, files.expected(files.routes)), spec.selected)
     tokens = _tokens(files, spec)
     if spec.phase_filter and tokens is not None:
         table = table.filter(pa.array(_lookup(tokens[0], _keys(table))[1]))
@@ -209,10 +210,19 @@ def count_shard(files: ShardFiles, spec: CountSpec) -> PartialCounts:
     return out
 
 
+def _selected(table: pa.Table, selected: np.ndarray | None) -> pa.Table:
+    """The rows of the selected sequences (all rows when there is no selection)."""
+    if selected is None:
+        return table
+    return table.filter(pc.is_in(table.column("seq_id").cast(pa.int64()), value_set=pa.array(selected, pa.int64())))
+
+
 def weight_extremes(files: ShardFiles, spec: Any = None) -> np.ndarray:
     """[largest weight, largest weight sum of a row] of one shard's routes (NaN: no weights);
-    merged with np.fmax. What routing_counts.weight_range reads with DuckDB, per shard."""
-    table = read_parquet(files.routes, ["weights"], files.expected(files.routes))
+    merged with np.fmax. What routing_counts.weight_range reads with DuckDB, per shard.
+    spec: the selected seq_ids (None: every row)."""
+    table = read_parquet(files.routes, ["seq_id", "weights"], files.expected(files.routes))
+    table = _selected(table, spec)
     if "weights" not in table.column_names or table.column("weights").null_count == table.num_rows:
         return np.array([np.nan, np.nan])
     lists = table.column("weights").combine_chunks()

@@ -1,6 +1,6 @@
 """Figures of the POS analysis, drawn from its result values (no recomputation).
 
-Every figure shows its baseline: accuracies next to majority / word-form / shuffled-tag
+Every figure shows its baseline: accuracies next to majority / word-form / token-identity-null
 levels, KL and Spec as excess over their token-identity null.
 """
 from __future__ import annotations
@@ -34,9 +34,9 @@ def pos_figures(values: dict[str, Any], *, embedding: np.ndarray | None = None,
 def _accuracy(v: dict[str, Any]) -> Any:
     import matplotlib.pyplot as plt
 
-    names = ["routing probe", "word form", "word level", "majority tag", "probe, shuffled tags"]
+    names = ["routing probe", "word form", "word level", "majority tag", "probe, tags permuted\nwithin token ids"]
     means = [v["probe_accuracy"], v["word_form_accuracy"], v["word_level_accuracy"], v["majority_accuracy"],
-             v["shuffled_probe_accuracy"]]
+             v["token_null_probe_accuracy"]]
     cis = [v.get(f"{k}_accuracy_ci") for k in ("probe", "word_form", "word_level", "majority")] + [None]
     err = np.array([[m - c[0], c[1] - m] if c and np.all(np.isfinite(c)) else [0.0, 0.0]
                     for m, c in zip(means, cis)]).T
@@ -100,7 +100,8 @@ def _kl(v: dict[str, Any]) -> Any:
     ax.set_title("KL(POS || uniform) minus its token-identity null (nats)", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax2.plot(layers, v["kl_layer_mean"], "o-", color=COLORS["probe"], label="tags")
-    ax2.plot(layers, v["kl_layer_mean_shuffled"], "s--", color=COLORS["shuffled"], label="tags shuffled across tokens")
+    ax2.plot(layers, v["kl_layer_mean_naive_null"], "s--", color=COLORS["shuffled"],
+             label="naive null: tags shuffled across tokens\n(token identity alone beats it)")
     ax2.plot(layers, v["kl_layer_mean_token_null"], "^:", color=COLORS["word_form"],
              label="tags permuted within token ids")
     ax2.set_xticks(layers)
@@ -144,7 +145,7 @@ def _ablation(v: dict[str, Any]) -> Any:
     ax.set_xticks([0] + [int(n) for n in ab["drop_first"]])
     ax.axhline(v["word_form_accuracy"], color=COLORS["word_form"], ls=":", label="word form")
     ax.axhline(v["majority_accuracy"], color=COLORS["majority"], ls="--", label="majority tag")
-    ax.axhline(v["shuffled_probe_accuracy"], color=COLORS["shuffled"], ls="-.", label="probe, shuffled tags")
+    ax.axhline(v["token_null_probe_accuracy"], color=COLORS["shuffled"], ls="-.", label="probe, tags permuted within ids")
     ax.set_xlabel(f"MoE layers dropped from the path (of {ab['n_layers']})")
     ax.set_ylabel("probe accuracy")
     ax.set_ylim(0, 1)

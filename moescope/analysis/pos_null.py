@@ -1,4 +1,5 @@
-"""The token-identity null of the POS routing statistics (KL from uniform, top experts' gain).
+"""The token-identity nulls of the POS analysis: of the routing statistics (KL from uniform, top
+experts' gain) and of the cross-validated probe (:func:`token_identity_fold_permutations`).
 
 Why: in a trained LM both the tag and the routing of a token follow its token id ("the" is
 DET and goes to the experts of "the"). Shuffling tags across all tokens then makes every
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["default_permutations", "kl_and_gain", "token_identity_null"]
+__all__ = ["default_permutations", "kl_and_gain", "token_identity_null", "token_identity_fold_permutations"]
 
 
 def default_permutations(n_cells: int, alpha: float = 0.01) -> int:
@@ -101,3 +102,42 @@ def token_identity_null(paths: np.ndarray, y: np.ndarray, token_ids: np.ndarray,
     return {"kl": kl, "gain": gain, "kl_null": kl_sum / B, "gain_null": gain_sum / B,
             "kl_p": (1 + kl_hits) / (1 + n_permutations), "gain_p": (1 + gain_hits) / (1 + n_permutations),
             "n_permutations": int(n_permutations), "n_tokens_permutable": int(M)}
+
+
+def token_identity_fold_permutations(y: np.ndarray, token_ids: np.ndarray, splits: list, n: int,
+                                     seed: int = 0) -> np.ndarray:
+    """(R, n, S) tag vectors for the probe's permutation null: in every repeat, within each test
+    fold, tags are permuted among the occurrences of the same token id.
+
+    Why token ids: the probe's claim is that routing says something about POS. Tags shuffled over
+    all tokens of a fold (the earlier null) are beaten by any router that sends a token id to its
+    own experts, since the tag follows the id (the trap of :func:`token_identity_null`); this null
+    keeps each id's tag mix, so a probe trained and tested on it learns what routing knows of the
+    id and nothing more, and the real probe beats it only if routing separates tags *within* an id
+    (e.g. "run" as NOUN vs VERB). Tokens whose id occurs once in the fold, or with one tag, keep
+    their tag: they carry no information on this question, in both the real and the null runs.
+
+    Why within test folds, and why this respects the sentence grouping: every token of a sentence
+    sits in one test fold (grouped CV), and tags move only among tokens of that fold, so each
+    permuted tag set has the same per-fold counts of every (id, tag) as the real one, training
+    folds are built from exactly the same sentences, and no sentence contributes to both sides of
+    any split (a shuffle across folds would also unbalance the stratified folds; see
+    :func:`moescope.inference.fold_permutations`). Tags do move between sentences of a fold, and a
+    sentence's own tag sequence is not kept: that is intended, the probe classifies one token at a
+    time from its own routing, and under the null (routing independent of the tag given the id,
+    including the context routing sees) the occurrences of an id are exchangeable whichever
+    sentence they are in. In token mode (ungrouped folds) the same holds with tokens as the units.
+    """
+    y = np.asarray(y)
+    token_ids = np.asarray(token_ids)
+    rng = np.random.default_rng(seed)
+    out = np.empty((len(splits), max(n, 0), len(y)), dtype=y.dtype)
+    for r, rep in enumerate(splits):
+        out[r] = y
+        for _, test in rep:
+            stratum = np.unique(token_ids[test], return_inverse=True)[1].ravel().astype(np.float64)
+            slots = test[np.argsort(stratum, kind="stable")]  # the fold's tokens grouped by id
+            for i in range(n):
+                # sorting (stratum + U[0,1)) orders the tokens by id, randomly within an id
+                out[r, i, slots] = y[test][np.argsort(stratum + rng.random(len(test)))]
+    return out

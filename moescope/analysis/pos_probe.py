@@ -3,13 +3,20 @@
 Why grouped by sentence: the tokens of one sentence share context (and a trained router sees
 that context), so a token-level split puts pieces of a sentence in both train and test. Folds
 come from :func:`moescope.inference.repeated_grouped_splits` (stratified, grouped, repeated).
+The inner tuning mirrors the outer split: leave-one-sentence-out within each training fold when
+the folds are grouped by sentence, leave-one-token-out in token mode (``cv_groups="token"``),
+because the penalty should be the one that is best for the generalisation the outer folds
+measure. Tuned by sentence under token-level folds, it would be chosen for a harder task than
+the one scored (new sentences instead of new tokens of seen sentences) and over-shrink.
 
 Predictors, all evaluated on the same folds:
 
 - **probe**: ridge classifier on the multi-hot routing path, its penalty tuned inside each
   training fold by exact leave-one-sentence-out error (:func:`moescope.inference.ridge_cv`);
-  the tag-shuffled probes (tags permuted across the tokens of each test fold) go through the
-  identical procedure, each tuned on its own, and give the probe's permutation p.
+  the probes on tags permuted among occurrences of the same token id within each test fold (the
+  token-identity null, :func:`moescope.analysis.pos_null.token_identity_fold_permutations`) go
+  through the identical procedure, each tuned on its own, and give the probe's permutation p:
+  whether routing knows more of the tag than the token id it encodes.
 - **word form** (the paper's baseline): each token id's most frequent tag in the training
   folds; ids not seen there get the training folds' majority tag. Reported on all test tokens
   and separately on tokens whose id was seen / not seen in the training folds, as the probe is:
@@ -29,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from moescope.inference import corrected_resampled_t, fold_permutations, paired_comparison, repeated_grouped_splits, ridge_cv
+from moescope.analysis.pos_null import token_identity_fold_permutations
+from moescope.inference import corrected_resampled_t, paired_comparison, repeated_grouped_splits, ridge_cv
 
 __all__ = ["cv_splits", "lookup_baseline", "probe_and_baselines", "word_keys"]
 
@@ -72,18 +80,26 @@ def _accuracy(pred: np.ndarray, y: np.ndarray, mask: np.ndarray) -> float:
 
 
 def probe_and_baselines(X: Any, y: np.ndarray, token_ids: np.ndarray, words: np.ndarray, seq_id: np.ndarray,
-                        splits: list, *, n_tags: int, n_shuffles: int, seed: int) -> dict[str, Any]:
+                        splits: list, *, n_tags: int, n_shuffles: int, seed: int,
+                        grouped: bool = True) -> dict[str, Any]:
     """Probe (nested-tuned ridge), word-form / word-level / majority baselines on the same splits.
+
+    `grouped`: the splits are grouped by sentence (the inner tuning then leaves out one sentence,
+    else one token).
 
     Returns accuracies (fractions of tokens, mean over repeats of the pooled out-of-fold accuracy),
     their corrected-t 95% CIs, seen / unseen accuracies, the paired probe − word form test, the
-    shuffled-tag probe's accuracy and the probe's permutation p, the pooled predictions of the first
-    repeat (for F1 and the confusion matrix), the seen mask of that repeat, and per-fold accuracies.
+    accuracy of the probe on tags permuted within token ids (`token_null_probe_accuracy`, first repeat) and
+    the probe's permutation p against it (`probe_token_null` holds the probe's accuracy in that repeat), the pooled predictions of the first repeat (for F1 and the
+    confusion matrix), the seen mask of that repeat, and per-fold accuracies.
     """
-    # Tags shuffled within each test fold (the folds keep their tag balance; a global shuffle would
-    # leave stratified folds unbalanced for the shuffled tags and push the null below chance).
-    shuffled = fold_permutations(y, None, splits, n_shuffles, seed=seed + 3) if n_shuffles else None
-    cv = ridge_cv(X, y, splits, groups=seq_id, permuted_labels=shuffled)
+    # Tags permuted among occurrences of one token id within each test fold (the folds keep their
+    # tag balance and every id its tag mix; see token_identity_fold_permutations for why).
+    # ... in the first repeat only (as every analysis's permutation test): the p compares that repeat's
+    # accuracy with the same statistic of each permuted set, at a third of the cost of all repeats.
+    permuted = (token_identity_fold_permutations(y, token_ids, splits[:1], n_shuffles, seed=seed + 3) if n_shuffles
+                else None)
+    cv = ridge_cv(X, y, splits, groups=seq_id if grouped else None, permuted_labels=permuted)
     probe_pred = cv.classes[cv.predictions[:, 0, :]]  # (R, S) tag indices
     R, K = len(splits), len(splits[0])
     wf_pred, wl_pred, maj_pred = (np.empty((R, len(y)), np.int64) for _ in range(3))
@@ -114,15 +130,22 @@ def probe_and_baselines(X: Any, y: np.ndarray, token_ids: np.ndarray, words: np.
     out["probe_minus_word_level"] = paired_comparison(folds["probe"].ravel(), folds["word_level"].ravel(), n_train,
                                                       n_test)
     out["unseen_token_share"] = float((~seen).mean())
-    out["shuffled_probe_accuracy"] = float(cv.null_accuracy.mean()) if n_shuffles else float("nan")
-    out["probe_p_value_vs_shuffled"] = cv.p_value
+    out["token_null_probe_accuracy"] = float(cv.null_accuracy.mean()) if n_shuffles else float("nan")
+    out["probe_p_value_token_null"] = cv.p_value
+    out["probe_token_null"] = {
+        "permutations": int(n_shuffles), "p_floor": 1.0 / (n_shuffles + 1) if n_shuffles else None,
+        "repeats": 1, "probe_accuracy": cv.tested_accuracy,
+        "method": "probe retrained (same folds, same nested tuning) on tags permuted among occurrences of the same "
+                  "token id within each test fold, in the first CV repeat; one-sided p = (1 + #null >= the probe's "
+                  "accuracy in that repeat) / (1 + permutations)"}
     out["alpha_factors_chosen"] = sorted({float(a) for a in cv.alpha_factor.ravel()})
     out["_pred"], out["_wf_pred"], out["_seen"] = probe_pred[0], wf_pred[0], seen[0]
     return out
 
 
-def ablation_accuracy(X: Any, y: np.ndarray, seq_id: np.ndarray, splits: list) -> dict[str, Any]:
-    """Accuracy (mean over repeats) and its corrected-t 95% CI of the probe on other features, same splits."""
-    cv = ridge_cv(X, y, splits, groups=seq_id)
+def ablation_accuracy(X: Any, y: np.ndarray, seq_id: np.ndarray, splits: list, grouped: bool = True) -> dict[str, Any]:
+    """Accuracy (mean over repeats) and its corrected-t 95% CI of the probe on other features, same splits
+    and the same inner tuning (by sentence when `grouped`, else by token)."""
+    cv = ridge_cv(X, y, splits, groups=seq_id if grouped else None)
     ci = cv.ci()
     return {"accuracy": cv.accuracy, "ci": [ci["ci_low"], ci["ci_high"]]}

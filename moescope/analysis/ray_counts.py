@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -133,6 +133,17 @@ class ShardCounting:
         count-based analyses (`fn` pure, module-level, returning mergeable counts)."""
         return map_reduce(fn, units, spec, add, initial)
 
+    def map_gather(self, units: list[Any], fn: Callable[[Any, Any], Any], spec: Any, n_parts: int) -> Iterator[list[Any]]:
+        """For p in range(n_parts), [fn(unit, spec)[p] for unit in units]: the hook for analyses
+        whose per-unit results are not counts but must be joined part by part (e.g. one MoE
+        layer at a time, :mod:`moescope.analysis.compare_map`). In process every result is
+        kept until its part is yielded; RayCounting keeps them in the object store."""
+        results = [list(fn(unit, spec)) for unit in units]
+        for p in range(n_parts):
+            yield [r[p] for r in results]
+            for r in results:
+                r[p] = None  # the part is the caller's now
+
     # -- the counting pass of stats and signatures ---------------------------------------------------
     def count_routes(self, trace: Trace, *, phase: str = "all", scan: bool = True, transitions: bool = True,
                      weight_bins: int = 20, sequences: bool = False, bucket_edges: list[int] | None = None,
@@ -143,16 +154,19 @@ class ShardCounting:
         edges = np.asarray(sorted(set([0] + [int(e) for e in bucket_edges or []])), dtype=np.int64)
         use_tokens = token_experts and trace.has("tokens")
         units = shard_units(trace, self.location)
+        # --where: the driver's views hold the selected sequences only; the workers read whole shards
+        selected = (np.asarray(trace.selected_seq_ids.to_numpy(zero_copy_only=False), np.int64)
+                    if trace.where is not None else None)
         w_max = 1.0
         if has_w:  # the histograms' range (routing_counts.weight_range), from a first map over the shards
-            extremes = self.map_shards(units, weight_extremes, None, np.fmax, np.array([np.nan, np.nan]))
+            extremes = self.map_shards(units, weight_extremes, selected, np.fmax, np.array([np.nan, np.nan]))
             w_max = rc.weight_range_of([float(x) for x in extremes if not np.isnan(x)])
         spec = CountSpec(
             n_experts=E, top_k=k, layer_index=rc.layer_index(trace), phase=phase,
             phase_filter=rc.needs_phase_filter(trace, phase), scan=scan, transitions=transitions, weights=has_w,
             weight_bins=weight_bins, token_experts=use_tokens, weight_max=w_max,
             sequences=sequences, edges=edges,
-            only=None if sequence_ids is None else np.asarray(sequence_ids, np.int64))
+            only=None if sequence_ids is None else np.asarray(sequence_ids, np.int64), selected=selected)
         # The driver reads only the manifest here: each task finds its own sequences.
         reducer = self.map_shards(units, count_shard, spec,
                                   lambda total, part: total.add(part), _Reducer())
@@ -198,22 +212,57 @@ class RayCounting(ShardCounting):
         at most num_workers at a time; `add(total, part)` runs in the driver as results arrive.
         `fn` must be pure and importable by the workers (a module-level function)."""
         ray = _import_ray()
-        started_here = not ray.is_initialized()
-        if started_here:
-            ray.init(address=self.address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        started_here = _connect(ray, self.address)
         try:
             remote = ray.remote(num_cpus=1, max_retries=2)(fn)
             spec_ref = ray.put(spec)
 
             def wait(pending: list) -> tuple[list, list]:
                 done, rest = ray.wait(pending, num_returns=1)
-                return ray.get(done), rest
+                return _get(ray, done), rest
 
             return map_reduce(fn, units, spec_ref, add, initial, submit=lambda unit, s: remote.remote(unit, s), wait=wait,
                               in_flight=self.num_workers)
         finally:
             if started_here:
                 ray.shutdown()
+
+    def map_gather(self, units: list[Any], fn: Callable[[Any, Any], Any], spec: Any, n_parts: int) -> Iterator[list[Any]]:
+        """ShardCounting.map_gather with fn run as Ray tasks (at most num_workers at a time),
+        each returning its n_parts parts as separate objects: they wait in Ray's object store
+        (spilled to disk when it fills) and the driver fetches one part of every unit at a
+        time, releasing it before the next."""
+        if n_parts == 0 or not units:
+            yield from ([] for _ in range(n_parts))
+            return
+        ray = _import_ray()
+        started_here = _connect(ray, self.address)
+        try:
+            remote = ray.remote(num_cpus=1, max_retries=2, num_returns=n_parts)(_as_parts)
+            spec_ref = ray.put(spec)
+            refs: list[list[Any]] = []
+            pending: list = []
+            for unit in units:  # at most num_workers tasks running; the rest wait for a free worker
+                if len(pending) >= self.num_workers:
+                    _, pending = ray.wait(pending, num_returns=1)
+                out = remote.remote(fn, unit, spec_ref, n_parts)
+                refs.append(list(out) if n_parts > 1 else [out])
+                pending.append(refs[-1][0])
+            for p in range(n_parts):
+                yield _get(ray, [r[p] for r in refs])
+                for r in refs:
+                    r[p] = None  # release the part in the object store
+        finally:
+            if started_here:
+                ray.shutdown()
+
+
+def _as_parts(fn: Callable[[Any, Any], Any], unit: Any, spec: Any, n_parts: int) -> Any:
+    """fn(unit, spec) as Ray's num_returns expects it (a tuple of n_parts, or the one part)."""
+    parts = fn(unit, spec)
+    if len(parts) != n_parts:
+        raise ValueError(f"{fn.__name__} returned {len(parts)} parts, not {n_parts}")
+    return tuple(parts) if n_parts > 1 else parts[0]
 
 
 def _scan(trace: Trace, total: PartialCounts, has_w: bool, transitions: bool, weight_bins: int,
@@ -237,6 +286,58 @@ def _scan(trace: Trace, total: PartialCounts, has_w: bool, transitions: bool, we
         weight_mean=None if whist is None else (total.weight_total if total.weight_total is not None
                                                 else np.zeros(L * k)).reshape(L, k) / np.maximum(whist.sum(axis=2), 1),
         weight_bins=weight_bins, weight_max=weight_max)
+
+
+def _get(ray: Any, refs: list) -> list:
+    """ray.get, re-raising a task's MoescopeError (e.g. a damaged shard) as itself: one line,
+    not Ray's wrapper with the worker's traceback."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, MoescopeError):
+            raise cause from None
+        raise
+
+
+def _connect(ray: Any, address: str | None) -> bool:
+    """Join `address` (None: the running cluster, else a new local one) unless this process is
+    already connected; True when it connected here (and so must disconnect). MoescopeError in
+    one line for a cluster that does not answer (a host:port is probed first, so a wrong address
+    fails in seconds rather than after Ray's own retries)."""
+    if ray.is_initialized():
+        return False
+    if address and address not in ("auto", "local"):
+        import socket
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(address if "://" in address else f"ray://{address}")
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if not parts.hostname or port is None:
+            raise MoescopeError(f"--ray-address {address!r} is not host:port (or ray://host:port, or auto)")
+        try:
+            socket.create_connection((parts.hostname, port), timeout=5).close()
+        except OSError as exc:
+            raise MoescopeError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); start it with "
+                                "`ray start --head` or fix --ray-address") from None
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise MoescopeError(f"cannot reach the Ray cluster at {address or 'a new local cluster'} "
+                            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    return True
+
+
+def engine_for_pair(engine: str, num_workers: int = 1, address: str | None = None, shards_at_a: str | None = None,
+                    shards_at_b: str | None = None) -> tuple[ShardCounting | None, tuple[str | None, str | None]]:
+    """The counting engine and the shard locations of a two-trace command (compare, agreement):
+    --engine/--num-workers/--ray-address as for one trace, --shards-at-a/--shards-at-b per trace."""
+    if engine == "local" and (shards_at_a or shards_at_b):
+        raise MoescopeError("--shards-at-a and --shards-at-b need --engine ray")
+    return engine_for(engine, num_workers, address), (shards_at_a, shards_at_b)
 
 
 def _import_ray() -> Any:

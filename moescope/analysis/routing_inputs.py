@@ -228,8 +228,15 @@ def layer_experts(trace: Trace, layer: int, seq_id: np.ndarray, pos: np.ndarray)
 
 
 def compare_traces(trace_a: Trace, trace_b: Trace, *, seed: int = 0, params: dict[str, Any] | None = None,
-                   extra: dict[str, Any] | None = None, shuffles: int = 20) -> AnalysisResult:
-    """Align two traces' tokens and compare their routing layer by layer (see moescope.analysis.compare)."""
+                   extra: dict[str, Any] | None = None, shuffles: int = 20,
+                   locations: tuple[str | None, str | None] = (None, None)) -> AnalysisResult:
+    """Align two traces' tokens and compare their routing layer by layer (see moescope.analysis.compare).
+
+    Under a counting engine (``with use_engine(RayCounting(num_workers=4)): ...``), workers read
+    the routes (:mod:`moescope.analysis.compare_map`; `locations`: where they read each trace's
+    shards, default the traces' own paths); the result is identical."""
+    from moescope.analysis.engine import current_engine
+
     check_comparable(trace_a.model, trace_b.model)
     alignment = align_tokens(token_arrays(trace_a), sequence_texts(trace_a),
                              token_arrays(trace_b), sequence_texts(trace_b))
@@ -242,7 +249,14 @@ def compare_traces(trace_a: Trace, trace_b: Trace, *, seed: int = 0, params: dic
             yield (layer_a, layer_b, layer_experts(trace_a, layer_a, alignment.seq_id, alignment.pos_a),
                    layer_experts(trace_b, layer_b, alignment.seq_id, alignment.pos_b))
 
-    return analyze_compare(alignment, layers(), n_experts=trace_a.n_experts, top_k=trace_a.top_k, seed=seed,
+    engine = current_engine()
+    if engine is not None:
+        from moescope.analysis.compare_map import engine_layers
+
+        per_layer = engine_layers(engine, alignment, trace_a, trace_b, pairs, locations)
+    else:
+        per_layer = layers()
+    return analyze_compare(alignment, per_layer, n_experts=trace_a.n_experts, top_k=trace_a.top_k, seed=seed,
                            trace=str(trace_a.path), shuffles=shuffles,
                            params={"trace_a": str(trace_a.path), "trace_b": str(trace_b.path),
                                    "model_a": trace_a.model.get("name_or_path"),

@@ -46,9 +46,12 @@ __all__ = ["SemanticParams", "analyze_semantic", "target_profiles", "pair_kappa"
 
 TESTS = {
     "kappa": "(o - e) / (1 - e), o = |S_a ∩ S_b| / k, e = k / E (0 = chance)",
-    "sense_pairs": "Mann-Whitney U, two-sided; effect size rank-biserial (Cohen's d also given)",
+    "sense_pairs": "paired by lemma: Wilcoxon signed-rank on per-lemma mean same - different kappa, two-sided; "
+                   "effect size matched rank-biserial (Cohen's d_z also given); the unpaired Mann-Whitney U over "
+                   "pairs kept as unpaired_* for comparison only",
     "substitution": "Wilcoxon signed-rank on per-item differences, two-sided; effect size matched rank-biserial",
-    "confidence_intervals": "percentile bootstrap over pairs (each label resampled separately) or items",
+    "confidence_intervals": "percentile cluster bootstrap resampling lemmas (sense pairs), items (substitution) or "
+                            "unrelated pairs (moescope.inference.cluster_bootstrap_ci)",
     "multiple_layers": "p_value as computed; p_value_holm adjusted across layers (Holm)",
 }
 
@@ -118,33 +121,26 @@ def pair_kappa(pa_: np.ndarray, pb: np.ndarray, top_k: int, n_experts: int) -> n
 
 
 # -- statistics -------------------------------------------------------------------------------
-def _boot(x: np.ndarray, rng: np.random.Generator, n_boot: int) -> np.ndarray:
-    """Bootstrap means (n_boot, L) of the rows of x (n, L), as multinomial weights @ x (no copies)."""
-    n = len(x)
-    return (rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot) / n) @ x
-
-
-def _ci(boot: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
-    a = (1 - confidence) / 2
-    lo, hi = np.quantile(boot, [a, 1 - a], axis=0)
-    return lo, hi
-
-
 def _nan(L: int) -> np.ndarray:
     return np.full(L, np.nan)
 
 
-def compare_groups(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, n_boot: int, confidence: float) -> dict:
-    """Two independent groups of per-pair kappas, x (n1, L) vs y (n2, L): means, CIs, test, effect sizes."""
+def _bootstrap_rows(x: np.ndarray, seed: int, n_boot: int, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column percentile CI (lo (L,), hi (L,)) of the mean of the rows of x (n, L), each row a
+    resampling unit (:func:`moescope.inference.cluster_bootstrap_ci`, the same resamples for every column)."""
+    ci = [cluster_bootstrap_ci(x[:, j], None, n_boot=n_boot, seed=seed, level=confidence) for j in range(x.shape[1])]
+    return np.array([c["ci_low"] for c in ci]), np.array([c["ci_high"] for c in ci])
+
+
+def compare_groups(x: np.ndarray, y: np.ndarray) -> dict:
+    """Two independent groups of per-pair kappas, x (n1, L) vs y (n2, L): means, difference, Mann-Whitney
+    p (Holm across layers) and effect sizes. The naive comparison over pairs, kept only to show what the
+    paired-by-lemma test protects against, so it carries no confidence intervals."""
     L = x.shape[1]
     out = {"x": x.mean(0) if len(x) else _nan(L), "y": y.mean(0) if len(y) else _nan(L), "n_x": len(x), "n_y": len(y)}
     if len(x) < 2 or len(y) < 2:
-        return {**out, **{k: _nan(L) for k in ("x_lo", "x_hi", "y_lo", "y_hi", "diff", "diff_lo", "diff_hi",
-                                                  "p", "p_holm", "effect", "d")}}
-    bx, by = _boot(x, rng, n_boot), _boot(y, rng, n_boot)
-    (out["x_lo"], out["x_hi"]), (out["y_lo"], out["y_hi"]) = _ci(bx, confidence), _ci(by, confidence)
+        return {**out, **{k: _nan(L) for k in ("diff", "p", "p_holm", "effect", "d")}}
     out["diff"] = out["x"] - out["y"]
-    out["diff_lo"], out["diff_hi"] = _ci(bx - by, confidence)
     u, p = stats.mannwhitneyu(x, y, axis=0, alternative="two-sided", method="asymptotic")
     out["p"], out["p_holm"] = p, holm(p)
     out["effect"] = 2 * u / (len(x) * len(y)) - 1  # rank-biserial: P(x > y) - P(x < y)
@@ -164,11 +160,8 @@ def compare_paired(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, n_boo
                                                   "p", "p_holm", "effect", "d")}}
     d = x - y
     seed = int(rng.integers(2**31))  # one resampling of units for x, y and their difference
-    ci = {name: [cluster_bootstrap_ci(v[:, layer], None, n_boot=n_boot, seed=seed, level=confidence)
-                 for layer in range(L)] for name, v in (("x", x), ("y", y), ("d", d))}
-    for name, stem in (("x", "x"), ("y", "y"), ("d", "diff")):
-        out[f"{stem}_lo"] = np.array([c["ci_low"] for c in ci[name]])
-        out[f"{stem}_hi"] = np.array([c["ci_high"] for c in ci[name]])
+    for v, stem in ((x, "x"), (y, "y"), (d, "diff")):
+        out[f"{stem}_lo"], out[f"{stem}_hi"] = _bootstrap_rows(v, seed, n_boot, confidence)
     out["diff"] = d.mean(0)
     tests = [wilcoxon_signed_rank(d[:, layer]) for layer in range(L)]
     out["p"] = np.array([t["p_value"] for t in tests])
@@ -285,7 +278,7 @@ def analyze_semantic(
                       lemma_gaps={"lemmas": names.tolist(), "gap": x - y})
         # The naive test over pairs (unpaired, Mann-Whitney), kept for comparison: lemmas that differ in
         # baseline overlap and in their share of same-sense pairs make it see a gap that is not there.
-        naive = compare_groups(kappa[same], kappa[~same], rng, params.n_boot, params.confidence)
+        naive = compare_groups(kappa[same], kappa[~same])
         values.update(unpaired_difference=naive["diff"], unpaired_p_value=naive["p"],
                       unpaired_p_value_holm=naive["p_holm"])
         for name, subset in (("identical_tokens_", ident), ("distinct_tokens_", ~ident)):
@@ -300,7 +293,8 @@ def analyze_semantic(
         ok = np.array([lemma[a] != lemma[b] or not lemma[a] for a, b in zip(ua, ub)]) & (ua != ub)
         uk = pair_kappa(profiles[ua[ok]], profiles[ub[ok]], top_k, n_experts)
         values["unrelated_kappa"] = uk.mean(0) if len(uk) else _nan(L)
-        lo, hi = _ci(_boot(uk, rng, params.n_boot), params.confidence) if len(uk) > 1 else (_nan(L), _nan(L))
+        lo, hi = (_bootstrap_rows(uk, int(rng.integers(2**31)), params.n_boot, params.confidence) if len(uk) > 1
+                  else (_nan(L), _nan(L)))
         values.update(unrelated_ci_low=lo, unrelated_ci_high=hi, n_pairs_unrelated=int(ok.sum()))
     # substitution items: per item, mean kappa(original, substitute) vs mean kappa(original, control)
     # A replacement whose first target token is the original's sees the same prefix and the same

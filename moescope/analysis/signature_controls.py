@@ -21,48 +21,38 @@ from moescope.analysis.spilled_keys import SpilledKeys
 from moescope.chunked import ChunkedMatrix, lazy_wanted
 
 
-# Keys per np.bincount call: bincount casts its input to int64, so counting all keys at once would
-# hold a transient int64 copy of every assignment (8 bytes each); chunks bound that copy (32 MB).
+# Keys per counting step: a long piece of keys is counted a bounded slice at a time.
 _BINCOUNT_CHUNK = 1 << 22
 
 
 def _chunked_bincount(pieces: Iterable[tuple[np.ndarray, np.ndarray | None]], minlength: int) -> np.ndarray:
-    """np.bincount of the concatenated (keys, weights) pieces, equal to one call on their
-    concatenation (int64 counts without weights, float64 sums with), but counted a bounded chunk at
-    a time so that neither the concatenation nor bincount's int64 copy of it is ever whole."""
+    """np.bincount of the concatenated (keys, weights) pieces (int64 counts without weights,
+    float64 sums with), counted piece by piece into one accumulator with np.add.at: no
+    concatenation, no int64 copy of the keys, and (without weights) an int32 accumulator, which
+    keeps the scattered increments in cache far better than bincount's fresh int64 array per call
+    (about 3x faster on the token-id control's (layer, token, expert) keys)."""
     out: np.ndarray | None = None
-    buf_k: list[np.ndarray] = []
-    buf_w: list[np.ndarray] = []
-    held = 0
-
-    def flush() -> None:
-        nonlocal out, held
-        if not buf_k:
-            return
-        key = np.concatenate(buf_k)
-        weights = np.concatenate(buf_w) if buf_w else None
-        part = np.bincount(key, weights=weights, minlength=minlength)
-        if out is None:
-            out = part
-        else:
-            if len(part) > len(out):
-                out, part = part, out
-            out[:len(part)] += part
-        buf_k.clear(), buf_w.clear()
-        held = 0
-
+    ones = np.ones(0, np.int32)
     for key, weights in pieces:
-        for a in range(0, len(key), _BINCOUNT_CHUNK):  # a long piece is split too
-            buf_k.append(np.asarray(key[a:a + _BINCOUNT_CHUNK]))
-            if weights is not None:
-                buf_w.append(np.asarray(weights[a:a + _BINCOUNT_CHUNK]))
-            held += len(buf_k[-1])
-            if held >= _BINCOUNT_CHUNK:
-                flush()
-    flush()
+        for a in range(0, len(key), _BINCOUNT_CHUNK):
+            k = np.asarray(key[a:a + _BINCOUNT_CHUNK])
+            if not len(k):
+                continue
+            w = None if weights is None else np.asarray(weights[a:a + _BINCOUNT_CHUNK])
+            if out is None:
+                out = np.zeros(minlength, np.int32 if w is None else np.float64)
+            top = int(k.max()) + 1
+            if top > len(out):
+                out = np.concatenate([out, np.zeros(top - len(out), out.dtype)])
+            if w is None:
+                if len(ones) < len(k):
+                    ones = np.ones(len(k), np.int32)
+                np.add.at(out, k, ones[:len(k)])
+            else:
+                np.add.at(out, k, w.astype(np.float64, copy=False))
     if out is None:
         return np.bincount(np.zeros(0, np.int64), minlength=minlength)
-    return out
+    return out.astype(np.int64) if out.dtype == np.int32 else out
 
 
 @dataclass
@@ -195,13 +185,18 @@ def sequence_token_expert_counts(trace: Any, *, phase: str, seq_ids: np.ndarray)
 def top_k_map(counts: np.ndarray, k: int) -> np.ndarray:
     """(L, V, E) 0/1: the k experts with the largest counts per (layer, token), ties to the lower
     expert id; rows with no count are all 0."""
-    L, V, E = counts.shape
-    key = counts.astype(np.int64) * E + (E - 1 - np.arange(E))  # unique keys: ties to the lower id
-    top = np.argpartition(-key, k - 1, axis=2)[:, :, :k]
-    out = np.zeros(counts.shape, np.float64)
-    np.put_along_axis(out, top, 1.0, axis=2)
-    out[counts.sum(axis=2) == 0] = 0.0
-    return out
+    E = counts.shape[-1]
+    rows = counts.reshape(-1, E)
+    # unique keys (ties to the lower id); int32 when they fit: argpartition is then twice as fast
+    dtype = np.int32 if rows.size == 0 or (float(rows.max()) + 1) * E < 2 ** 31 else np.int64
+    key = rows.astype(dtype)
+    key *= E
+    key += (E - 1 - np.arange(E, dtype=dtype))
+    top = np.argpartition(key, E - k, axis=1)[:, E - k:]  # the k largest keys
+    out = np.zeros(rows.shape, np.float64)
+    out[np.arange(len(rows))[:, None], top] = 1.0
+    out[~rows.any(axis=1)] = 0.0
+    return out.reshape(counts.shape)
 
 
 class TokenIdControl:

@@ -103,30 +103,40 @@ def dispersion(counts: np.ndarray, expected: np.ndarray, *, min_expected: float 
 
 def coactivation(source: Trace | RouteScan, layer_index: int | None = None, *, seed: int = 0,
                  chance_tokens: int = 20_000, replicates: int = 20,
-                 rule: SelectionRule | None = None) -> list[Coactivation] | Coactivation:
+                 rule: SelectionRule | None = None, n_jobs: int = 1) -> list[Coactivation] | Coactivation:
     """Every pair within each token's top-k, counted and divided by the null of random pairing
     under the router's selection rule (`rule`; default: read from a Trace's manifest, plain
     top-k for a RouteScan). `source` a Trace (scanned now) or a RouteScan; one layer (position
     in moe_layers) or all. The chance dispersion: mean and SD over `replicates` simulated
-    routers of min(tokens, chance_tokens) tokens each (it does not depend on the number of tokens)."""
+    routers of min(tokens, chance_tokens) tokens each (it does not depend on the number of tokens).
+    n_jobs: threads over the layers (the simulation's numpy work releases the GIL)."""
     if rule is None:
         model = source.manifest.get("model") if isinstance(source, Trace) else None
         E, k = (source.n_experts, source.top_k)
         rule = SelectionRule.from_model(model, E, k)
     scan = source if isinstance(source, RouteScan) else scan_routes(source, transitions=False)
-    rng = np.random.default_rng(seed)
-    out = []
-    for li in range(len(scan.moe_layers)) if layer_index is None else [layer_index]:
+    # one random stream per layer (spawned from `seed`): a layer's chance level is the same
+    # whether it is computed alone or with the others, in any order, on any number of threads
+    streams = np.random.SeedSequence(seed).spawn(len(scan.moe_layers))
+
+    def one(li: int) -> Coactivation:
         n = max(int(scan.n_rows[li]), 1)
         counts = scan.pairs[li]
-        null = pair_null_under_rule(counts, n, rule, rng, chance_tokens=chance_tokens,
+        null = pair_null_under_rule(counts, n, rule, np.random.default_rng(streams[li]), chance_tokens=chance_tokens,
                                     replicates=replicates if scan.top_k > 1 else 0)
         expected = null.expected
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(expected > 0, counts / expected, np.nan)
         np.fill_diagonal(ratio, np.nan)
-        out.append(Coactivation(counts, expected, ratio, null.dispersion_chance, null.dispersion_chance_sd, rule))
-    return out if layer_index is None else out[0]
+        return Coactivation(counts, expected, ratio, null.dispersion_chance, null.dispersion_chance_sd, rule)
+
+    if layer_index is not None:
+        return one(layer_index)
+    if n_jobs == 1:
+        return [one(li) for li in range(len(scan.moe_layers))]
+    from joblib import Parallel, delayed
+
+    return Parallel(n_jobs=n_jobs, prefer="threads")(delayed(one)(li) for li in range(len(scan.moe_layers)))
 
 
 def coactivation_summary(co: Coactivation, *, top: int = 10, min_expected: float = 5.0, seed: int = 0,
@@ -429,6 +439,7 @@ def routing_statistics(
     seed: int = 0,
     figures: bool = True,
     chance_replicates: int = 20,
+    n_jobs: int = 1,
 ) -> AnalysisResult:
     """All routing statistics of a trace (analysis="stats").
 
@@ -440,15 +451,15 @@ def routing_statistics(
         focus_layer: the model layer shown in the co-activation, transition and weight
             figures (default: the middle MoE layer).
         permutations: label shuffles for the label-specialisation baseline.
-        chance_replicates: simulated routers per layer for the co-activation chance (mean, SD);
-            each costs about 0.7 s per layer at E = 256, k = 8 (20,000 tokens).
+        chance_replicates: simulated routers per layer for the co-activation chance (mean, SD).
+        n_jobs: threads over the layers of the co-activation chance (results do not depend on it).
     """
     _focus(trace.moe_layers, focus_layer)  # fail before the expensive part
     inputs = gather_statistics_inputs(trace, label=label, phase=phase)
     values, figs = summarise_statistics(inputs, label=label, top_tokens=top_tokens, min_token_count=min_token_count,
                                         phase=phase, focus_layer=focus_layer, rare_fraction=rare_fraction,
                                         permutations=permutations, seed=seed, figures=figures,
-                                        chance_replicates=chance_replicates)
+                                        chance_replicates=chance_replicates, n_jobs=n_jobs)
     params = {"label": label, "top_tokens": top_tokens, "min_token_count": min_token_count, "phase": phase,
               "focus_layer": values["focus_layer"], "rare_fraction": rare_fraction, "permutations": permutations,
               "seed": seed, "chance_replicates": chance_replicates}
@@ -465,7 +476,8 @@ def _focus(layers: list[int], focus_layer: int | None) -> int:
 def summarise_statistics(inputs: StatsInputs, *, label: str | None = None, top_tokens: int = 10,
                          min_token_count: int = 20, phase: str = "all", focus_layer: int | None = None,
                          rare_fraction: float = RARE_FRACTION, permutations: int = 100, seed: int = 0,
-                         figures: bool = True, chance_replicates: int = 20) -> tuple[dict[str, Any], dict[str, Any]]:
+                         figures: bool = True, chance_replicates: int = 20,
+                         n_jobs: int = 1) -> tuple[dict[str, Any], dict[str, Any]]:
     """The pure half of :func:`routing_statistics`: (values, figures) from the gathered counts."""
     notes: list[str] = []
     scan = inputs.scan
@@ -477,7 +489,8 @@ def summarise_statistics(inputs: StatsInputs, *, label: str | None = None, top_t
     values: dict[str, Any] = {"n_experts": scan.n_experts, "top_k": scan.top_k, "moe_layers": layers, "phase": phase,
                               "n_tokens": scan.n_rows, "focus_layer": focus, "load": {**load, "counts": scan.load}}
     rule = SelectionRule.from_model(inputs.model, scan.n_experts, scan.top_k)
-    co_all = coactivation(scan, seed=seed, rule=rule, replicates=chance_replicates) if scan.top_k > 1 else []
+    co_all = (coactivation(scan, seed=seed, rule=rule, replicates=chance_replicates, n_jobs=n_jobs)
+              if scan.top_k > 1 else [])
     if not (inputs.model or {}).get("router_settings"):
         notes.append("the trace does not record the router's settings: co-activation chance assumes any pair of "
                      "experts can be chosen together (plain top-k)")

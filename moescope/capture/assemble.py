@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from moescope.capture.recorder import GENERATED, PROMPT, Group
+from moescope.capture.records import GENERATED, PROMPT, Group
 from moescope.schema import HIDDEN_SCHEMA, expert_id_type, float_type, routes_schema, tokens_schema
 
 if TYPE_CHECKING:

@@ -8,7 +8,15 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 
+from moescope.commands.analyze_core import ENGINE_HELP
+
 console = Console(stderr=True)
+PAIR_ENGINE_HELP = {  # --engine ray for two traces (moescope.analysis.compare_map, agreement_run)
+    "engine": "'local' (this process) or 'ray' (the routes read by Ray tasks, one range of sequences each).",
+    "num_workers": "Ray: tasks running at once (one CPU each; a task reads one range of sequences).",
+    "shards_at_a": "Ray: where workers read trace A's shards, if not at its path (shared mount, s3://, gs://, file://).",
+    "shards_at_b": "Ray: the same for trace B.",
+}
 
 
 def _pm(mean: Any, sd: Any) -> str:
@@ -50,9 +58,16 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None
         out: Path = typer.Option(..., "--out", help="Directory for results.json and figures/."),
         seed: int = typer.Option(0, "--seed", help="Seed of the cross-fitting halves and shuffles."),
         shuffles: int = typer.Option(20, "--shuffles", help="Shuffles of each chance level (matched chance, token-id null)."),
+        engine: str = typer.Option("local", "--engine", help=PAIR_ENGINE_HELP["engine"]),
+        num_workers: int = typer.Option(1, "--num-workers", help=PAIR_ENGINE_HELP["num_workers"]),
+        ray_address: Optional[str] = typer.Option(None, "--ray-address", help=ENGINE_HELP["address"]),
+        shards_at_a: Optional[str] = typer.Option(None, "--shards-at-a", help=PAIR_ENGINE_HELP["shards_at_a"]),
+        shards_at_b: Optional[str] = typer.Option(None, "--shards-at-b", help=PAIR_ENGINE_HELP["shards_at_b"]),
     ) -> None:
         """Per-layer routing overlap of two traces on aligned tokens, next to its chance levels,
         with the best one-to-one matching of experts (Hungarian algorithm)."""
+        from moescope.analysis.engine import use_engine
+        from moescope.analysis.ray_counts import engine_for_pair
         from moescope.analysis.routing_inputs import compare_traces
         from moescope.store.reader import open_trace
 
@@ -60,7 +75,10 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None
             from moescope.errors import MoescopeError
 
             raise MoescopeError(f"--shuffles must be at least 1, not {shuffles}")
-        result = compare_traces(open_trace(trace_a), open_trace(trace_b), seed=seed, shuffles=shuffles)
+        counting, locations = engine_for_pair(engine, num_workers, ray_address, shards_at_a, shards_at_b)
+        a, b = open_trace(trace_a), open_trace(trace_b)
+        with use_engine(counting):
+            result = compare_traces(a, b, seed=seed, shuffles=shuffles, locations=locations)
         _print(result.values, result.save(out))
 
     @analyze_app.command("chat-template")

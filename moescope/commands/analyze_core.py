@@ -117,6 +117,16 @@ def signatures_table(v: dict[str, Any]) -> Table:
 
 
 def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None:
+    def _jobs(jobs: int) -> int:
+        """--jobs: 0 means one thread per available core (at most 8)."""
+        from moescope.errors import MoescopeError
+
+        if jobs < 0:
+            raise MoescopeError(f"--jobs must be at least 0 (0: one per core), not {jobs}")
+        from moescope.inference import default_jobs
+
+        return jobs or default_jobs()
+
     @analyze_app.command("stats")
     def stats(
         trace_dir: Path = typer.Argument(..., help="A trace directory."),
@@ -131,6 +141,8 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None
         seed: int = typer.Option(0, "--seed"),
         chance_replicates: int = typer.Option(20, "--chance-replicates", help="Simulated routers per layer for the "
                                               "co-activation chance (mean ± SD); fewer on very large models."),
+        jobs: int = typer.Option(0, "--jobs", help="Threads over the layers' co-activation chance (0: one per "
+                                 "available core, at most 8). Results do not depend on it."),
         engine: str = typer.Option("local", "--engine", help=ENGINE_HELP["engine"]),
         num_workers: int = typer.Option(1, "--num-workers", help=ENGINE_HELP["num_workers"]),
         ray_address: Optional[str] = typer.Option(None, "--ray-address", help=ENGINE_HELP["address"]),
@@ -149,7 +161,7 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None
         with use_engine(counting):
             result = routing_statistics(trace, label=label, phase=phase, focus_layer=focus_layer, top_tokens=top_tokens,
                                         min_token_count=min_token_count, permutations=permutations, seed=seed,
-                                        chance_replicates=chance_replicates)
+                                        chance_replicates=chance_replicates, n_jobs=_jobs(jobs))
         path = result.save(out)
         console.print(stats_table(result.values))
         console.print(f"router: {result.values.get('router')}", highlight=False)
@@ -170,7 +182,8 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None
         seed: int = typer.Option(0, "--seed"),
         phase: str = typer.Option("prompt", "--phase", help="Tokens in the signature: prompt, generated or all."),
         control_draws: int = typer.Option(3, "--control-draws", help="Re-draws of the load-balancing control."),
-        jobs: int = typer.Option(1, "--jobs", help="Threads over the cross-validation folds."),
+        jobs: int = typer.Option(0, "--jobs", help="Threads over the cross-validation folds (0: one per "
+                                 "available core, at most 8). Results do not depend on it."),
         max_sequences: Optional[int] = typer.Option(None, "--max-sequences", help="Analyse a sample of about N "
                                                     "labelled sequences (stratified by label, whole groups, seeded)."),
         engine: str = typer.Option("local", "--engine", help=ENGINE_HELP["engine"]),
@@ -191,14 +204,14 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None
             raise MoescopeError(f"--folds must be at least 2, not {folds}")
         if permutations < 0 or control_draws < 0:
             raise MoescopeError("--permutations and --control-draws cannot be negative")
-        if repeats < 1 or jobs < 1:
-            raise MoescopeError("--repeats and --jobs must be at least 1")
+        if repeats < 1 or jobs < 0:
+            raise MoescopeError("--repeats must be at least 1 and --jobs at least 0 (0: one per core)")
         counting = engine_for(engine, num_workers, ray_address, shards_at)
         trace = open_trace(trace_dir)
         with use_engine(counting):
             result = routing_signatures(trace, label=label, group=group, folds=folds, repeats=repeats,
                                         permutations=permutations, seed=seed, phase=phase,
-                                        control_draws=control_draws, n_jobs=jobs, max_sequences=max_sequences)
+                                        control_draws=control_draws, n_jobs=_jobs(jobs), max_sequences=max_sequences)
         path = result.save(out)
         console.print(signatures_table(result.values))
         _notes(result.values["notes"])

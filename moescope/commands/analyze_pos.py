@@ -9,6 +9,8 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 
+from moescope.commands._model_options import ALLOW_PICKLE, DEVICE, DTYPE, MODEL, REVISION, TRUST_REMOTE_CODE
+
 console = Console(stderr=True)
 
 
@@ -18,7 +20,7 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: Any) -> None:
     @analyze_app.command("pos")
     def pos(
         out: Path = typer.Option(..., "--out", help="Directory for results.json, figures/ and (when capturing) trace/."),
-        model: Optional[str] = typer.Option(None, "--model", help="Local model directory or hub id (default: the built-in model)."),
+        model: Optional[str] = MODEL,
         conllu: Optional[Path] = typer.Option(None, "--conllu", help="Gold-tagged sentences (CoNLL-U) to capture and analyse."),
         data: Optional[Path] = typer.Option(None, "--data", help="Texts (.txt / .jsonl / .parquet) to tag with spaCy, capture and analyse."),
         trace: Optional[Path] = typer.Option(None, "--trace", help="Analyse an existing trace whose tokens table has a upos column."),
@@ -28,25 +30,26 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: Any) -> None:
         cv_groups: str = typer.Option("sentence", "--cv-groups", help="'sentence': no sentence in both train and test; 'token': ungrouped."),
         seed: int = typer.Option(0, "--seed", help="Seed of the subsample, folds, shuffles, permutations and t-SNE."),
         max_tokens: int = typer.Option(20_000, "--max-tokens", help="Tokens the probe trains on at most (seeded subsample of whole sentences)."),
-        shuffles: int = typer.Option(20, "--shuffles", help="Tag shuffles: KL / Spec chance levels and shuffled-tag probes."),
+        shuffles: int = typer.Option(100, "--shuffles", help="Tag permutations of the probe's token-identity null (and shuffles of the naive KL / Spec null)."),
         permutations: Optional[int] = typer.Option(None, "--permutations", help="Permutations of the token-identity null (default: 100 x tags x layers)."),
         tsne_points: int = typer.Option(1500, "--tsne-points", help="Routing paths in the t-SNE figure (0: none)."),
         ablation: Optional[str] = typer.Option(None, "--ablation", help="Comma-separated numbers of layers to drop (default: ~1, L/4, L/2, 3L/4, L-1)."),
         batch_size: int = typer.Option(16, "--batch-size", help="Sentences per forward pass when capturing."),
         max_length: Optional[int] = typer.Option(None, "--max-length", help="Longest sentence in tokens (longer ones are truncated)."),
-        device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, mps or auto."),
-        dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+        device: str = DEVICE,
+        dtype: str = DTYPE,
         spacy_model: Optional[str] = typer.Option(None, "--spacy-model", help="spaCy pipeline for --data (default: en_core_web_sm)."),
         mwt: str = typer.Option("first", "--mwt", help="CoNLL-U multiword tokens: tag of the 'first' word, or 'join' all tags."),
         text_field: str = typer.Option("text", "--text-field", help="Field holding the text in --data .jsonl / .parquet."),
-        revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision of the model."),
-        trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model repository's own code."),
-        allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickle checkpoints (they can run code)."),
+        revision: Optional[str] = REVISION,
+        trust_remote_code: bool = TRUST_REMOTE_CODE,
+        allow_pickle: bool = ALLOW_PICKLE,
     ) -> None:
         """Predict Universal POS tags from routing paths (ridge probe, CV grouped by sentence) vs word-form, word-level,
-        majority and shuffled-tag baselines; expert specialisation and KL from uniform per POS and layer against a
-        token-identity null; t-SNE; layer ablation."""
+        majority baselines and against the probe on tags permuted within token ids; expert specialisation and KL from
+        uniform per POS and layer against a token-identity null; t-SNE; layer ablation."""
         from moescope.analysis.pos import PosParams, pos_analysis
+        from moescope.inference import format_p
         from moescope.capture.loading import LoadOptions
         from moescope.errors import MoescopeError
         from moescope.pos.pipeline import load_tagged
@@ -94,8 +97,9 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: Any) -> None:
             f"[green]POS probe[/] accuracy {v['probe_accuracy']:.3f} (macro-F1 {v['macro_f1']:.3f}); word form "
             f"{v['word_form_accuracy']:.3f} (seen ids {v['word_form_accuracy_seen']:.3f}, unseen "
             f"{v['word_form_accuracy_unseen']:.3f}), word level {v['word_level_accuracy']:.3f}, majority "
-            f"{v['majority_accuracy']:.3f}, shuffled tags {v['shuffled_probe_accuracy']:.3f}; probe - word form "
-            f"{t['difference']:+.3f} [{t['ci_low']:+.3f}, {t['ci_high']:+.3f}], p = {t['p_value']:.2g}  ->  {path}"
+            f"{v['majority_accuracy']:.3f}, tags permuted within token ids {v['token_null_probe_accuracy']:.3f} "
+            f"({format_p(v['probe_p_value_token_null'], shuffles)}); probe - word form "
+            f"{t['difference']:+.3f} [{t['ci_low']:+.3f}, {t['ci_high']:+.3f}], {format_p(t['p_value'])}  ->  {path}"
         )
 
 

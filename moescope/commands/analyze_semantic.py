@@ -9,6 +9,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from moescope.commands._model_options import ALLOW_PICKLE, DEVICE, DTYPE, MODEL, REVISION, TRUST_REMOTE_CODE
+
 console = Console(stderr=True)
 
 
@@ -16,7 +18,7 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None
     @analyze_app.command("semantic")
     def semantic(
         out: Path = typer.Option(..., "--out", help="Output directory: probes.jsonl, trace/, results.json, figures/."),
-        model: Optional[str] = typer.Option(None, "--model", help="Local model directory or hub id (default: the built-in model)."),
+        model: Optional[str] = MODEL,
         trace: Optional[Path] = typer.Option(None, "--trace", help="Analyse this existing trace instead of capturing one."),
         probes: Optional[Path] = typer.Option(None, "--probes", help="Probe file (probes.jsonl) to capture, or that --trace was captured from."),
         wic: Optional[Path] = typer.Option(None, "--wic", help="Sense pairs from a WiC split folder (e.g. WiC_dataset/dev) instead of WordNet."),
@@ -29,13 +31,13 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None
         random_init_seeds: Optional[str] = typer.Option(None, "--random-init-seeds", help="Comma-separated seeds (3 or more, e.g. 0,1,2): also run the probes through randomly initialised copies of the model and test the trained-minus-random gap."),
         batch_size: int = typer.Option(16, "--batch-size", help="Sentences per forward pass."),
         max_length: Optional[int] = typer.Option(None, "--max-length", help="Longest sentence in tokens (default: the model's context)."),
-        device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, mps, or auto."),
-        dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+        device: str = DEVICE,
+        dtype: str = DTYPE,
         wordnet: Optional[Path] = typer.Option(None, "--wordnet", help="WordNet 3.0 dict folder (default /usr/share/wordnet)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different trace already at OUT/trace."),
-        revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision of the model."),
-        trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model repository's own code."),
-        allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickle checkpoints (they can run code)."),
+        revision: Optional[str] = REVISION,
+        trust_remote_code: bool = TRUST_REMOTE_CODE,
+        allow_pickle: bool = ALLOW_PICKLE,
     ) -> None:
         """Expert overlap of a word across contexts: same vs different sense, good substitute vs control, per layer."""
         from moescope.analysis.semantic import SemanticParams

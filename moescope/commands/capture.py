@@ -8,6 +8,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from moescope.commands._model_options import ALLOW_PICKLE, DEVICE, DTYPE, MODEL, REVISION, TRUST_REMOTE_CODE
+
 console = Console(stderr=True)
 
 
@@ -31,13 +33,13 @@ def register(app: typer.Typer, **_: object) -> None:
         data: Optional[Path] = typer.Option(None, "--data", help="Texts: .txt (one per line), .jsonl (`text` + metadata) or .parquet."),
         replay: Optional[Path] = typer.Option(None, "--replay", help="Instead of --data: run the model over exactly the token ids of this trace (e.g. an engine import)."),
         out: Path = typer.Option(..., "--out", help="Trace directory to write (resumed if it holds this same capture)."),
-        model: Optional[str] = typer.Option(None, "--model", help="Local model directory or hub id (default: the built-in model)."),
+        model: Optional[str] = MODEL,
         generate: int = typer.Option(0, "--generate", help="Generate N new tokens per text and record them too (0: forward only)."),
         batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward / generate call."),
         max_length: Optional[int] = typer.Option(None, "--max-length", help="Longest prompt in tokens (default: the model's context)."),
         on_long: str = typer.Option("truncate", "--on-long", help="Texts over --max-length: 'truncate' (a note; flagged in sequences.truncated) or 'refuse'."),
-        device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, mps, or auto (spread over devices)."),
-        dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+        device: str = DEVICE,
+        dtype: str = DTYPE,
         sample: bool = typer.Option(False, "--sample", help="Sample when generating (default: greedy)."),
         temperature: float = typer.Option(1.0, "--temperature"),
         top_p: float = typer.Option(1.0, "--top-p"),
@@ -52,9 +54,9 @@ def register(app: typer.Typer, **_: object) -> None:
         seed: int = typer.Option(0, "--seed", help="Seed for sampling and hidden-state selection."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different trace already at --out."),
         shard_rows: int = typer.Option(1 << 21, "--shard-rows", help="Token-layer rows per shard (bounds memory)."),
-        revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision of the model."),
-        trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model repository's own code."),
-        allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickle checkpoints (they can run code)."),
+        revision: Optional[str] = REVISION,
+        trust_remote_code: bool = TRUST_REMOTE_CODE,
+        allow_pickle: bool = ALLOW_PICKLE,
         engine: str = typer.Option("local", "--engine", help="'local' (this process) or 'ray' (workers on a Ray cluster)."),
         num_workers: int = typer.Option(1, "--num-workers", help="Ray: workers, each holding one copy of the model."),
         gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="Ray: GPUs per worker (0: CPU workers)."),

@@ -9,18 +9,20 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from moescope.commands._model_options import ALLOW_PICKLE, DEVICE, DTYPE, MODEL, REVISION, TRUST_REMOTE_CODE
+
 
 def register(app: typer.Typer, **_: object) -> None:
     @app.command("verify")
     def verify(
-        model: Optional[str] = typer.Option(None, "--model", help="Local model directory or hub id (default: the built-in model)."),
+        model: Optional[str] = MODEL,
         tokens: int = typer.Option(256, "--tokens", help="Real tokens of built-in text to run (in one padded batch)."),
         out: Optional[Path] = typer.Option(None, "--out", help="Write the per-layer result as JSON to this file."),
-        device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, mps, or auto (spread over devices)."),
-        dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
-        revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision of the model."),
-        trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model repository's own code."),
-        allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickle checkpoints (they can run code)."),
+        device: str = DEVICE,
+        dtype: str = DTYPE,
+        revision: Optional[str] = REVISION,
+        trust_remote_code: bool = TRUST_REMOTE_CODE,
+        allow_pickle: bool = ALLOW_PICKLE,
     ) -> None:
         """Check, layer by layer, that the recorded experts and weights are what the model used.
 

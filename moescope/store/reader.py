@@ -290,26 +290,37 @@ def open_trace(path: str | os.PathLike, *, allow_incomplete: bool = False, verif
 _VERIFIED: set[tuple] = set()
 
 
-def check_shard(trace_dir: Path, info: dict[str, Any]) -> None:
-    """TraceError naming the shard unless the file listed by manifest entry `info` exists and
-    has the size and SHA-256 the manifest records (either may be absent for other writers)."""
+def shard_problem(trace_dir: Path, info: dict[str, Any], *, checksum: bool = True) -> str | None:
+    """Why the file listed by manifest entry `info` cannot be trusted ("the file is missing", a
+    size or SHA-256 unlike the manifest's; either may be absent for other writers), or None.
+    checksum=False checks existence and size only. A file verified once (same path, size,
+    mtime, inode and digest) is not hashed again in this process."""
     path = Path(trace_dir) / info["path"]
     try:
         st = path.stat()
     except OSError:
-        raise TraceError(_damaged(trace_dir, info["path"], "the file is missing")) from None
+        return "the file is missing"
     expected = info.get("bytes")
     if expected is not None and st.st_size != expected:
-        raise TraceError(_damaged(trace_dir, info["path"], f"{st.st_size:,} bytes, the manifest says {expected:,}"))
+        return f"{st.st_size:,} bytes, the manifest says {expected:,}"
     digest = info.get("sha256")
-    if not digest:
-        return
+    if not digest or not checksum:
+        return None
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, digest)
     if key in _VERIFIED:
-        return
+        return None
     if sha256_file(path) != digest:
-        raise TraceError(_damaged(trace_dir, info["path"], "its checksum differs from the manifest's"))
+        return "its checksum differs from the manifest's"
     _VERIFIED.add(key)
+    return None
+
+
+def check_shard(trace_dir: Path, info: dict[str, Any]) -> None:
+    """TraceError naming the shard unless the file listed by manifest entry `info` exists and
+    has the size and SHA-256 the manifest records (:func:`shard_problem`)."""
+    why = shard_problem(trace_dir, info)
+    if why:
+        raise TraceError(_damaged(trace_dir, info["path"], why))
 
 
 def _damaged(trace_dir: Path, shard: str, why: str) -> str:

@@ -7,8 +7,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from moescope.schema import required_columns
-from moescope.store.manifest import sha256_file
-from moescope.store.reader import Trace
+from moescope.store.reader import Trace, shard_problem
 
 
 @dataclass
@@ -32,11 +31,9 @@ def validate(trace: Trace, *, checksums: bool = True) -> Validation:
         for table, info in shard["files"].items():
             path = trace.path / info["path"]
             result.checked_files += 1
-            if not path.exists():
-                result.problems.append(f"shard file {info['path']} is missing")
-                continue
-            if checksums and info.get("sha256") and sha256_file(path) != info["sha256"]:
-                result.problems.append(f"{info['path']}: checksum mismatch (the file changed after capture)")
+            why = shard_problem(trace.path, info, checksum=checksums)
+            if why:
+                result.problems.append(f"{info['path']}: {why}")
                 continue
             try:
                 meta = pq.ParquetFile(path).metadata
