@@ -37,7 +37,7 @@ ALPHA_FACTORS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 Split = tuple[np.ndarray, np.ndarray]
 #: ridge_cv keeps every label set's out-of-fold predictions up to this many (repeats x sets x
 #: items; 1 byte each for up to 127 classes), else only the real labels' and the null accuracies.
-KEEP_PREDICTIONS_MAX = 1 << 26
+KEEP_PREDICTIONS_MAX = 1 << 24
 Features = Any  # (S, p) array, scipy sparse matrix, or callable(split_index, train_idx, test_idx) -> (X_train, X_test)
 
 
