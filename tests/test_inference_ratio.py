@@ -1,4 +1,4 @@
-"""cluster_bootstrap_ratio_ci (moescope/inference.py): group-resampled CI of a ratio from per-group totals."""
+"""cluster_bootstrap_ratio_ci (moescope/inference/significance.py): group-resampled CI of a ratio from per-group totals."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,11 +1,12 @@
-"""The p-space fold fit (moescope.ridge_pspace) equals ridge_cv's direct fit, and large
+"""The p-space fold fit (moescope.inference.ridge_pspace) equals ridge_cv's direct fit, and large
 permutation sets stay compact (PermutedLabels, predictions not kept)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from moescope import chunked, inference as inf, ridge_pspace
+from moescope import chunked, inference as inf
+from moescope.inference import ridge_pspace
 
 
 class _Rows(chunked.ChunkedMatrix):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import moescope
-from moescope import chunked, inference as inf, ridge_pspace
+from moescope import chunked, inference as inf
+from moescope.inference import ridge_pspace
 from moescope.analysis import route_pass as rp, routing_counts as rc
 from moescope.analysis.signatures import gather_signature_inputs, routing_signatures
 from moescope.analysis.spilled_keys import SpilledCounts

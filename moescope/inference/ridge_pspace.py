@@ -41,7 +41,7 @@ def _onehot_rows(labels: np.ndarray, C: int) -> np.ndarray:
 def fit_fold_pspace(Xtr: Any, tr_rows: np.ndarray, Xte: Any, te_rows: np.ndarray, labels: np.ndarray, C: int,
                      g_train: np.ndarray, factors: Sequence[float], standardize: bool,
                      block_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """moescope.inference._fit_fold for n >> p without any n x p or n x (label sets x C) array.
+    """moescope.inference.ridge._fit_fold for n >> p without any n x p or n x (label sets x C) array.
 
     The training rows (rows `tr_rows` of Xtr) are read a block at a time (dense, sparse or
     moescope.chunked.ChunkedMatrix): one pass accumulates the column sums, the p x p Gram
@@ -54,7 +54,7 @@ def fit_fold_pspace(Xtr: Any, tr_rows: np.ndarray, Xte: Any, te_rows: np.ndarray
     Returns (predicted class (n_sets, n_test), chosen factor index per set), as _fit_fold's
     scores would give after argmax (equal up to floating-point rounding)."""
     from moescope.chunked import BLOCK_ROWS
-    from moescope.inference import _group_index
+    from moescope.inference.ridge import _group_index
 
     block = block_rows or BLOCK_ROWS
     n, p = len(tr_rows), Xtr.shape[1]
