@@ -69,7 +69,7 @@ def test_permuted_label_codes_equal_the_labels_and_large_sets_keep_null_accuraci
     codes = inf.fold_permutations(y, groups, splits, 9, seed=1, as_codes=True)
     assert codes.codes.dtype == np.int8 and np.array_equal(np.asarray(codes), labels)
     full = inf.ridge_cv(X, y, splits, groups=groups, permuted_labels=labels)
-    monkeypatch.setattr(inf, "KEEP_PREDICTIONS_MAX", 0)
+    monkeypatch.setattr(inf.ridge, "KEEP_PREDICTIONS_MAX", 0)  # read where ridge_cv runs
     small = inf.ridge_cv(X, y, splits, groups=groups, permuted_labels=codes)
     assert small.predictions.shape[1] == 1 and np.array_equal(small.predictions[:, 0], full.predictions[:, 0])
     assert np.allclose(small.null_accuracy, full.null_accuracy) and small.p_value == full.p_value

@@ -21,7 +21,7 @@ def force_bounded_memory(monkeypatch) -> None:
     monkeypatch.setattr(chunked, "LAZY_CELLS", 0)
     monkeypatch.setattr(chunked, "BLOCK_ROWS", 13)
     monkeypatch.setattr(ridge_pspace, "PSPACE_MIN_CELLS", 0)
-    monkeypatch.setattr(inf, "KEEP_PREDICTIONS_MAX", 0)
+    monkeypatch.setattr(inf.ridge, "KEEP_PREDICTIONS_MAX", 0)  # read where ridge_cv runs
     monkeypatch.setattr(rc, "SPILL_SEQUENCE_CELLS", 0)
     monkeypatch.setattr(rc, "_SUM_ROWS", 7)
     monkeypatch.setattr(SpilledCounts, "REMAP_BYTES", 256)
