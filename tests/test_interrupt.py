@@ -24,14 +24,16 @@ def committed_shards(out) -> int:
 
 
 def test_sigint_exits_130_and_the_same_command_resumes(tiny_dir, tmp_path):
-    # enough sequences that a quiet machine (9,000 tokens/s here) is still capturing well after
-    # the first shard is committed, when the signal is sent
-    n = 600
+    n = 600  # a quiet machine is still capturing when the signal lands after the first shard
     data = write_jsonl(tmp_path / "d.jsonl", n)
     out = tmp_path / "t"
     cmd = MOESCOPE + ["capture", "--model", str(tiny_dir), "--data", str(data), "--out", str(out),
                       "--batch-size", "8", "--shard-rows", "200"]
-    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # SIG_DFL in the child: a test run started in the background by a non-interactive shell
+    # inherits SIGINT ignored (bash does that to background jobs), and Python then installs no
+    # KeyboardInterrupt handler, so the signal would be lost whatever moescope does
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 180
     while committed_shards(out) < 1 and first.poll() is None and time.time() < deadline:
         time.sleep(0.02)
