@@ -191,7 +191,16 @@ class ContractProbe(ExpertsProbe):
         return out.reshape(n, -1).double()
 
 
-class PerExpertModulesProbe(ExpertsProbe):
+class FixedVectorsProbe(ExpertsProbe):
+    """A probe whose expert e outputs the fixed vector ``self.y[e]`` (set by the subclass)."""
+
+    y: torch.Tensor
+
+    def basis(self) -> torch.Tensor:
+        return self.y.double()
+
+
+class PerExpertModulesProbe(FixedVectorsProbe):
     """Experts held as ``expert_0`` ... ``expert_{E-1}`` child modules: each returns y_e."""
 
     def __init__(self, block: nn.Module, n_experts: int, experts: nn.Module, width: int) -> None:
@@ -210,11 +219,7 @@ class PerExpertModulesProbe(ExpertsProbe):
                 stack.enter_context(patched_forward(child, forward))
             yield
 
-    def basis(self) -> torch.Tensor:
-        return self.y.double()
-
-
-class Llama4Probe(ExpertsProbe):
+class Llama4Probe(FixedVectorsProbe):
     """Llama 4: experts see ``h * weight``; expert e returns ``(<x, h> / <h, h>) * y_e``."""
 
     def __init__(self, block: nn.Module, n_experts: int) -> None:
@@ -246,11 +251,7 @@ class Llama4Probe(ExpertsProbe):
         finally:
             handle.remove()
 
-    def basis(self) -> torch.Tensor:
-        return self.y.double()
-
-
-class JetMoeProbe(ExpertsProbe):
+class JetMoeProbe(FixedVectorsProbe):
     """JetMoE (MLP or attention experts): ``output_linear`` returns y_e for every row of expert e."""
 
     def __init__(self, block: nn.Module, n_experts: int) -> None:
@@ -271,11 +272,7 @@ class JetMoeProbe(ExpertsProbe):
         with patched_forward(self.output_linear, forward):
             yield
 
-    def basis(self) -> torch.Tensor:
-        return self.y.double()
-
-
-class DogeProbe(ExpertsProbe):
+class DogeProbe(FixedVectorsProbe):
     """Doge: every chosen expert's activation is act(1), and its output vector is y_e."""
 
     def __init__(self, block: nn.Module, n_experts: int) -> None:
