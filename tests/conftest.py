@@ -68,3 +68,17 @@ def tiny(tiny_dir):
     from moescope.capture.loading import load_model
 
     return load_model(str(tiny_dir))
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster of 2 CPUs for one test module (reused when one is already running)."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'moescope[ray]')")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=150 << 20)
+    yield ray
+    if started:
+        ray.shutdown()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import torch
@@ -13,8 +14,8 @@ from moescope.cli import main
 from conftest import build_tokenizer
 
 
-def run_cli(args: list[str], capsys) -> tuple[int, str]:
-    """Run `moescope ARGS` in this process; returns (exit code, stderr)."""
+def run_cli_captured(args: list[str], capsys) -> tuple[int, Any]:
+    """Run `moescope ARGS` in this process; returns (exit code, capsys' captured out and err)."""
     old = sys.argv
     sys.argv = ["moescope", *args]
     code = 0
@@ -24,7 +25,13 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
         code = exc.code
     finally:
         sys.argv = old
-    return code, capsys.readouterr().err
+    return code, capsys.readouterr()
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    """Run `moescope ARGS` in this process; returns (exit code, stderr)."""
+    code, captured = run_cli_captured(args, capsys)
+    return code, captured.err
 
 
 def assert_one_line_error(code: int, err: str, *needles: str) -> None:

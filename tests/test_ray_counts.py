@@ -105,19 +105,6 @@ def test_rows_out_of_order_within_shards_still_count_transitions(tmp_path):
 
 
 # -- on a local Ray cluster ----------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ray_cluster():
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'moescope[ray]')")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=150 << 20)
-    yield ray
-    if started:
-        ray.shutdown()
-
-
 def test_statistics_from_mapped_counts_equal_the_single_process_run(trace):
     from moescope.analysis.stats import routing_statistics
 

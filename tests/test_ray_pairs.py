@@ -194,18 +194,6 @@ def test_engine_errors_are_one_line(traces, tmp_path, capsys, command, extra, ne
 
 
 # -- on a local Ray cluster: one start for the module ---------------------------------------------------
-@pytest.fixture(scope="module")
-def ray_cluster():
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'moescope[ray]')")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=150 << 20)
-    yield ray
-    if started:
-        ray.shutdown()
-
-
 def test_on_ray_compare_and_agreement_equal_the_single_process_run(traces, ray_cluster):
     """Shards read at the traces' paths and through file:// URIs; both analyses, one cluster."""
     a, b, r = traces["cmp_a"], traces["cmp_b"], traces["agr_b"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -25,6 +24,7 @@ from moescope.testing.proof import prove_tiny
 from moescope.testing.tiny import tiny_model
 
 from conftest import build_tokenizer
+from test_cli_errors import run_cli_captured
 
 
 @functools.lru_cache(maxsize=None)
@@ -132,20 +132,6 @@ def test_proof_of_selected_layers_and_json_shape():
     assert {"layer", "passed", "experts_match", "max_weight_error"} <= set(payload["layers"][0])
 
 
-def _run_cli(args, capsys):
-    from moescope.cli import main
-
-    old, sys.argv = sys.argv, ["moescope", *args]
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code
-    finally:
-        sys.argv = old
-    return code, capsys.readouterr()
-
-
 def test_default_model_loads_captures_and_verifies(tmp_path, capsys):
     """The built-in default model, through the same paths a user takes."""
     from moescope.capture.loading import load_model
@@ -159,7 +145,7 @@ def test_default_model_loads_captures_and_verifies(tmp_path, capsys):
     assert routes.num_rows == int(batch["attention_mask"].sum()) * len(rec.layers)
 
     out = tmp_path / "proof.json"
-    code, printed = _run_cli(["verify", "--tokens", "48", "--out", str(out)], capsys)
+    code, printed = run_cli_captured(["verify", "--tokens", "48", "--out", str(out)], capsys)
     assert code in (0, None), printed.err
     result = json.loads(out.read_text())
     assert result["passed"] is True and result["model_type"] == "olmoe" and result["tokens"] == 48
@@ -179,7 +165,7 @@ def test_verify_exits_non_zero_when_a_layer_fails(tmp_path, capsys):
                        decoder_start_token_id=tokenizer.pad_token_id)
     model.save_pretrained(path)
     out = tmp_path / "proof.json"
-    code, printed = _run_cli(["verify", "--model", str(path), "--tokens", "32", "--out", str(out)], capsys)
+    code, printed = run_cli_captured(["verify", "--model", str(path), "--tokens", "32", "--out", str(out)], capsys)
     assert code == 1
     result = json.loads(out.read_text())
     assert result["passed"] is False and not any(layer["passed"] for layer in result["layers"])
@@ -209,7 +195,7 @@ def test_verify_refuses_a_dense_model_in_one_line(tmp_path, capsys):
     build_tokenizer(tmp_path / "dense")
     LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
                                  num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "dense")
-    code, printed = _run_cli(["verify", "--model", str(tmp_path / "dense")], capsys)
+    code, printed = run_cli_captured(["verify", "--model", str(tmp_path / "dense")], capsys)
     assert code not in (0, None)
     errors = [line for line in printed.err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "no MoE layers" in errors[0] and "Traceback" not in printed.err
