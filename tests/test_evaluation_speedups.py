@@ -7,7 +7,7 @@ import pytest
 
 from moescope import inference as inf
 from moescope.analysis.coactivation_null import SelectionRule, gumbel_noise, pair_counts, simulate
-from moescope.analysis.signature_controls import _chunked_bincount, top_k_map
+from moescope.analysis.signature_controls import _count_keys, top_k_map
 
 
 def _naive_top_k_map(counts: np.ndarray, k: int) -> np.ndarray:
@@ -33,19 +33,19 @@ def test_top_k_map_equals_the_naive_ranking_ties_to_lower_ids(big):
     assert got[1, 3].sum() == 0
 
 
-def test_chunked_bincount_equals_bincount(monkeypatch):
+def test_count_keys_equals_bincount(monkeypatch):
     import moescope.analysis.signature_controls as sc
 
-    monkeypatch.setattr(sc, "_BINCOUNT_CHUNK", 7)  # pieces split across several slices
+    monkeypatch.setattr(sc, "_COUNT_CHUNK", 7)  # pieces split across several slices
     rng = np.random.default_rng(1)
     pieces = [rng.integers(0, 50, size=n).astype(np.int32) for n in (0, 5, 23, 40)]
     weights = [rng.integers(1, 4, size=len(p)) for p in pieces]
     flat = np.concatenate(pieces)
-    got = _chunked_bincount([(p, None) for p in pieces], 30)  # keys beyond minlength grow the result
+    got = _count_keys([(p, None) for p in pieces], 30)  # keys beyond minlength grow the result
     assert got.dtype == np.int64 and np.array_equal(got, np.bincount(flat, minlength=30))
-    got_w = _chunked_bincount(list(zip(pieces, weights)), 60)
+    got_w = _count_keys(list(zip(pieces, weights)), 60)
     assert np.array_equal(got_w, np.bincount(flat, weights=np.concatenate(weights), minlength=60))
-    assert np.array_equal(_chunked_bincount([], 4), np.zeros(4))
+    assert np.array_equal(_count_keys([], 4), np.zeros(4))
 
 
 def test_float32_gumbel_noise_has_the_gumbel_law():

@@ -22,10 +22,10 @@ from moescope.chunked import ChunkedMatrix, lazy_wanted
 
 
 # Keys per counting step: a long piece of keys is counted a bounded slice at a time.
-_BINCOUNT_CHUNK = 1 << 22
+_COUNT_CHUNK = 1 << 22
 
 
-def _chunked_bincount(pieces: Iterable[tuple[np.ndarray, np.ndarray | None]], minlength: int) -> np.ndarray:
+def _count_keys(pieces: Iterable[tuple[np.ndarray, np.ndarray | None]], minlength: int) -> np.ndarray:
     """np.bincount of the concatenated (keys, weights) pieces (int64 counts without weights,
     float64 sums with), counted piece by piece into one accumulator with np.add.at: no
     concatenation, no int64 copy of the keys, and (without weights) an int32 accumulator, which
@@ -34,11 +34,11 @@ def _chunked_bincount(pieces: Iterable[tuple[np.ndarray, np.ndarray | None]], mi
     out: np.ndarray | None = None
     ones = np.ones(0, np.int32)
     for key, weights in pieces:
-        for a in range(0, len(key), _BINCOUNT_CHUNK):
-            k = np.asarray(key[a:a + _BINCOUNT_CHUNK])
+        for a in range(0, len(key), _COUNT_CHUNK):
+            k = np.asarray(key[a:a + _COUNT_CHUNK])
             if not len(k):
                 continue
-            w = None if weights is None else np.asarray(weights[a:a + _BINCOUNT_CHUNK])
+            w = None if weights is None else np.asarray(weights[a:a + _COUNT_CHUNK])
             if out is None:
                 out = np.zeros(minlength, np.int32 if w is None else np.float64)
             top = int(k.max()) + 1
@@ -117,16 +117,16 @@ class SequenceTokenExperts:
         chosen[sequences[sequences < len(chosen)]] = True
         sel = np.flatnonzero(chosen[self.segment_seq])
         spans = [slice(int(a), int(a + b)) for a, b in zip(self.segment_start[sel], self.segment_len[sel])]
-        return _chunked_bincount(((self.key[sp], None if self.n is None else self.n[sp]) for sp in spans), minlength)
+        return _count_keys(((self.key[sp], None if self.n is None else self.n[sp]) for sp in spans), minlength)
 
     def counts(self, rows: np.ndarray | None = None, minlength: int = 0) -> np.ndarray:
         """bincount of the keys (of `rows`), weighted by n."""
         if rows is None:
             # a generator: the keys on disk are read one chunk at a time (a list would hold them all)
-            return _chunked_bincount([(self.key[:], self.n)] if not isinstance(self.key, SpilledKeys)
-                                     else ((self.key[a:a + _BINCOUNT_CHUNK], None if self.n is None else
-                                            self.n[a:a + _BINCOUNT_CHUNK])
-                                           for a in range(0, len(self.key), _BINCOUNT_CHUNK)), minlength)
+            return _count_keys([(self.key[:], self.n)] if not isinstance(self.key, SpilledKeys)
+                                     else ((self.key[a:a + _COUNT_CHUNK], None if self.n is None else
+                                            self.n[a:a + _COUNT_CHUNK])
+                                           for a in range(0, len(self.key), _COUNT_CHUNK)), minlength)
         key = self.key[rows]
         weights = None if self.n is None else self.n[rows]
         return np.bincount(key, weights=weights, minlength=minlength)
