@@ -331,3 +331,14 @@ def test_counting_pass_keys_give_the_same_control_as_a_separate_pass(tmp_path):
     for key in ("token_id_control_accuracy_mean", "token_id_control_cohens_d", "token_id_control_unseen_token_share",
                 "adds_over_token_id_control", "per_layer_token_id_control_accuracy"):
         assert got[key] == want[key], key
+
+
+@pytest.mark.parametrize("command", ["stats", "signatures"])
+def test_cli_negative_jobs_is_one_line(tmp_path, capsys, command):
+    from test_cli_errors import assert_one_line_error, run_cli
+
+    path = labelled_trace(tmp_path / "t", layers=2, n_seq=8, seq_len=8)
+    code, err = run_cli(["analyze", command, str(path), "--label", "label", "--out", str(tmp_path / "o"),
+                         "--jobs", "-1"], capsys)
+    assert_one_line_error(code, err, "--jobs must be at least 0")
+    assert not (tmp_path / "o").exists()

@@ -450,12 +450,7 @@ def _evaluate(inputs: SignatureInputs, label: str, folds: int, repeats: int, per
             control = whole_trace_control(inputs.token_expert, token_count_matrix(inputs.seq_tokens, seqc.seq_ids, vocab),
                                           vocab, n_tok, L, E, inputs.top_k)
         flat = [sp for rep in splits for sp in rep]
-        if n_jobs != 1:
-            from joblib import Parallel, delayed
-
-            fitted = Parallel(n_jobs=n_jobs, prefer="threads")(delayed(control.fold)(tr, te) for tr, te in flat)
-        else:
-            fitted = [control.fold(tr, te) for tr, te in flat]
+        fitted = inf.thread_map(lambda split: control.fold(*split), flat, n_jobs)
         control_features = [f for f, _ in fitted]
         tcv = cv(lambda j, tr, te: (control_features[j][tr], control_features[j][te]))
         full_map = signature_vectors(control.base_counts, n_tok)  # (S, L * E); built per block when large

@@ -22,6 +22,7 @@ from moescope.analysis.coactivation_null import (SelectionRule, beyond_chance, d
 from moescope.analysis.result import AnalysisResult
 from moescope.analysis.routing_counts import RouteCounts, RouteScan, count_routes, expert_load, scan_routes, trace_phases
 from moescope.errors import MoescopeError
+from moescope.inference import thread_map
 from moescope.router_settings import describe_router
 from moescope.store.reader import Trace
 
@@ -132,11 +133,7 @@ def coactivation(source: Trace | RouteScan, layer_index: int | None = None, *, s
 
     if layer_index is not None:
         return one(layer_index)
-    if n_jobs == 1:
-        return [one(li) for li in range(len(scan.moe_layers))]
-    from joblib import Parallel, delayed
-
-    return Parallel(n_jobs=n_jobs, prefer="threads")(delayed(one)(li) for li in range(len(scan.moe_layers)))
+    return thread_map(one, range(len(scan.moe_layers)), n_jobs)
 
 
 def coactivation_summary(co: Coactivation, *, top: int = 10, min_expected: float = 5.0, seed: int = 0,

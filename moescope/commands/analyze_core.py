@@ -204,8 +204,8 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None
             raise MoescopeError(f"--folds must be at least 2, not {folds}")
         if permutations < 0 or control_draws < 0:
             raise MoescopeError("--permutations and --control-draws cannot be negative")
-        if repeats < 1 or jobs < 0:
-            raise MoescopeError("--repeats must be at least 1 and --jobs at least 0 (0: one per core)")
+        if repeats < 1:
+            raise MoescopeError("--repeats must be at least 1")
         counting = engine_for(engine, num_workers, ray_address, shards_at)
         trace = open_trace(trace_dir)
         with use_engine(counting):

@@ -31,7 +31,7 @@ from __future__ import annotations
 from moescope.inference.folds import (PermutedLabels, Split, code_type, fold_permutations, group_permutations,
                                       repeated_grouped_splits, usable_folds)
 from moescope.inference.ridge import (ALPHA_FACTORS, KEEP_PREDICTIONS_MAX, CVResult, Features, default_jobs, ridge_cv,
-                                      standardise)
+                                      standardise, thread_map)
 from moescope.inference.significance import (cluster_bootstrap_ci, cluster_bootstrap_ratio_ci, corrected_resampled_t,
                                              format_p, holm, paired_comparison, permutation_floor, permutation_p_value,
                                              wilcoxon_signed_rank)
@@ -39,5 +39,5 @@ from moescope.inference.significance import (cluster_bootstrap_ci, cluster_boots
 __all__ = ["ALPHA_FACTORS", "KEEP_PREDICTIONS_MAX", "CVResult", "Features", "PermutedLabels", "Split",
            "cluster_bootstrap_ci", "cluster_bootstrap_ratio_ci", "code_type", "corrected_resampled_t", "default_jobs",
            "fold_permutations", "format_p", "group_permutations", "holm", "paired_comparison", "permutation_floor",
-           "permutation_p_value", "repeated_grouped_splits", "ridge_cv", "standardise", "usable_folds",
+           "permutation_p_value", "repeated_grouped_splits", "ridge_cv", "standardise", "thread_map", "usable_folds",
            "wilcoxon_signed_rank"]

@@ -3,7 +3,7 @@ grouped CV and label permutations through the identical procedure."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -27,6 +27,17 @@ def default_jobs() -> int:
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(8, cores))
+
+
+def thread_map(fn: Callable[..., Any], args: Iterable[Any], n_jobs: int = 1) -> list[Any]:
+    """[fn(a) for a in args], on `n_jobs` threads when n_jobs != 1 (numpy and BLAS release the GIL,
+    so the analyses' numeric loops run in parallel), in the order of `args` either way."""
+    args = list(args)
+    if n_jobs == 1 or len(args) < 2:
+        return [fn(a) for a in args]
+    from joblib import Parallel, delayed
+
+    return Parallel(n_jobs=n_jobs, prefer="threads")(delayed(fn)(a) for a in args)
 
 
 # -- the classifier: ridge with nested leave-one-group-out tuning ---------------------------------
@@ -298,12 +309,7 @@ def ridge_cv(features: Features, y: np.ndarray, splits: list[list[Split]], *, gr
         return te, pred.astype(codes), best
 
     flat = [sp for rep in splits for sp in rep]
-    if n_jobs != 1 and len(flat) > 1:
-        from joblib import Parallel, delayed
-
-        results = Parallel(n_jobs=n_jobs, prefer="threads")(delayed(one)(j, sp) for j, sp in enumerate(flat))
-    else:
-        results = [one(j, sp) for j, sp in enumerate(flat)]
+    results = thread_map(lambda item: one(*item), enumerate(flat), n_jobs)
     # every label set's predictions are kept unless that is large (then the null accuracies are
     # kept instead: the same numbers, counted fold by fold)
     keep_all = R * (1 + P) * len(y) <= KEEP_PREDICTIONS_MAX
