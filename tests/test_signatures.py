@@ -342,3 +342,30 @@ def test_cli_negative_jobs_is_one_line(tmp_path, capsys, command):
                          "--jobs", "-1"], capsys)
     assert_one_line_error(code, err, "--jobs must be at least 0")
     assert not (tmp_path / "o").exists()
+
+
+def test_cap_vocabulary_keeps_the_most_widespread_ids_and_pools_the_rest():
+    from scipy.sparse import csr_matrix
+
+    from moescope.analysis.signature_controls import cap_vocabulary
+
+    train = csr_matrix(np.array([[1, 0, 2, 0, 1], [1, 1, 0, 0, 3], [2, 0, 1, 0, 0]], float))
+    test = csr_matrix(np.array([[0, 4, 0, 5, 1]], float))
+    tr, te = cap_vocabulary(train, test, 3)  # ids 0 (3 sequences) and 2 (2; ties to the lower id) kept
+    assert tr.toarray().tolist() == [[1, 2, 1], [1, 0, 4], [2, 1, 0]]
+    assert te.toarray().tolist() == [[0, 0, 10]]  # an id unseen in training is pooled too
+    assert np.array_equal(tr.sum(axis=1), train.sum(axis=1))
+
+
+def test_bag_of_tokens_is_capped_only_when_sequences_and_ids_are_both_many(tmp_path, monkeypatch):
+    import moescope.analysis.signature_controls as sc
+
+    path = token_routed_trace(tmp_path / "t", layers=2, n_seq=60)
+    full = _run(path, repeats=1, permutations=5, control_draws=0)
+    assert full["bag_of_tokens_columns"] > 24 and not any("bag of tokens:" in n for n in full["notes"])
+    monkeypatch.setattr(sc, "BAG_MAX_COLUMNS", 24)  # 48 training sequences, more ids than that
+    capped = _run(path, repeats=1, permutations=5, control_draws=0)
+    assert capped["bag_of_tokens_columns"] == 24
+    assert any("bag of tokens:" in n and "23 most widespread" in n for n in capped["notes"])
+    assert capped["bag_of_tokens_accuracy_mean"] >= 0.6  # labels differ in vocabulary: still found (chance 0.25)
+    assert capped["cv_accuracy_mean"] == full["cv_accuracy_mean"]  # nothing else changes

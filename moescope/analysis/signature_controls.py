@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -21,6 +22,7 @@ from moescope.analysis.spilled_keys import SpilledKeys
 from moescope.chunked import ChunkedMatrix, lazy_wanted
 
 
+_REPORT_LOCK = threading.Lock()
 # Keys per counting step: a long piece of keys is counted a bounded slice at a time.
 _COUNT_CHUNK = 1 << 22
 
@@ -345,13 +347,48 @@ def token_count_matrix(seq_tok: dict[str, np.ndarray], seq_ids: np.ndarray, voca
     return csr_matrix((seq_tok["n"][keep][inside].astype(np.float64), (row, col)), shape=(len(seq_ids), len(vocab)))
 
 
-def tfidf_fold_features(bag: Any) -> Any:
-    """A ridge_cv features callable: tf-idf of the token counts, idf fitted on the training fold."""
+#: The bag of tokens keeps at most this many columns when a training fold also has more than this
+#: many sequences: with both large, no exact ridge fit is bounded in memory (the n x n Gram matrix
+#: and the p x p one both grow), so the ids beyond the most frequent are pooled (see
+#: :func:`cap_vocabulary`). Below either size every id keeps its own column.
+BAG_MAX_COLUMNS = 8192
+
+
+def cap_vocabulary(train: Any, test: Any, columns: int) -> tuple[Any, Any]:
+    """(train, test) token counts with at most `columns` columns: the `columns` - 1 ids found in
+    the most training sequences (ties to the lower column) keep their own column, every other
+    id is counted in one last column ("any other id"). Chosen on the training rows only."""
+    from scipy.sparse import csr_matrix, hstack
+
+    train, test = csr_matrix(train), csr_matrix(test)
+    df = np.bincount(train.indices, minlength=train.shape[1])  # sequences containing each id
+    keep = np.sort(np.argsort(-df, kind="stable")[:columns - 1])
+    rest = np.ones(train.shape[1], bool)
+    rest[keep] = False
+
+    def pooled(m: Any) -> Any:
+        return hstack([m[:, keep], csr_matrix(np.asarray(m[:, rest].sum(axis=1)))], format="csr")
+
+    return pooled(train), pooled(test)
+
+
+def tfidf_fold_features(bag: Any, report: dict[str, Any] | None = None) -> Any:
+    """A ridge_cv features callable: tf-idf of the token counts, idf fitted on the training fold.
+    When the training fold has more than BAG_MAX_COLUMNS sequences and the bag more than
+    BAG_MAX_COLUMNS ids, the vocabulary is capped first (:func:`cap_vocabulary`); `report`
+    (if given) then gets "capped_folds" (how many folds) and "columns" (the cap)."""
     from sklearn.feature_extraction.text import TfidfTransformer
 
     def features(_: int, train: np.ndarray, test: np.ndarray) -> tuple[Any, Any]:
-        tf = TfidfTransformer().fit(bag[train])
-        return tf.transform(bag[train]), tf.transform(bag[test])
+        Btr, Bte = bag[train], bag[test]
+        if len(train) > BAG_MAX_COLUMNS and bag.shape[1] > BAG_MAX_COLUMNS:
+            Btr, Bte = cap_vocabulary(Btr, Bte, BAG_MAX_COLUMNS)
+            if report is not None:  # folds run on threads: one locked update
+                with _REPORT_LOCK:
+                    report["capped_folds"] = report.get("capped_folds", 0) + 1
+                    report["columns"] = BAG_MAX_COLUMNS
+        tf = TfidfTransformer().fit(Btr)
+        return tf.transform(Btr), tf.transform(Bte)
 
     return features
 

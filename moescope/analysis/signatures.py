@@ -435,12 +435,21 @@ def _evaluate(inputs: SignatureInputs, label: str, folds: int, repeats: int, per
         v.update({f"{key}_{s}": None for s in ("mean", "sd", "ci_low", "ci_high")})
     for key in ("adds_over_bag_of_tokens", "adds_over_token_id_control"):
         v.update({f"{key}{s}": None for s in ("", "_ci_low", "_ci_high", "_p_value")})
-    v.update(token_id_control_cohens_d=None, token_id_control_unseen_token_share=None, token_id_control_fitted_per_fold=None,
+    v.update(bag_of_tokens_columns=None, token_id_control_cohens_d=None, token_id_control_unseen_token_share=None,
+             token_id_control_fitted_per_fold=None,
              per_layer_token_id_control_accuracy=None)
     control_features: list[np.ndarray] | None = None
     if inputs.seq_tokens is not None and (inputs.seq_token_experts is not None or inputs.token_expert is not None):
         bag_counts = token_count_matrix(inputs.seq_tokens, seqc.seq_ids)
-        bag = cv(tfidf_fold_features(bag_counts), standardize=False)
+        capped: dict[str, Any] = {}
+        bag = cv(tfidf_fold_features(bag_counts, capped), standardize=False)
+        v["bag_of_tokens_columns"] = capped.get("columns", bag_counts.shape[1])
+        if capped:
+            cap = capped["columns"]
+            notes.append(f"bag of tokens: {bag_counts.shape[1]:,} token ids in more than {cap:,} training sequences "
+                         f"are too many for an exact ridge fit in bounded memory, so each training fold keeps its "
+                         f"{cap - 1:,} most widespread ids and pools the rest into one column (a slightly weaker "
+                         f"control than the full vocabulary: what the rare ids carry is not in it)")
         if inputs.seq_token_experts is not None:
             ste = inputs.seq_token_experts
             control = TokenIdControl(ste, token_count_matrix(inputs.seq_tokens, seqc.seq_ids, ste.vocab), n_tok,

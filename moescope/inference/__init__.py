@@ -1,8 +1,9 @@
 """Shared statistical inference for every analysis: one home for folds, tuning, tests and CIs.
 
 A small package: :mod:`.folds` (splits and permutations), :mod:`.significance` (p-values, Holm,
-paired comparisons, CIs), :mod:`.ridge` (the classifier) and :mod:`.ridge_pspace` (its fold fit
-when items far outnumber features); everything public is importable from here.
+paired comparisons, CIs), :mod:`.ridge` (the classifier), :mod:`.ridge_pspace` (its fold fit
+when items far outnumber features) and :mod:`.ridge_sparse` (its fold basis for sparse features
+wider than the fold); everything public is importable from here.
 
 What lives here (and nowhere else: analyses call these instead of keeping their own copies):
 

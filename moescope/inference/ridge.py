@@ -160,8 +160,15 @@ def _fit_fold(Z: np.ndarray, Zte: np.ndarray, T: np.ndarray, g_train: np.ndarray
               factors: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """Ridge on one training fold for every label set at once; the penalty of each set chosen by
     its exact leave-one-group-out squared error. Returns (test scores (nte, M), chosen factor index per set)."""
-    n = len(Z)
-    U, s, A = _basis(Z, Zte)
+    return _fit_fold_basis(_basis(Z, Zte), T, g_train, n_sets, factors)
+
+
+def _fit_fold_basis(basis: tuple[np.ndarray, np.ndarray, np.ndarray], T: np.ndarray, g_train: np.ndarray,
+                    n_sets: int, factors: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """_fit_fold from the training fold's basis (U, s, A) (:func:`_basis`, or
+    moescope.inference.ridge_sparse.sparse_dual_basis for sparse features)."""
+    U, s, A = basis
+    n = len(U)
     tbar = T.mean(axis=0)
     UT = U.T @ (T - tbar)
     s2 = s ** 2
@@ -203,7 +210,7 @@ def _fit_fold(Z: np.ndarray, Zte: np.ndarray, T: np.ndarray, g_train: np.ndarray
     best = len(alphas) - 1 - best
     M = T.shape[1]
     C = M // n_sets
-    scores = np.empty((len(Zte), M))
+    scores = np.empty((len(A), M))
     for ai in np.unique(best):
         sets = np.flatnonzero(best == ai)
         cols = (sets[:, None] * C + np.arange(C)[None, :]).reshape(-1)
@@ -279,7 +286,7 @@ def ridge_cv(features: Features, y: np.ndarray, splits: list[list[Split]], *, gr
     K = len(splits[0]) if splits else 0
 
     def one(j: int, split: Split) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        from moescope.inference import ridge_pspace
+        from moescope.inference import ridge_pspace, ridge_sparse
 
         tr, te = split
         sets = label_sets(j // K, tr)
@@ -297,6 +304,11 @@ def ridge_cv(features: Features, y: np.ndarray, splits: list[list[Split]], *, gr
                 return te, pred.astype(codes), best
         else:
             Xtr, Xte = features[tr], features[te]
+        if ridge_sparse.sparse_dual_wanted(Xtr, len(tr)):
+            # sparse, wider than long (a bag of token ids): the n x n Gram from sparse products
+            basis = ridge_sparse.sparse_dual_basis(Xtr, Xte, standardize=standardize)
+            scores, best = _fit_fold_basis(basis, onehot(sets), g_all[tr], len(sets), alpha_factors)
+            return te, scores.reshape(len(te), len(sets), C).argmax(axis=2).T.astype(codes), best
         if standardize:
             Z, Zte = standardise(Xtr, Xte)
         else:

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 #: The p-space fold fit is taken when the training rows x features exceed this many cells and the
-#: training fold has at least twice as many rows as features (or the features are a
+#: training fold has at least twice as many rows as features (as many, for sparse rows; or the features are a
 #: moescope.chunked.ChunkedMatrix), with at most PSPACE_MAX_FEATURES features (its p x p Gram
 #: matrix is factorised once per fold). Tests set PSPACE_MIN_CELLS to 0 to force it.
 PSPACE_MIN_CELLS = 1 << 24
@@ -27,7 +27,9 @@ def pspace_wanted(X: Any, n_train: int) -> bool:
     p = X.shape[1]
     if p > PSPACE_MAX_FEATURES:
         return False
-    return isinstance(X, ChunkedMatrix) or (n_train >= 2 * p and n_train * p > PSPACE_MIN_CELLS)
+    # sparse rows: the Gram matrix costs their non-zeros, so p x p beats densifying n x p whenever n >= p
+    enough_rows = n_train >= (p if hasattr(X, "tocsr") else 2 * p)
+    return isinstance(X, ChunkedMatrix) or (enough_rows and n_train * p > PSPACE_MIN_CELLS)
 
 
 def _onehot_rows(labels: np.ndarray, C: int) -> np.ndarray:
