@@ -27,9 +27,10 @@ _REPORT_LOCK = threading.Lock()
 _COUNT_CHUNK = 1 << 22
 
 
-def _count_keys(pieces: Iterable[tuple[np.ndarray, np.ndarray | None]], minlength: int) -> np.ndarray:
-    """np.bincount of the concatenated (keys, weights) pieces (int64 counts without weights,
-    float64 sums with), counted piece by piece into one accumulator with np.add.at: no
+def _count_keys(pieces: Iterable[tuple[np.ndarray, np.ndarray | None]], minlength: int, *,
+                narrow: bool = False) -> np.ndarray:
+    """np.bincount of the concatenated (keys, weights) pieces (int64 counts without weights, or
+    int32 with `narrow`; float64 sums with weights), counted piece by piece into one accumulator with np.add.at: no
     concatenation, no int64 copy of the keys, and (without weights) an int32 accumulator, which
     keeps the scattered increments in cache far better than bincount's fresh int64 array per call
     (about 3x faster on the token-id control's (layer, token, expert) keys)."""
@@ -53,8 +54,8 @@ def _count_keys(pieces: Iterable[tuple[np.ndarray, np.ndarray | None]], minlengt
             else:
                 np.add.at(out, k, w.astype(np.float64, copy=False))
     if out is None:
-        return np.bincount(np.zeros(0, np.int64), minlength=minlength)
-    return out.astype(np.int64) if out.dtype == np.int32 else out
+        return np.zeros(minlength, np.int32 if narrow else np.int64)
+    return out.astype(np.int64) if out.dtype == np.int32 and not narrow else out
 
 
 @dataclass
@@ -111,24 +112,26 @@ class SequenceTokenExperts:
         offsets = np.repeat(start - np.r_[0, np.cumsum(length)[:-1]], length)
         return np.arange(int(length.sum())) + offsets
 
-    def counts_of(self, sequences: np.ndarray, minlength: int = 0) -> np.ndarray:
+    def counts_of(self, sequences: np.ndarray, minlength: int = 0, *, narrow: bool = False) -> np.ndarray:
         """bincount of the keys of the given sequences (weighted by n): the same as
-        counts(rows_of(sequences)), from contiguous slices of the segments (no index arrays)."""
+        counts(rows_of(sequences)), from contiguous slices of the segments (no index arrays);
+        int32 with `narrow` (unweighted keys)."""
         chosen = np.zeros(int(self.segment_seq.max(initial=-1)) + 1, bool)
         sequences = np.asarray(sequences)
         chosen[sequences[sequences < len(chosen)]] = True
         sel = np.flatnonzero(chosen[self.segment_seq])
         spans = [slice(int(a), int(a + b)) for a, b in zip(self.segment_start[sel], self.segment_len[sel])]
-        return _count_keys(((self.key[sp], None if self.n is None else self.n[sp]) for sp in spans), minlength)
+        return _count_keys(((self.key[sp], None if self.n is None else self.n[sp]) for sp in spans), minlength,
+                           narrow=narrow)
 
-    def counts(self, rows: np.ndarray | None = None, minlength: int = 0) -> np.ndarray:
-        """bincount of the keys (of `rows`), weighted by n."""
+    def counts(self, rows: np.ndarray | None = None, minlength: int = 0, *, narrow: bool = False) -> np.ndarray:
+        """bincount of the keys (of `rows`), weighted by n (int32 with `narrow` and no rows)."""
         if rows is None:
             # a generator: the keys on disk are read one chunk at a time (a list would hold them all)
             return _count_keys([(self.key[:], self.n)] if not isinstance(self.key, SpilledKeys)
                                      else ((self.key[a:a + _COUNT_CHUNK], None if self.n is None else
                                             self.n[a:a + _COUNT_CHUNK])
-                                           for a in range(0, len(self.key), _COUNT_CHUNK)), minlength)
+                                           for a in range(0, len(self.key), _COUNT_CHUNK)), minlength, narrow=narrow)
         key = self.key[rows]
         weights = None if self.n is None else self.n[rows]
         return np.bincount(key, weights=weights, minlength=minlength)
@@ -201,6 +204,19 @@ def top_k_map(counts: np.ndarray, k: int) -> np.ndarray:
     return out.reshape(counts.shape)
 
 
+_MAP_BLOCK = 1 << 14  # token rows per block of top_k_csr
+
+
+def top_k_csr(counts: np.ndarray, k: int) -> Any:
+    """:func:`top_k_map` of one layer's (V, E) counts as a sparse (V, E) CSR matrix of 1.0s (k
+    per token with counts): 12 bytes per chosen expert instead of 8 bytes per (token, expert)."""
+    from scipy.sparse import csr_matrix, vstack
+
+    blocks = [csr_matrix(top_k_map(counts[lo:lo + _MAP_BLOCK][None], k)[0])  # dense 0/1 one block at a time
+              for lo in range(0, len(counts), _MAP_BLOCK)]
+    return vstack(blocks, format="csr") if blocks else csr_matrix((0, counts.shape[1]))
+
+
 class TokenIdControl:
     """The token-id routing control, refitted on each training fold.
 
@@ -219,9 +235,12 @@ class TokenIdControl:
         self.n_tokens = np.asarray(n_tokens, np.float64)
         L, V, E = ste.shape
         self.per_fold = total is None
-        self.total = (ste.counts(minlength=L * V * E).reshape(L, V, E).astype(np.float64) if total is None
-                      else np.asarray(total, np.float64))
-        self.base_map = top_k_map(self.total, top_k)
+        # (L, V, E) whole-trace counts, int32 (4 bytes a cell: at 48 layers x 128 experts x 60,000
+        # ids that is 1.5 GB, which float64 would make 3 GB); the map itself is sparse, per layer
+        self.total = (ste.counts(minlength=L * V * E, narrow=True).reshape(L, V, E) if total is None
+                      else np.asarray(total).astype(np.int64 if np.max(total, initial=0) >= 2 ** 31 else np.int32))
+        self.base_map = [top_k_csr(self.total[li], top_k) for li in range(L)]  # (V, E) CSR per layer
+        self.layer_freq = self.total.sum(axis=1)  # (L, E) int64: every layer's expert totals
         S = self.A.shape[0]
         # (S, L, E) control counts of the whole-trace map: computed for the rows asked for when
         # large (MapCounts), else held
@@ -230,7 +249,7 @@ class TokenIdControl:
         if self.lazy:
             self.base_counts: np.ndarray | MapCounts = MapCounts(self.A_rows, self.base_map)
         else:
-            self.base_counts = np.stack([np.asarray(self.A @ self.base_map[li]) for li in range(L)], axis=1)
+            self.base_counts = np.stack([(self.A @ m).toarray() for m in self.base_map], axis=1)
 
     def fold(self, train_idx: np.ndarray, test_idx: np.ndarray) -> tuple[np.ndarray, float]:
         """((S, L * E) control signature vectors with the map of the training fold, share of the
@@ -246,19 +265,22 @@ class TokenIdControl:
             base = self.base_counts / np.maximum(self.n_tokens[:, :, None], 1e-12)
             return np.where(self.n_tokens[:, :, None] > 0, base, 0.0).reshape(len(base), -1), 0.0
         # dense bincount (no sort) of the test fold's assignments; only touched rows are refitted
-        test_all = self.ste.counts_of(test_idx, minlength=L * V * E).reshape(L * V, E)
+        test_all = self.ste.counts_of(test_idx, minlength=L * V * E, narrow=True).reshape(L * V, E)
         touched = np.flatnonzero(test_all.any(axis=1))
         test = test_all[touched]
         del test_all
         flat_total = self.total.reshape(L * V, E)
         train = flat_total[touched] - test
         layer = touched // V
-        freq = self.total.sum(axis=1) - np.stack([test[layer == li].sum(axis=0) for li in range(L)])
+        freq = self.layer_freq - np.stack([test[layer == li].sum(axis=0) for li in range(L)])
         fallback = self.k * freq / np.maximum(freq.sum(axis=1, keepdims=True), 1e-12)
         new = top_k_map(train[None], self.k)[0]
         unseen_rows = train.sum(axis=1) == 0
         new[unseen_rows] = fallback[layer[unseen_rows]]
-        old = self.base_map.reshape(L * V, E)[touched]
+        old = np.zeros((len(touched), E))
+        for li in np.unique(layer):
+            at = np.flatnonzero(layer == li)
+            old[at] = self.base_map[li][touched[at] % V].toarray()
         changed = np.flatnonzero(np.any(new != old, axis=1))
         occ = self.A[test_idx]
         unseen_tokens = touched[unseen_rows & (layer == 0)] % V
@@ -279,9 +301,9 @@ class MapCounts:
     """(S, L, E) token-id control counts occurrences @ map[l], computed for the rows asked for:
     ``counts[rows, l0:l1]`` -> (len(rows), l1 - l0, E) float64 (no S x L x E array is held)."""
 
-    def __init__(self, occurrences: Any, maps: np.ndarray) -> None:
-        self.occurrences, self.maps = occurrences, maps  # (S, V) CSR, (L, V, E)
-        self.shape = (occurrences.shape[0],) + maps.shape[::2]
+    def __init__(self, occurrences: Any, maps: list[Any]) -> None:
+        self.occurrences, self.maps = occurrences, maps  # (S, V) CSR, L sparse (V, E) maps
+        self.shape = (occurrences.shape[0], len(maps), maps[0].shape[1] if maps else 0)
         self.dtype = np.dtype(np.float64)
 
     def __getitem__(self, key: tuple[Any, slice]) -> np.ndarray:
@@ -290,7 +312,7 @@ class MapCounts:
         picked = range(*layers.indices(self.shape[1]))
         out = np.empty((occ.shape[0], len(picked), self.shape[2]))
         for i, li in enumerate(picked):
-            out[:, i, :] = np.asarray(occ @ self.maps[li])
+            out[:, i, :] = (occ @ self.maps[li]).toarray()
         return out
 
 
@@ -325,8 +347,9 @@ def whole_trace_control(token_expert: dict[str, np.ndarray], token_counts: Any, 
     map, which has seen the test sequences' own routing (optimistic for the control)."""
     keep = np.isin(token_expert["token_id"], vocab)
     v_idx = np.searchsorted(vocab, token_expert["token_id"][keep])
-    total = np.zeros((n_layers, len(vocab), n_experts))
-    np.add.at(total, (token_expert["layer_index"][keep], v_idx, token_expert["expert"][keep]), token_expert["n"][keep])
+    total = np.zeros((n_layers, len(vocab), n_experts), np.int64)
+    np.add.at(total, (token_expert["layer_index"][keep], v_idx, token_expert["expert"][keep]),
+              np.asarray(token_expert["n"][keep]).astype(np.int64))
     empty = SequenceTokenExperts.from_rows(np.zeros(0, np.int64), np.zeros(0, np.int64), None, vocab,
                                            (n_layers, len(vocab), n_experts))
     return TokenIdControl(empty, token_counts, n_tokens, top_k, total=total)
