@@ -22,6 +22,14 @@ def _series(values: dict[str, Any], key: str) -> np.ndarray:
     return np.array([np.nan if v is None else v for v in values.get(key) or []], dtype=float)
 
 
+def _plot_series(ax: Any, x: np.ndarray, values: dict[str, Any], specs: tuple[tuple[str, str, str], ...]) -> None:
+    """One line per (values key, legend label, matplotlib style), skipping keys with no finite value."""
+    for key, label, style in specs:
+        y = _series(values, key)
+        if np.isfinite(y).any():
+            ax.plot(x, y, style, label=label)
+
+
 def _finish(ax: Any, layers: list[int], ylabel: str, title: str) -> None:
     ax.set_xticks(range(len(layers)), [str(layer) for layer in layers])
     ax.set_xlabel("MoE layer")
@@ -40,27 +48,21 @@ def geometry_figures(values: dict[str, Any]) -> dict[str, Any]:
     figs = {}
 
     fig, ax = _fig()
-    for key, label, style in (("spearman_cosine_overlap", "random pairs", "o-"),
-                              ("spearman_cosine_overlap_diff_token", "different token id", "s--"),
-                              ("spearman_cosine_overlap_same_token", "same token id", "^:"),
-                              ("spearman_cosine_jaccard", "top-p Jaccard (random pairs)", "d-.")):
-        y = _series(values, key)
-        if np.isfinite(y).any():
-            ax.plot(x, y, style, label=label)
+    _plot_series(ax, x, values, (("spearman_cosine_overlap", "random pairs", "o-"),
+                                 ("spearman_cosine_overlap_diff_token", "different token id", "s--"),
+                                 ("spearman_cosine_overlap_same_token", "same token id", "^:"),
+                                 ("spearman_cosine_jaccard", "top-p Jaccard (random pairs)", "d-.")))
     ax.axhline(0, color="grey", lw=1, label="no relation")
     _finish(ax, layers, "Spearman ρ", "Hidden-state cosine vs routing overlap")
     figs["geometry_correlation"] = fig
 
     fig, ax = _fig()
     chance = values["expected_overlap_chance"]
-    for key, label, style in (("nn_overlap", "nearest neighbour", "o-"),
-                              ("random_neighbour_overlap", "random neighbour", "o:"),
-                              ("nn_overlap_diff_token", "nearest, different id", "s-"),
-                              ("random_neighbour_overlap_diff_token", "random, different id", "s:"),
-                              ("random_neighbour_overlap_same_token", "random, same id (token-id predictor)", "^:")):
-        y = _series(values, key)
-        if np.isfinite(y).any():
-            ax.plot(x, y, style, label=label)
+    _plot_series(ax, x, values, (("nn_overlap", "nearest neighbour", "o-"),
+                                 ("random_neighbour_overlap", "random neighbour", "o:"),
+                                 ("nn_overlap_diff_token", "nearest, different id", "s-"),
+                                 ("random_neighbour_overlap_diff_token", "random, different id", "s:"),
+                                 ("random_neighbour_overlap_same_token", "random, same id (token-id predictor)", "^:")))
     ax.axhline(chance, color="grey", lw=1, ls="--", label=f"chance k/E = {chance:.3f}")
     ax.set_ylim(0, 1.02)
     _finish(ax, layers, "overlap with the query's experts", "Nearest neighbour in hidden space predicts the expert set")
@@ -84,15 +86,12 @@ def geometry_figures(values: dict[str, Any]) -> dict[str, Any]:
     figs["geometry_overlap_by_cosine"] = fig
 
     fig, ax = _fig()
-    for key, label, style in (("mean_direction_share", "mean direction's share of E|h|²", "o-"),
-                              ("mean_direction_share_chance", "random direction (1/H)", "o:"),
-                              ("router_mean_logit_share", "mean's share of router logit variance", "s-"),
-                              ("router_mean_logit_share_isotropic", "same, isotropic router", "s:"),
-                              ("router_centred_abs_cos", "mean |cos| centred router rows", "^-"),
-                              ("router_abs_cos_chance", "mean |cos| random direction", "^:")):
-        y = _series(values, key)
-        if np.isfinite(y).any():
-            ax.plot(x, y, style, label=label)
+    _plot_series(ax, x, values, (("mean_direction_share", "mean direction's share of E|h|²", "o-"),
+                                 ("mean_direction_share_chance", "random direction (1/H)", "o:"),
+                                 ("router_mean_logit_share", "mean's share of router logit variance", "s-"),
+                                 ("router_mean_logit_share_isotropic", "same, isotropic router", "s:"),
+                                 ("router_centred_abs_cos", "mean |cos| centred router rows", "^-"),
+                                 ("router_abs_cos_chance", "mean |cos| random direction", "^:")))
     null, sd = _series(values, "router_mean_logit_share_null_mean"), _series(values, "router_mean_logit_share_null_sd")
     if np.isfinite(null).any():
         ax.fill_between(x, null - 2 * sd, null + 2 * sd, alpha=0.2, color="grey", label="random routers, mean ± 2 SD")
@@ -102,13 +101,10 @@ def geometry_figures(values: dict[str, Any]) -> dict[str, Any]:
     if values.get("visits"):
         fig, ax = _fig()
         vx = np.arange(len(values["visits"]))
-        for key, label, style in (("visit_cosine_within", "within sequence (even vs odd positions)", "o-"),
-                                  ("visit_cosine_across", "across sequences", "s-"),
-                                  ("visit_cosine_load_chance", "chance, actual loads", "s:"),
-                                  ("visit_cosine_uniform_chance", "chance, uniform loads", "o:")):
-            y = _series(values, key)
-            if np.isfinite(y).any():
-                ax.plot(vx, y, style, label=label)
+        _plot_series(ax, vx, values, (("visit_cosine_within", "within sequence (even vs odd positions)", "o-"),
+                                      ("visit_cosine_across", "across sequences", "s-"),
+                                      ("visit_cosine_load_chance", "chance, actual loads", "s:"),
+                                      ("visit_cosine_uniform_chance", "chance, uniform loads", "o:")))
         _finish(ax, [v["layer"] for v in values["visits"]], "cosine of visit frequencies",
                 "Per-sequence expert visit frequencies")
         figs["geometry_visits"] = fig
@@ -122,14 +118,11 @@ def compare_figures(values: dict[str, Any]) -> dict[str, Any]:
         return {}
     x = np.arange(len(layers))
     fig, ax = _fig()
-    for key, label, style in (("per_layer_overlap", "raw expert ids", "o-"),
-                              ("per_layer_overlap_matched", "after Hungarian matching (in-sample)", "s--"),
-                              ("per_layer_overlap_matched_crossfit", "after matching (cross-fitted)", "s-"),
-                              ("per_layer_matched_chance", "matching on shuffled tokens (chance)", "s:"),
-                              ("per_layer_load_chance", "chance given expert loads", "o:")):
-        y = _series(values, key)
-        if np.isfinite(y).any():
-            ax.plot(x, y, style, label=label)
+    _plot_series(ax, x, values, (("per_layer_overlap", "raw expert ids", "o-"),
+                                 ("per_layer_overlap_matched", "after Hungarian matching (in-sample)", "s--"),
+                                 ("per_layer_overlap_matched_crossfit", "after matching (cross-fitted)", "s-"),
+                                 ("per_layer_matched_chance", "matching on shuffled tokens (chance)", "s:"),
+                                 ("per_layer_load_chance", "chance given expert loads", "o:")))
     ax.axhline(values["expected_overlap_chance"], color="grey", lw=1, ls="--",
                label=f"chance k/E = {values['expected_overlap_chance']:.3f}")
     ax.set_ylim(0, 1.02)
