@@ -92,6 +92,34 @@ def test_permutation_p_and_floor():
     assert inf.format_p(0.03, 199) == "p = 0.03"
 
 
+def test_sequential_permutation_p_stops_at_the_exceedances_or_the_budget():
+    batches = [np.array([0.95, 0.5, 0.97, 0.99]), np.array([0.1])]
+    assert inf.sequential_permutation_p(0.9, iter(batches), max_draws=100, exceedances=2) == (2 / 3, 3)
+    # never reached: the ordinary p at the budget, batches cut at max_draws
+    p, used = inf.sequential_permutation_p(0.9, iter([np.zeros(30), np.zeros(30)]), max_draws=50, exceedances=2)
+    assert used == 50 and p == pytest.approx(1 / 51)
+    # one reach in 50: (1 + 1) / 51; an exhausted source ends the test too
+    p, used = inf.sequential_permutation_p(0.9, iter([np.r_[1.0, np.zeros(49)]]), max_draws=500, exceedances=5)
+    assert used == 50 and p == pytest.approx(2 / 51)
+
+
+def test_sequential_permutation_p_is_valid_under_the_null_and_cheap_there():
+    """Observed and shuffles from the same law: P(p <= 0.05) stays at 0.05 (Besag-Clifford), and
+    the test stops after about exceedances / p draws."""
+    rng = np.random.default_rng(0)
+    ps, used = [], []
+    for _ in range(3000):
+        observed = rng.random()
+        p, n = inf.sequential_permutation_p(observed, (rng.random(50) for _ in range(40)), max_draws=1999,
+                                            exceedances=10)
+        ps.append(p)
+        used.append(n)
+    ps = np.array(ps)
+    assert np.mean(ps <= 0.05) <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / len(ps))
+    assert np.mean(ps <= 0.5) == pytest.approx(0.5, abs=0.04)
+    assert np.median(used) < 40  # a null stops early: median p 0.5 -> about 20 draws
+
+
 def test_holm_matches_hand_computation_and_keeps_nan():
     np.testing.assert_allclose(inf.holm([0.01, 0.04, 0.03]), [0.03, 0.06, 0.06])
     out = inf.holm([0.5, np.nan, 0.01])

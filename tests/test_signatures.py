@@ -369,3 +369,22 @@ def test_bag_of_tokens_is_capped_only_when_sequences_and_ids_are_both_many(tmp_p
     assert any("bag of tokens:" in n and "23 most widespread" in n for n in capped["notes"])
     assert capped["bag_of_tokens_accuracy_mean"] >= 0.6  # labels differ in vocabulary: still found (chance 0.25)
     assert capped["cv_accuracy_mean"] == full["cv_accuracy_mean"]  # nothing else changes
+
+
+def test_per_layer_tests_draw_enough_shuffles_for_holm_only_where_there_is_an_effect(tmp_path):
+    """12 layers, 50 shared shuffles: a fixed-n test could not go below 12/51 after Holm. The
+    sequential per-layer test takes planted layers to their budget (p <= 0.01 after Holm) while
+    layers without an effect stop once 10 shuffles reach them (here within one extra batch)."""
+    v = _run(labelled_trace(tmp_path / "t", layers=12, biased_layers=(3, 8), strength=1.0), permutations=50,
+             control_draws=0, repeats=2)
+    budget = v["per_layer_permutations_max"]
+    assert budget == 1199  # ceil(12 / 0.01) - 1
+    holm = v["per_layer_p_value_holm"]
+    assert holm[3] <= 0.011 and holm[8] <= 0.011
+    assert v["per_layer_permutations"][3] == v["per_layer_permutations"][8] == budget
+    others = [i for i in range(12) if i not in (3, 8)]
+    assert all(holm[i] > 0.05 for i in others)
+    assert all(v["per_layer_permutations"][i] <= 50 + 200 for i in others)
+    assert not any("cannot fall below" in n for n in v["notes"])
+    capped = _run(tmp_path / "t", permutations=50, control_draws=0, repeats=2, layer_permutations=99)
+    assert capped["per_layer_permutations_max"] == 99 and any("cannot fall below" in n for n in capped["notes"])

@@ -30,12 +30,14 @@ import numpy as np
 
 from moescope import inference as inf
 from moescope.analysis.result import AnalysisResult
+from moescope.analysis.signature_cosines import cosine_stats
+from moescope.analysis.signature_layers import layer_p_values, layer_permutation_budget
 from moescope.analysis.signature_matrix import SignatureMatrix
 from moescope.analysis.signature_controls import (SequenceTokenExperts, TokenIdControl, load_balanced_counts,
                                                    sequence_token_expert_counts, tfidf_fold_features, token_count_matrix,
                                                    whole_trace_control)
 from moescope.analysis.routing_counts import RouteCounts, SequenceCounts, count_routes, sequence_token_counts, trace_phases
-from moescope.chunked import BLOCK_ROWS, dense_rows, lazy_wanted
+from moescope.chunked import lazy_wanted
 from moescope.errors import DataError
 from moescope.store.reader import Trace
 
@@ -76,54 +78,6 @@ def signature_vectors(counts: np.ndarray, n_tokens: np.ndarray) -> np.ndarray | 
     n = np.asarray(n_tokens, np.float64)[:, :, None]
     sig = np.divide(counts, n, out=np.zeros(counts.shape, np.float64), where=n > 0)
     return sig.reshape(len(sig), -1)
-
-
-def cosine_stats(X: Any, y: np.ndarray) -> dict[str, float]:
-    """Mean and sd of the cosine similarity over all pairs of sequences with the same label
-    (within) and with different labels (across), and Cohen's d = (within - across) / pooled sd.
-
-    Exact, without the S x S matrix: for unit vectors U, the sum of pairwise cosines is
-    (|sum U|^2 - n) / 2 and the sum of their squares (|U^T U|_F^2 - n) / 2. X: an array or a
-    moescope.chunked.ChunkedMatrix; a large X is read a block of rows at a time (the sums add up)."""
-    y = np.asarray(y)
-    block = max(len(X) if not lazy_wanted(*X.shape) else BLOCK_ROWS, 1)
-    p = X.shape[1]
-    tot_vec, tot_gram = np.zeros(p), np.zeros((p, p))
-    w_sum = w_sq = w_n = n_all = 0.0
-    for c in np.unique(y):  # one class at a time: a single p x p sum besides the total's
-        rows = np.flatnonzero(y == c)
-        vec, gram, nc = np.zeros(p), np.zeros((p, p)), 0.0
-        for lo in range(0, len(rows), block):
-            Xb = dense_rows(X, rows[lo:lo + block])
-            norms = np.linalg.norm(Xb, axis=1, keepdims=True)
-            Uc = np.divide(Xb, norms, out=np.zeros_like(Xb, dtype=np.float64), where=norms > 0)
-            vec += Uc.sum(0)
-            gram += Uc.T @ Uc
-            nc += float((norms[:, 0] > 0).sum())
-        w_sum += (np.sum(vec ** 2) - nc) / 2
-        w_sq += (np.sum(gram ** 2) - nc) / 2
-        w_n += len(rows) * (len(rows) - 1) / 2
-        tot_vec += vec
-        tot_gram += gram
-        n_all += nc
-    tot_sum = (np.sum(tot_vec ** 2) - n_all) / 2
-    tot_sq = (np.sum(tot_gram ** 2) - n_all) / 2
-    tot_n = len(y) * (len(y) - 1) / 2
-    a_sum, a_sq, a_n = tot_sum - w_sum, tot_sq - w_sq, tot_n - w_n
-
-    def mean_sd(s: float, sq: float, n: float) -> tuple[float, float]:
-        if n < 1:
-            return float("nan"), float("nan")
-        mean = s / n
-        var = max(sq / n - mean ** 2, 0.0) * (n / (n - 1) if n > 1 else 1.0)
-        return mean, float(np.sqrt(var))
-
-    wm, wsd = mean_sd(w_sum, w_sq, w_n)
-    am, asd = mean_sd(a_sum, a_sq, a_n)
-    pooled = np.sqrt(((w_n - 1) * wsd ** 2 + (a_n - 1) * asd ** 2) / max(w_n + a_n - 2, 1))
-    d = (wm - am) / pooled if pooled > 0 else float("nan")
-    return {"within_cosine_mean": wm, "within_cosine_sd": wsd, "across_cosine_mean": am, "across_cosine_sd": asd,
-            "cohens_d": float(d), "n_within_pairs": int(w_n), "n_across_pairs": int(a_n)}
 
 
 # -- classification: see moescope.inference -------------------------------------------------------
@@ -308,6 +262,7 @@ def routing_signatures(
     figures: bool = True,
     n_jobs: int = 1,
     max_sequences: int | None = None,
+    layer_permutations: int | None = None,
 ) -> AnalysisResult:
     """Task routing signatures of a labelled trace against their baselines (analysis="signatures").
 
@@ -318,6 +273,8 @@ def routing_signatures(
         folds: stratified grouped CV folds (reduced to the groups of the rarest label, noted).
         repeats: CV repeats, each with its own shuffle (the CI is over all repeats x folds).
         permutations: group-level label shuffles, each through the identical procedure.
+        layer_permutations: most shuffles one layer's sequential test may draw (None: enough
+            for p <= 0.01 after Holm across the layers; see moescope.analysis.signature_layers).
         phase: 'prompt' (default), 'generated' or 'all' tokens; prefill and decode are kept
             apart unless asked. A trace without a tokens table counts as prompt only.
         control_draws: re-draws of the load-balancing control (mean +- sd over them).
@@ -329,9 +286,11 @@ def routing_signatures(
     inputs = gather_signature_inputs(trace, label, phase=phase, group=group, first_n=first_n,
                                      max_sequences=max_sequences, seed=seed)
     values, figs = evaluate_signatures(inputs, label=label, folds=folds, repeats=repeats, permutations=permutations,
-                                       seed=seed, phase=phase, control_draws=control_draws, figures=figures, n_jobs=n_jobs)
+                                       seed=seed, phase=phase, control_draws=control_draws, figures=figures, n_jobs=n_jobs,
+                                       layer_permutations=layer_permutations)
     params = {"label": label, "group": inputs.group_field, "folds_requested": folds, "folds": values["folds"],
-              "repeats": repeats, "permutations": permutations, "seed": seed, "phase": phase,
+              "repeats": repeats, "permutations": permutations, "layer_permutations": layer_permutations,
+              "seed": seed, "phase": phase,
               "control_draws": control_draws, "max_sequences": max_sequences,
               "first_n": inputs.seq_counts.bucket_edges[1:].tolist(),
               "phases_in_trace": sorted(trace_phases(trace)), "classifier": CLASSIFIER, "notes": values["notes"]}
@@ -340,14 +299,15 @@ def routing_signatures(
 
 def evaluate_signatures(inputs: SignatureInputs, *, label: str, folds: int = 5, repeats: int = 5, permutations: int = 200,
                         seed: int = 0, phase: str = "prompt", control_draws: int = 3, figures: bool = True,
-                        n_jobs: int = 1) -> tuple[dict[str, Any], dict]:
+                        n_jobs: int = 1, layer_permutations: int | None = None) -> tuple[dict[str, Any], dict]:
     """The pure half of :func:`routing_signatures`: (values, figures) from the gathered counts."""
     from threadpoolctl import threadpool_limits
 
     # Many small factorisations: BLAS threads inside each only contend on a busy machine, so
     # BLAS is single-threaded and the parallelism (n_jobs) is over folds.
     with threadpool_limits(limits=1):
-        return _evaluate(inputs, label, folds, repeats, permutations, seed, phase, control_draws, figures, n_jobs)
+        return _evaluate(inputs, label, folds, repeats, permutations, seed, phase, control_draws, figures, n_jobs,
+                         layer_permutations)
 
 
 def _cv_keys(prefix: str, res: inf.CVResult) -> dict[str, Any]:
@@ -363,7 +323,8 @@ def _paired(name: str, a: inf.CVResult, b: inf.CVResult) -> dict[str, Any]:
 
 
 def _evaluate(inputs: SignatureInputs, label: str, folds: int, repeats: int, permutations: int, seed: int, phase: str,
-              control_draws: int, figures: bool, n_jobs: int) -> tuple[dict[str, Any], dict]:
+              control_draws: int, figures: bool, n_jobs: int,
+              layer_permutations: int | None = None) -> tuple[dict[str, Any], dict]:
     from sklearn.metrics import confusion_matrix, f1_score
 
     notes = list(inputs.notes)
@@ -472,18 +433,21 @@ def _evaluate(inputs: SignatureInputs, label: str, folds: int, repeats: int, per
                  token_id_control_fitted_per_fold=control.per_fold)
     # per layer: accuracy with CI, permutation p (same shuffles), Holm; the control per layer
     per_layer = [cv(X[:, i * E:(i + 1) * E], with_perms=True) for i in range(L)]
-    p_layer = [r.p_value if r.p_value is not None else float("nan") for r in per_layer]
+    budget = layer_permutation_budget(permutations, layer_permutations, L)
+    p_seq, layer_draws = layer_p_values(X, y, splits, groups, per_layer, E, max_draws=budget, seed=seed, n_jobs=n_jobs)
+    p_layer = [float("nan") if p is None else p for p in p_seq]
     cis = [r.ci() for r in per_layer]
     gaps = [(lambda c: c["within_cosine_mean"] - c["across_cosine_mean"])(cosine_stats(X[:, i * E:(i + 1) * E], y))
             for i in range(L)]
     rep_acc = np.array([r.repeat_accuracy for r in per_layer])  # (L, R)
     best = int(np.argmax(rep_acc.mean(axis=1)))
-    if permutations and L > 1 and L * inf.permutation_floor(permutations) > 0.05:
-        notes.append(f"with {permutations} label shuffles and {L} layers, a Holm-corrected per-layer p cannot fall below "
-                     f"{min(1.0, L * inf.permutation_floor(permutations)):.3g}; --permutations "
+    if budget and L > 1 and L * inf.permutation_floor(budget) > 0.05:
+        notes.append(f"with at most {budget} label shuffles per layer and {L} layers, a Holm-corrected per-layer p "
+                     f"cannot fall below {min(1.0, L * inf.permutation_floor(budget)):.3g}; --layer-permutations "
                      f"{int(np.ceil(L / 0.01)) - 1} lets a layer reach 0.01 after the correction")
     v.update(per_layer_accuracy=[r.accuracy for r in per_layer], per_layer_accuracy_ci_low=[c["ci_low"] for c in cis],
              per_layer_accuracy_ci_high=[c["ci_high"] for c in cis], per_layer_p_value=p_layer,
+             per_layer_permutations=layer_draws, per_layer_permutations_max=budget,
              per_layer_p_value_holm=inf.holm(p_layer).tolist(), per_layer_cosine_gap=gaps,
              best_layer=int(inputs.moe_layers[best]),
              best_layer_stability=float(np.mean(np.argmax(rep_acc, axis=0) == best)))

@@ -179,6 +179,9 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None
         folds: int = typer.Option(5, "--folds", help="Stratified (grouped) cross-validation folds."),
         repeats: int = typer.Option(5, "--repeats", help="Cross-validation repeats, each with its own shuffle."),
         permutations: int = typer.Option(200, "--permutations", help="Label shuffles of the permutation baseline."),
+        layer_permutations: Optional[int] = typer.Option(None, "--layer-permutations", help="Most label shuffles one "
+                                                         "layer's sequential test may draw (default: enough for "
+                                                         "p <= 0.01 after Holm across the layers)."),
         seed: int = typer.Option(0, "--seed"),
         phase: str = typer.Option("prompt", "--phase", help="Tokens in the signature: prompt, generated or all."),
         control_draws: int = typer.Option(3, "--control-draws", help="Re-draws of the load-balancing control."),
@@ -202,8 +205,8 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None
         _check_phase(phase)
         if folds < 2:
             raise MoescopeError(f"--folds must be at least 2, not {folds}")
-        if permutations < 0 or control_draws < 0:
-            raise MoescopeError("--permutations and --control-draws cannot be negative")
+        if permutations < 0 or control_draws < 0 or (layer_permutations or 0) < 0:
+            raise MoescopeError("--permutations, --layer-permutations and --control-draws cannot be negative")
         if repeats < 1:
             raise MoescopeError("--repeats must be at least 1")
         counting = engine_for(engine, num_workers, ray_address, shards_at)
@@ -211,7 +214,8 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None
         with use_engine(counting):
             result = routing_signatures(trace, label=label, group=group, folds=folds, repeats=repeats,
                                         permutations=permutations, seed=seed, phase=phase,
-                                        control_draws=control_draws, n_jobs=_jobs(jobs), max_sequences=max_sequences)
+                                        control_draws=control_draws, n_jobs=_jobs(jobs), max_sequences=max_sequences,
+                                        layer_permutations=layer_permutations)
         path = result.save(out)
         console.print(signatures_table(result.values))
         _notes(result.values["notes"])

@@ -21,7 +21,9 @@ What lives here (and nowhere else: analyses call these instead of keeping their 
   sentence or pieces of one document are not, and ignores the variation between training folds.)
 - :func:`group_permutations` (labels shuffled at the group level), :func:`fold_permutations`
   (the same within each test fold: the null of a cross-validated score), :func:`permutation_p_value`
-  ((1 + #null >= observed) / (1 + n)) and :func:`format_p` (states the floor as "p ≤ 1/(n+1)").
+  ((1 + #null >= observed) / (1 + n)), :func:`sequential_permutation_p` (Besag-Clifford: stops
+  once enough shuffles reach the observed value, so only real effects pay for many shuffles) and
+  :func:`format_p` (states the floor as "p ≤ 1/(n+1)").
 - :func:`holm`: Holm step-down adjusted p-values across layers / cells.
 - :func:`cluster_bootstrap_ci`: percentile CI of a mean resampling whole groups.
 - :func:`wilcoxon_signed_rank`: paired Wilcoxon test with the matched-pairs rank-biserial effect.
@@ -35,10 +37,10 @@ from moescope.inference.ridge import (ALPHA_FACTORS, KEEP_PREDICTIONS_MAX, CVRes
                                       standardise, thread_map)
 from moescope.inference.significance import (cluster_bootstrap_ci, cluster_bootstrap_ratio_ci, corrected_resampled_t,
                                              format_p, holm, paired_comparison, permutation_floor, permutation_p_value,
-                                             wilcoxon_signed_rank)
+                                             sequential_permutation_p, wilcoxon_signed_rank)
 
 __all__ = ["ALPHA_FACTORS", "KEEP_PREDICTIONS_MAX", "CVResult", "Features", "PermutedLabels", "Split",
            "cluster_bootstrap_ci", "cluster_bootstrap_ratio_ci", "code_type", "corrected_resampled_t", "default_jobs",
            "fold_permutations", "format_p", "group_permutations", "holm", "paired_comparison", "permutation_floor",
-           "permutation_p_value", "repeated_grouped_splits", "ridge_cv", "standardise", "thread_map", "usable_folds",
-           "wilcoxon_signed_rank"]
+           "permutation_p_value", "repeated_grouped_splits", "ridge_cv", "sequential_permutation_p", "standardise",
+           "thread_map", "usable_folds", "wilcoxon_signed_rank"]

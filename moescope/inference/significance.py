@@ -1,7 +1,7 @@
 """p-values, multiple comparisons, paired comparisons and confidence intervals."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -12,6 +12,29 @@ def permutation_p_value(observed: float, null: np.ndarray) -> float:
     """One-sided permutation p = (1 + #(null >= observed)) / (1 + n); never 0."""
     null = np.asarray(null, dtype=float)
     return float((1 + np.sum(null >= observed - 1e-12)) / (1 + len(null)))
+
+
+def sequential_permutation_p(observed: float, null_batches: Iterable[np.ndarray], *, max_draws: int,
+                             exceedances: int = 10) -> tuple[float, int]:
+    """Besag & Clifford's (1991) sequential Monte-Carlo p-value: draws are taken from
+    `null_batches` in order until `exceedances` of them reach the observed value (null >=
+    observed), then p = exceedances / draws used; if fewer than that many reach it within
+    `max_draws`, p = (1 + #reached) / (1 + max_draws), the ordinary permutation p. Valid like
+    the fixed-n test (P(p <= a) <= a under the null), but a null effect stops after about
+    exceedances / p draws while a real one can reach the floor 1 / (1 + max_draws).
+    Returns (p, draws used)."""
+    seen = reached = 0
+    for batch in null_batches:
+        batch = np.asarray(batch, dtype=float)[:max_draws - seen]
+        hits = np.cumsum(batch >= observed - 1e-12) + reached
+        if len(hits) and hits[-1] >= exceedances:
+            used = seen + int(np.argmax(hits >= exceedances)) + 1
+            return exceedances / used, used
+        seen += len(batch)
+        reached = int(hits[-1]) if len(hits) else reached
+        if seen >= max_draws:
+            break
+    return (1 + reached) / (1 + seen), seen
 
 
 def permutation_floor(n: int) -> float:
