@@ -133,6 +133,11 @@ def test_token_purity_and_label_specialisation(tmp_path):
     assert all(lab["mi_p_value"][i] > 0.05 for i in (0, 2, 3))
     null_purity = res["token_specialisation"]
     assert np.allclose(null_purity["token_purity"], null_purity["token_purity_chance"], atol=0.05)
+    # by default enough shuffles that the planted layer survives Holm at 0.01 (4 layers: 399)
+    lab = routing_statistics(moescope.open_trace(tmp_path / "lab"), label="label", figures=False
+                             ).values["label_specialisation"]
+    assert lab["permutations"] == 399 and lab["mi_p_value_holm"][1] <= 0.01
+    assert all(lab["mi_p_value_holm"][i] > 0.05 for i in (0, 2, 3))
 
 
 def test_full_result_saves_with_phases_weights_and_figures(tmp_path):

@@ -310,7 +310,7 @@ def routing_statistics(
     phase: str = "all",
     focus_layer: int | None = None,
     rare_fraction: float = RARE_FRACTION,
-    permutations: int = 100,
+    permutations: int | None = None,
     seed: int = 0,
     figures: bool = True,
     chance_replicates: int = 20,
@@ -325,7 +325,8 @@ def routing_statistics(
             phase comparison (made whenever the trace has both phases).
         focus_layer: the model layer shown in the co-activation, transition and weight
             figures (default: the middle MoE layer).
-        permutations: label shuffles for the label-specialisation baseline.
+        permutations: label shuffles for the label-specialisation baseline (None: enough for a
+            Holm-adjusted p of 0.01 across the layers, at least 100).
         chance_replicates: simulated routers per layer for the co-activation chance (mean, SD).
         n_jobs: threads over the layers of the co-activation chance (results do not depend on it).
     """
@@ -350,7 +351,7 @@ def _focus(layers: list[int], focus_layer: int | None) -> int:
 
 def summarise_statistics(inputs: StatsInputs, *, label: str | None = None, top_tokens: int = 10,
                          min_token_count: int = 20, phase: str = "all", focus_layer: int | None = None,
-                         rare_fraction: float = RARE_FRACTION, permutations: int = 100, seed: int = 0,
+                         rare_fraction: float = RARE_FRACTION, permutations: int | None = None, seed: int = 0,
                          figures: bool = True, chance_replicates: int = 20,
                          n_jobs: int = 1) -> tuple[dict[str, Any], dict[str, Any]]:
     """The pure half of :func:`routing_statistics`: (values, figures) from the gathered counts."""
