@@ -62,7 +62,9 @@ class GeometryParams:
         max_sequences: sequences per layer in the visit-frequency cosine.
         cosine_bins: quantile bins of hidden cosine for the overlap-vs-cosine curve.
         permutations: token relabellings of the Mantel permutation p-value (random pairs).
-        random_routers: random (isotropic Gaussian) routers of the mean-direction null.
+        random_routers: random (isotropic Gaussian) routers of the mean-direction null (None:
+            enough for a Holm-adjusted p of 0.01 across the layers, at least 99; see
+            :meth:`resolved`).
     """
 
     pairs: int = 20_000
@@ -74,7 +76,18 @@ class GeometryParams:
     max_sequences: int = 2_000
     cosine_bins: int = 10
     permutations: int = 99
-    random_routers: int = 99
+    random_routers: int | None = None
+
+    def resolved(self, n_layers: int) -> "GeometryParams":
+        """These parameters with random_routers set: n_layers / 0.01 - 1 (at least 99) when None
+        (n_layers: the layers whose mean-direction p-values are Holm-adjusted together)."""
+        from dataclasses import replace
+
+        from moescope.inference import holm_ready_draws
+
+        if self.random_routers is not None:
+            return self
+        return replace(self, random_routers=holm_ready_draws(n_layers, minimum=99))
 
 
 @dataclass
@@ -284,6 +297,9 @@ def _router_shares(centred: np.ndarray, mu: np.ndarray, cov: np.ndarray, u: np.n
     return share, (np.abs(np.einsum("reh,h->re", centred, u)) / norms).mean(axis=1)
 
 
+_ROUTER_BATCH = 64  # random routers drawn at once (64 x 128 experts x 4,096 hidden: 1 GB of float64)
+
+
 def mean_direction(hidden: np.ndarray, router: np.ndarray | None = None, *, random_routers: int = 99,
                    rng: np.random.Generator | None = None) -> dict[str, Any]:
     """The mean hidden direction's share of the second moment, and the router's alignment with it.
@@ -331,8 +347,13 @@ def mean_direction(hidden: np.ndarray, router: np.ndarray | None = None, *, rand
         from moescope.inference import permutation_p_value
 
         rng = rng or np.random.default_rng(0)
-        draws = rng.standard_normal((random_routers, w.shape[0], dim))
-        null_share, null_cos = _router_shares(draws - draws.mean(axis=1, keepdims=True), mu, cov, u)
+        shares, coses = [], []
+        for lo in range(0, random_routers, _ROUTER_BATCH):  # (R, E, H) normals a batch at a time
+            draws = rng.standard_normal((min(_ROUTER_BATCH, random_routers - lo), w.shape[0], dim))
+            share_b, cos_b = _router_shares(draws - draws.mean(axis=1, keepdims=True), mu, cov, u)
+            shares.append(share_b)
+            coses.append(cos_b)
+        null_share, null_cos = np.concatenate(shares), np.concatenate(coses)
         out.update(
             router_mean_logit_share_null_mean=float(null_share.mean()),
             router_mean_logit_share_null_sd=float(null_share.std(ddof=1)),
@@ -349,10 +370,13 @@ def mean_direction(hidden: np.ndarray, router: np.ndarray | None = None, *, rand
 def token_measures(tok: LayerTokens, n_experts: int, top_k: int, params: GeometryParams,
                    rng: np.random.Generator, router: np.ndarray | None) -> dict[str, Any]:
     """Pairs, nearest neighbours and mean direction of one layer's (subset of) tokens."""
+    # the random routers draw from their own stream: the other measures' samples do not depend
+    # on how many there are
+    router_rng = np.random.default_rng(int(rng.integers(2 ** 63)))
     return {"n_tokens": int(len(tok)),
             "pairs": pair_measures(tok, n_experts, top_k, params, rng) if len(tok) >= 3 else {},
             "neighbours": neighbour_measures(tok, top_k, params, rng),
-            "mean_direction": mean_direction(tok.hidden, router, random_routers=params.random_routers, rng=rng)
+            "mean_direction": mean_direction(tok.hidden, router, random_routers=params.random_routers, rng=router_rng)
             if len(tok) >= 2 else {}}
 
 
@@ -373,7 +397,8 @@ def analyze_geometry(
     `per_layer` (all tokens), `by_phase` (prompt / generated, or None without generated tokens),
     `visits`, per-layer summary series and the chance levels.
     """
-    params = params or GeometryParams()
+    # the mean-direction test is Holm-adjusted over the layers with router weights
+    params = (params or GeometryParams()).resolved(max(len(router_weights or {}), 1))
     rng = np.random.default_rng(params.seed)
     notes = list(notes or [])
     per_layer, by_phase, visits = [], {"prompt": [], "generated": []}, []

@@ -12,7 +12,6 @@ lets it reach p <= 0.01 after the Holm correction.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Iterator
 
 import numpy as np
@@ -35,7 +34,7 @@ def layer_permutation_budget(permutations: int, requested: int | None, n_layers:
         return 0
     if requested is not None:
         return max(int(requested), permutations)
-    return max(permutations, math.ceil(n_layers / level) - 1)
+    return inf.holm_ready_draws(n_layers, level, minimum=permutations)
 
 
 def layer_p_values(X: Any, y: np.ndarray, splits: list, groups: np.ndarray | None, per_layer: list[inf.CVResult],

@@ -82,27 +82,23 @@ def _purity_chance(n_tok: np.ndarray, ukey: np.ndarray, stride: int, rate: np.nd
 
 
 # -- label specialisation --------------------------------------------------------------------------
-def holm_ready_permutations(n_layers: int, level: float = 0.01, minimum: int = 100) -> int:
-    """Shuffles that let the smallest of `n_layers` Holm-adjusted permutation p-values reach
-    `level`: L / level - 1 (1,599 for 16 layers), at least `minimum`."""
-    return max(minimum, int(np.ceil(n_layers / level)) - 1)
-
-
 def label_specialisation(counts: np.ndarray, labels: np.ndarray, *, permutations: int | None = None, seed: int = 0,
                          top: int = 5) -> dict[str, Any]:
     """How much the expert choice of each layer depends on the sequence's label.
 
     `counts` (S, L, E) assignments per sequence; `labels` (S,). mi_bits[l] = I(label; expert)
     at layer l over all assignments = sum_c w_c KL(P(e | c) || P(e)); baseline: the same with
-    labels shuffled across sequences `permutations` times (None: :func:`holm_ready_permutations`,
-    so a real effect can reach p <= 0.01 after the correction; the shuffles are cheap: one
+    labels shuffled across sequences `permutations` times (None: L / 0.01 - 1 and at least 100,
+    moescope.inference.holm_ready_draws, so a real effect can reach p <= 0.01 after the correction; the shuffles are cheap: one
     product per batch) (mean, 95th percentile, p-value (1 + #perm >= real) / (1 + permutations),
     and Holm-adjusted across layers: mi_p_value_holm). top_experts[l][c]: experts with the
     largest lift P(e | c) / P(e).
     """
     S, L, E = counts.shape
     if permutations is None:
-        permutations = holm_ready_permutations(L)
+        from moescope.inference import holm_ready_draws
+
+        permutations = holm_ready_draws(L, minimum=100)
     classes, y = np.unique(labels, return_inverse=True)
     X = counts.reshape(S, L * E).astype(np.float64)
 

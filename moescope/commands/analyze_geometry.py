@@ -21,7 +21,9 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None
         max_tokens: int = typer.Option(20_000, "--max-tokens", help="Tokens with hidden states loaded per layer."),
         nn_queries: int = typer.Option(2_000, "--nn-queries", help="Query tokens of the nearest-neighbour predictor."),
         permutations: int = typer.Option(99, "--permutations", help="Relabellings of the Mantel permutation test."),
-        random_routers: int = typer.Option(99, "--random-routers", help="Random routers of the mean-direction null."),
+        random_routers: Optional[int] = typer.Option(None, "--random-routers", help="Random routers of the "
+                                                     "mean-direction null (default: enough for p <= 0.01 after Holm "
+                                                     "across the layers, at least 99)."),
         model: Optional[str] = typer.Option(None, "--model", help="Model directory to read router weights from "
                                             "(default: the trace's model, if it is a local directory)."),
     ) -> None:

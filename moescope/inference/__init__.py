@@ -36,11 +36,12 @@ from moescope.inference.folds import (PermutedLabels, Split, code_type, fold_per
 from moescope.inference.ridge import (ALPHA_FACTORS, KEEP_PREDICTIONS_MAX, CVResult, Features, default_jobs, ridge_cv,
                                       standardise, thread_map)
 from moescope.inference.significance import (cluster_bootstrap_ci, cluster_bootstrap_ratio_ci, corrected_resampled_t,
-                                             format_p, holm, paired_comparison, permutation_floor, permutation_p_value,
-                                             sequential_permutation_p, wilcoxon_signed_rank)
+                                             format_p, holm, holm_ready_draws, paired_comparison, permutation_floor,
+                                             permutation_p_value, sequential_permutation_p, wilcoxon_signed_rank)
 
 __all__ = ["ALPHA_FACTORS", "KEEP_PREDICTIONS_MAX", "CVResult", "Features", "PermutedLabels", "Split",
            "cluster_bootstrap_ci", "cluster_bootstrap_ratio_ci", "code_type", "corrected_resampled_t", "default_jobs",
-           "fold_permutations", "format_p", "group_permutations", "holm", "paired_comparison", "permutation_floor",
+           "fold_permutations", "format_p", "group_permutations", "holm", "holm_ready_draws", "paired_comparison",
+           "permutation_floor",
            "permutation_p_value", "repeated_grouped_splits", "ridge_cv", "sequential_permutation_p", "standardise",
            "thread_map", "usable_folds", "wilcoxon_signed_rank"]

@@ -37,6 +37,13 @@ def sequential_permutation_p(observed: float, null_batches: Iterable[np.ndarray]
     return (1 + reached) / (1 + seen), seen
 
 
+def holm_ready_draws(n_tests: int, level: float = 0.01, minimum: int = 0) -> int:
+    """Random draws (shuffles, simulated nulls) a Monte-Carlo p needs so that the smallest of
+    `n_tests` Holm-adjusted p-values can reach `level`: n_tests / level - 1 (the floor of each
+    p is 1 / (draws + 1), Holm multiplies the smallest by n_tests), at least `minimum`."""
+    return max(int(minimum), int(np.ceil(n_tests / level - 1e-9)) - 1)
+
+
 def permutation_floor(n: int) -> float:
     """The smallest p-value `n` permutations can give: 1 / (n + 1)."""
     return 1.0 / (n + 1)
