@@ -28,7 +28,7 @@ sending every token to the same experts), e.g. with vs without a chat template.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -38,6 +38,7 @@ from moescope.errors import MoescopeError
 
 SAME_VOCAB_AGREEMENT = 0.95
 PAIRS = 20_000  # random token pairs per layer for the within-trace collapse measure
+NULL_BATCH = 20  # token-null shuffles per extra batch of the sequential p
 
 
 @dataclass
@@ -228,16 +229,20 @@ def _null_crossfit(ea: np.ndarray, eb: np.ndarray, folds: np.ndarray, n_experts:
 
 
 def compare_layer(ea: np.ndarray, eb: np.ndarray, seq_id: np.ndarray, n_experts: int, top_k: int,
-                  rng: np.random.Generator, token_id: np.ndarray | None = None, *, shuffles: int = 20) -> dict[str, Any]:
+                  rng: np.random.Generator, token_id: np.ndarray | None = None, *, shuffles: int = 20,
+                  token_null_max: int | None = None) -> dict[str, Any]:
     """Overlap of aligned expert sets (n, k) of one layer: raw, matched, cross-fitted, chance levels.
 
     Chance of the cross-fitted matched overlap: B's expert sets shuffled across all aligned
     tokens (`matched_chance`, mean and SD of `shuffles` shuffles) and, with `token_id` (A's
     token id per pair), shuffled only among occurrences of the same token id
     (`matched_token_null`): what token identity alone gives when both models route each token
-    id alike. `matched_token_null_p` = (1 + #null >= real) / (1 + shuffles); a small p means
-    the two traces agree beyond what the token ids explain."""
-    from moescope.inference import permutation_p_value
+    id alike. `matched_token_null_p`: a small p means the two traces agree beyond what the
+    token ids explain; Besag & Clifford's sequential permutation p over the `shuffles` token-null
+    shuffles and, while fewer than 10 of them reach the real value, further ones up to
+    `token_null_max` (default `shuffles`), drawn from their own random stream
+    (`token_null_shuffles`: how many were drawn)."""
+    from moescope.inference import sequential_permutation_p
 
     ok = (ea >= 0).any(axis=1) & (eb >= 0).any(axis=1)
     ea, eb, seq_id = ea[ok], eb[ok], seq_id[ok]
@@ -252,6 +257,16 @@ def compare_layer(ea: np.ndarray, eb: np.ndarray, seq_id: np.ndarray, n_experts:
     shuffled = _null_crossfit(ea, eb, folds, n_experts, top_k, shuffles, lambda: rng.permutation(n))
     token_null = (_null_crossfit(ea, eb, folds, n_experts, top_k, shuffles, lambda: shuffle_within(token_id, rng))
                   if token_id is not None and shuffles else None)
+    more_rng = np.random.default_rng(int(rng.integers(2 ** 63)))  # the extra shuffles' own stream
+
+    def token_null_batches() -> Iterator[np.ndarray]:
+        yield token_null
+        while True:
+            yield _null_crossfit(ea, eb, folds, n_experts, top_k, NULL_BATCH, lambda: shuffle_within(token_id, more_rng))
+
+    token_p, token_draws = (sequential_permutation_p(crossfit, token_null_batches(),
+                                                     max_draws=max(token_null_max or shuffles, shuffles))
+                            if token_null is not None else (None, 0))
     sd = lambda x: float(np.std(x, ddof=1)) if x is not None and len(x) > 1 else None  # noqa: E731
     return {
         "n_tokens": int(n),
@@ -264,7 +279,8 @@ def compare_layer(ea: np.ndarray, eb: np.ndarray, seq_id: np.ndarray, n_experts:
         "matched_chance_sd": sd(shuffled),
         "matched_token_null": float(token_null.mean()) if token_null is not None else None,
         "matched_token_null_sd": sd(token_null),
-        "matched_token_null_p": permutation_p_value(crossfit, token_null) if token_null is not None else None,
+        "matched_token_null_p": token_p,
+        "token_null_shuffles": int(token_draws),
         "shuffles": int(shuffles),
         "matching": matching.tolist(),
         "matching_fold_agreement": float(np.mean(fold_matchings[0] == fold_matchings[1])),
@@ -288,8 +304,12 @@ def analyze_compare(
     params: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     shuffles: int = 20,
+    token_null_max: int | None = None,
+    n_layers: int | None = None,
 ) -> AnalysisResult:
-    """Compare two traces layer by layer (`shuffles`: shuffles of each chance level).
+    """Compare two traces layer by layer (`shuffles`: shuffles of each chance level;
+    `token_null_max`: most token-null shuffles a layer's sequential p may draw, default enough
+    for a Holm-adjusted p of 0.05 over `n_layers` layers, at least `shuffles`).
 
     `layers` yields (layer_a, layer_b, experts_a, experts_b): (n, k) expert arrays of the
     aligned tokens of one MoE layer pair (rows as in `alignment`). Returns an
@@ -297,7 +317,11 @@ def analyze_compare(
     expert_matching, the chance levels, by_phase (prompt / generated) and deep vs shallow
     layer means.
     """
+    from moescope.inference import holm_ready_draws
+
     rng = np.random.default_rng(seed)
+    if token_null_max is None:
+        token_null_max = holm_ready_draws(n_layers, 0.05, minimum=shuffles) if n_layers else shuffles
     subsets: dict[str, np.ndarray] = {"all": np.ones(len(alignment), bool), "prompt": ~alignment.generated}
     if alignment.generated.any():
         subsets["generated"] = alignment.generated
@@ -310,7 +334,8 @@ def analyze_compare(
         for name, mask in subsets.items():
             tok = alignment.token_id[mask] if alignment.token_id is not None else None
             results[name].append({"layer": layer_a, **compare_layer(ea[mask], eb[mask], alignment.seq_id[mask],
-                                                                    n_experts, top_k, rng, tok, shuffles=shuffles)})
+                                                                    n_experts, top_k, rng, tok, shuffles=shuffles,
+                                                                    token_null_max=token_null_max)})
     from moescope.inference import holm
 
     for rows in results.values():  # Holm across layers, per token subset
@@ -333,7 +358,8 @@ def analyze_compare(
     }
     from moescope.analysis.geometry_plots import compare_figures
 
-    return AnalysisResult("compare", values, params={"seed": seed, "shuffles": shuffles, **(params or {})},
+    return AnalysisResult("compare", values, params={"seed": seed, "shuffles": shuffles, "token_null_max": token_null_max,
+                                                     **(params or {})},
                           figures=compare_figures(values), trace=trace)
 
 
@@ -345,6 +371,7 @@ def _series(rows: list[dict[str, Any]]) -> dict[str, list]:
             "per_layer_overlap_matched_token_null_sd": "matched_token_null_sd",
             "per_layer_overlap_matched_token_null_p": "matched_token_null_p",
             "per_layer_overlap_matched_token_null_p_holm": "matched_token_null_p_holm",
+            "per_layer_token_null_shuffles": "token_null_shuffles",
             "per_layer_load_chance": "load_chance",
             "per_layer_share_at_least_one": "share_at_least_one"}
     return {out: [e.get(key) for e in rows] for out, key in keys.items()}

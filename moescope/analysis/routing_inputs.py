@@ -228,7 +228,7 @@ def layer_experts(trace: Trace, layer: int, seq_id: np.ndarray, pos: np.ndarray)
 
 
 def compare_traces(trace_a: Trace, trace_b: Trace, *, seed: int = 0, params: dict[str, Any] | None = None,
-                   extra: dict[str, Any] | None = None, shuffles: int = 20,
+                   extra: dict[str, Any] | None = None, shuffles: int = 20, token_null_max: int | None = None,
                    locations: tuple[str | None, str | None] = (None, None)) -> AnalysisResult:
     """Align two traces' tokens and compare their routing layer by layer (see moescope.analysis.compare).
 
@@ -257,7 +257,8 @@ def compare_traces(trace_a: Trace, trace_b: Trace, *, seed: int = 0, params: dic
     else:
         per_layer = layers()
     return analyze_compare(alignment, per_layer, n_experts=trace_a.n_experts, top_k=trace_a.top_k, seed=seed,
-                           trace=str(trace_a.path), shuffles=shuffles,
+                           trace=str(trace_a.path), shuffles=shuffles, token_null_max=token_null_max,
+                           n_layers=len(pairs),
                            params={"trace_a": str(trace_a.path), "trace_b": str(trace_b.path),
                                    "model_a": trace_a.model.get("name_or_path"),
                                    "model_b": trace_b.model.get("name_or_path"), **(params or {})},

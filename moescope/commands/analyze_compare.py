@@ -58,6 +58,9 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None
         out: Path = typer.Option(..., "--out", help="Directory for results.json and figures/."),
         seed: int = typer.Option(0, "--seed", help="Seed of the cross-fitting halves and shuffles."),
         shuffles: int = typer.Option(20, "--shuffles", help="Shuffles of each chance level (matched chance, token-id null)."),
+        token_null_shuffles: Optional[int] = typer.Option(None, "--token-null-shuffles", help="Most token-null shuffles "
+                                                          "a layer's sequential p may draw (default: enough for "
+                                                          "p <= 0.05 after Holm across the layers)."),
         engine: str = typer.Option("local", "--engine", help=PAIR_ENGINE_HELP["engine"]),
         num_workers: int = typer.Option(1, "--num-workers", help=PAIR_ENGINE_HELP["num_workers"]),
         ray_address: Optional[str] = typer.Option(None, "--ray-address", help=ENGINE_HELP["address"]),
@@ -78,7 +81,8 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None
         counting, locations = engine_for_pair(engine, num_workers, ray_address, shards_at_a, shards_at_b)
         a, b = open_trace(trace_a), open_trace(trace_b)
         with use_engine(counting):
-            result = compare_traces(a, b, seed=seed, shuffles=shuffles, locations=locations)
+            result = compare_traces(a, b, seed=seed, shuffles=shuffles, token_null_max=token_null_shuffles,
+                                    locations=locations)
         _print(result.values, result.save(out))
 
     @analyze_app.command("chat-template")
