@@ -38,20 +38,23 @@ def layer_permutation_budget(permutations: int, requested: int | None, n_layers:
 
 
 def layer_p_values(X: Any, y: np.ndarray, splits: list, groups: np.ndarray | None, per_layer: list[inf.CVResult],
-                   n_experts: int, *, max_draws: int, seed: int, n_jobs: int) -> tuple[list[float | None], list[int]]:
+                   n_experts: int, *, max_draws: int, seed: int, n_jobs: int,
+                   permuted_repeats: int = 1) -> tuple[list[float | None], list[int]]:
     """(sequential permutation p, shuffles used) per layer. per_layer[i] is the layer's ridge_cv
-    with the shared shuffles (its null accuracies are the first draws); further shuffles are drawn
-    in batches from seeds that depend only on the batch, so every layer sees the same ones."""
+    with the shared shuffles on the first `permuted_repeats` CV repeats (its null accuracies are
+    the first draws, its tested_accuracy the observed value); further shuffles go through the same
+    repeats in batches, from seeds that depend only on the batch, so every layer sees the same ones."""
     E = n_experts
+    tested = splits[:permuted_repeats]
 
     def null_batches(i: int, first: inf.CVResult) -> Iterator[np.ndarray]:
         yield first.null_accuracy
         batch = 0
         while True:
             batch += 1
-            extra = inf.fold_permutations(y, groups, splits[:1], BATCH, seed=seed + 7919 + _SEED_STRIDE * batch,
+            extra = inf.fold_permutations(y, groups, tested, BATCH, seed=seed + 7919 + _SEED_STRIDE * batch,
                                           as_codes=True)
-            yield inf.ridge_cv(X[:, i * E:(i + 1) * E], y, splits[:1], groups=groups, permuted_labels=extra,
+            yield inf.ridge_cv(X[:, i * E:(i + 1) * E], y, tested, groups=groups, permuted_labels=extra,
                                n_jobs=n_jobs).null_accuracy
 
     p_values: list[float | None] = []

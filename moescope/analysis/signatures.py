@@ -434,7 +434,8 @@ def _evaluate(inputs: SignatureInputs, label: str, folds: int, repeats: int, per
     # per layer: accuracy with CI, permutation p (same shuffles), Holm; the control per layer
     per_layer = [cv(X[:, i * E:(i + 1) * E], with_perms=True) for i in range(L)]
     budget = layer_permutation_budget(permutations, layer_permutations, L)
-    p_seq, layer_draws = layer_p_values(X, y, splits, groups, per_layer, E, max_draws=budget, seed=seed, n_jobs=n_jobs)
+    p_seq, layer_draws = layer_p_values(X, y, splits, groups, per_layer, E, max_draws=budget, seed=seed, n_jobs=n_jobs,
+                                        permuted_repeats=min(PERMUTED_REPEATS, repeats))
     p_layer = [float("nan") if p is None else p for p in p_seq]
     cis = [r.ci() for r in per_layer]
     gaps = [(lambda c: c["within_cosine_mean"] - c["across_cosine_mean"])(cosine_stats(X[:, i * E:(i + 1) * E], y))
