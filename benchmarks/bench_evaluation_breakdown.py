@@ -23,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_analysis as bench  # noqa: E402
 
 RESULTS = bench.RESULTS
+EXTRA_LAYER_SHUFFLES = ("per-layer sequential tests: shuffles beyond the shared ones (batches of 200, until 10 "
+                        "reach the layer or the Holm-ready budget)")
 
 
 def _kind(features, kw: dict, S: int, p_main: int) -> str:
@@ -51,10 +53,20 @@ def breakdown(trace_dir: Path) -> dict:
     calls: collections.Counter = collections.Counter()
     ridge_cv, fold = inf.ridge_cv, sc.TokenIdControl.fold
 
+    in_layers = []  # set while the per-layer sequential tests draw their extra shuffles
+    layer_p_values = sg.layer_p_values
+
+    def timed_layer_p_values(*a, **kw):
+        in_layers.append(True)
+        try:
+            return layer_p_values(*a, **kw)
+        finally:
+            in_layers.pop()
+
     def timed_ridge_cv(features, y, splits, **kw):
         t = time.process_time()
         out = ridge_cv(features, y, splits, **kw)
-        kind = _kind(features, kw, S, p_main)
+        kind = (EXTRA_LAYER_SHUFFLES if in_layers else _kind(features, kw, S, p_main))
         cpu[kind] += time.process_time() - t
         calls[kind] += 1
         return out
@@ -78,7 +90,7 @@ def breakdown(trace_dir: Path) -> dict:
             return out
         return run
 
-    inf.ridge_cv, sc.TokenIdControl.fold = timed_ridge_cv, timed_fold
+    inf.ridge_cv, sc.TokenIdControl.fold, sg.layer_p_values = timed_ridge_cv, timed_fold, timed_layer_p_values
     for name in originals:
         setattr(st, name, timed(name))
     try:
@@ -89,7 +101,7 @@ def breakdown(trace_dir: Path) -> dict:
         sg.evaluate_signatures(sig_in, label=bench.LABEL, **dict(bench.EVAL, n_jobs=1))
         sig_cpu = time.process_time() - t
     finally:
-        inf.ridge_cv, sc.TokenIdControl.fold = ridge_cv, fold
+        inf.ridge_cv, sc.TokenIdControl.fold, sg.layer_p_values = ridge_cv, fold, layer_p_values
         for name, f in originals.items():
             setattr(st, name, f)
     return {"stats": stats_cpu, "signatures": sig_cpu, "parts": dict(cpu), "calls": dict(calls), "sequences": S,
