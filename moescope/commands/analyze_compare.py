@@ -78,6 +78,10 @@ def register(app: typer.Typer, *, analyze_app: typer.Typer, **_: object) -> None
             from moescope.errors import MoescopeError
 
             raise MoescopeError(f"--shuffles must be at least 1, not {shuffles}")
+        if token_null_shuffles is not None and token_null_shuffles < 0:
+            from moescope.errors import MoescopeError
+
+            raise MoescopeError(f"--token-null-shuffles cannot be negative, not {token_null_shuffles}")
         counting, locations = engine_for_pair(engine, num_workers, ray_address, shards_at_a, shards_at_b)
         a, b = open_trace(trace_a), open_trace(trace_b)
         with use_engine(counting):
