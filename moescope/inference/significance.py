@@ -26,12 +26,14 @@ def sequential_permutation_p(observed: float, null_batches: Iterable[np.ndarray]
     seen = reached = 0
     for batch in null_batches:
         batch = np.asarray(batch, dtype=float)[:max_draws - seen]
+        if not len(batch):  # the source has run dry
+            break
         hits = np.cumsum(batch >= observed - 1e-12) + reached
         if len(hits) and hits[-1] >= exceedances:
             used = seen + int(np.argmax(hits >= exceedances)) + 1
             return exceedances / used, used
         seen += len(batch)
-        reached = int(hits[-1]) if len(hits) else reached
+        reached = int(hits[-1])
         if seen >= max_draws:
             break
     return (1 + reached) / (1 + seen), seen
