@@ -12,7 +12,7 @@ lets it reach p <= 0.01 after the Holm correction.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -37,24 +37,25 @@ def layer_permutation_budget(permutations: int, requested: int | None, n_layers:
     return inf.holm_ready_draws(n_layers, level, minimum=permutations)
 
 
-def layer_p_values(X: Any, y: np.ndarray, splits: list, groups: np.ndarray | None, per_layer: list[inf.CVResult],
-                   n_experts: int, *, max_draws: int, seed: int, n_jobs: int,
+def layer_p_values(layer_features: Callable[[int], Any], y: np.ndarray, splits: list, groups: np.ndarray | None,
+                   per_layer: list[inf.CVResult], *, max_draws: int, seed: int, n_jobs: int,
                    permuted_repeats: int = 1) -> tuple[list[float | None], list[int]]:
-    """(sequential permutation p, shuffles used) per layer. per_layer[i] is the layer's ridge_cv
-    with the shared shuffles on the first `permuted_repeats` CV repeats (its null accuracies are
-    the first draws, its tested_accuracy the observed value); further shuffles go through the same
-    repeats in batches, from seeds that depend only on the batch, so every layer sees the same ones."""
-    E = n_experts
+    """(sequential permutation p, shuffles used) per layer. layer_features(i): layer i's (S, E)
+    features; per_layer[i] is their ridge_cv with the shared shuffles on the first
+    `permuted_repeats` CV repeats (its null accuracies are the first draws, its tested_accuracy the
+    observed value); further shuffles go through the same repeats in batches, from seeds that depend
+    only on the batch, so every layer sees the same ones."""
     tested = splits[:permuted_repeats]
 
     def null_batches(i: int, first: inf.CVResult) -> Iterator[np.ndarray]:
         yield first.null_accuracy
+        Xi = layer_features(i)  # built once the shared shuffles are not enough
         batch = 0
         while True:
             batch += 1
             extra = inf.fold_permutations(y, groups, tested, BATCH, seed=seed + 7919 + _SEED_STRIDE * batch,
                                           as_codes=True)
-            yield inf.ridge_cv(X[:, i * E:(i + 1) * E], y, tested, groups=groups, permuted_labels=extra,
+            yield inf.ridge_cv(Xi, y, tested, groups=groups, permuted_labels=extra,
                                n_jobs=n_jobs).null_accuracy
 
     p_values: list[float | None] = []

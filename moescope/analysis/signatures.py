@@ -37,7 +37,7 @@ from moescope.analysis.signature_controls import (SequenceTokenExperts, TokenIdC
                                                    sequence_token_expert_counts, tfidf_fold_features, token_count_matrix,
                                                    whole_trace_control)
 from moescope.analysis.routing_counts import RouteCounts, SequenceCounts, count_routes, sequence_token_counts, trace_phases
-from moescope.chunked import lazy_wanted
+from moescope.chunked import ChunkedMatrix, lazy_wanted
 from moescope.errors import DataError
 from moescope.store.reader import Trace
 
@@ -310,6 +310,14 @@ def evaluate_signatures(inputs: SignatureInputs, *, label: str, folds: int = 5, 
                          layer_permutations)
 
 
+def _layer(F: Any, i: int, E: int) -> Any:
+    """Layer i's E columns of the (S, L * E) features F, dense when F is built a block of rows at a
+    time: S x E float64 is small (128 MB at 250,000 sequences x 64 experts), and each fit on it then
+    reads it instead of rebuilding its rows three times (every per-layer fit, shuffle batch and fold)."""
+    part = F[:, i * E:(i + 1) * E]
+    return np.asarray(part, np.float64) if isinstance(part, ChunkedMatrix) else part
+
+
 def _cv_keys(prefix: str, res: inf.CVResult) -> dict[str, Any]:
     ci = res.ci()
     return {f"{prefix}_mean": res.accuracy, f"{prefix}_sd": float(np.std(res.folds, ddof=1)) if len(res.folds) > 1 else 0.0,
@@ -432,10 +440,10 @@ def _evaluate(inputs: SignatureInputs, label: str, folds: int, repeats: int, per
                  token_id_control_unseen_token_share=float(np.mean([u for _, u in fitted])),
                  token_id_control_fitted_per_fold=control.per_fold)
     # per layer: accuracy with CI, permutation p (same shuffles), Holm; the control per layer
-    per_layer = [cv(X[:, i * E:(i + 1) * E], with_perms=True) for i in range(L)]
+    per_layer = [cv(_layer(X, i, E), with_perms=True) for i in range(L)]
     budget = layer_permutation_budget(permutations, layer_permutations, L)
-    p_seq, layer_draws = layer_p_values(X, y, splits, groups, per_layer, E, max_draws=budget, seed=seed, n_jobs=n_jobs,
-                                        permuted_repeats=min(PERMUTED_REPEATS, repeats))
+    p_seq, layer_draws = layer_p_values(lambda i: _layer(X, i, E), y, splits, groups, per_layer, max_draws=budget,
+                                        seed=seed, n_jobs=n_jobs, permuted_repeats=min(PERMUTED_REPEATS, repeats))
     p_layer = [float("nan") if p is None else p for p in p_seq]
     cis = [r.ci() for r in per_layer]
     gaps = [(lambda c: c["within_cosine_mean"] - c["across_cosine_mean"])(cosine_stats(X[:, i * E:(i + 1) * E], y))
@@ -454,8 +462,8 @@ def _evaluate(inputs: SignatureInputs, label: str, folds: int, repeats: int, per
              best_layer_stability=float(np.mean(np.argmax(rep_acc, axis=0) == best)))
     if control_features is not None:
         v["per_layer_token_id_control_accuracy"] = [
-            cv(lambda j, tr, te, i=i: (control_features[j][tr, i * E:(i + 1) * E],
-                                       control_features[j][te, i * E:(i + 1) * E])).accuracy for i in range(L)]
+            cv(lambda j, tr, te, i=i: (lambda F: (F[tr], F[te]))(_layer(control_features[j], i, E))).accuracy
+            for i in range(L)]
     curve_n, curve_acc, curve_tokens = [], [], []
     for n in grid:
         c_n, t_n = seqc.first(n)
