@@ -28,7 +28,8 @@ def _bag(n_groups: int = 40, per: int = 2, p: int = 600, seed: int = 0):
 
 
 @pytest.mark.parametrize("grouped, standardize", [(False, True), (False, False), (True, True), (True, False)])
-def test_sparse_dual_path_equals_dense_fit(grouped, standardize):
+def test_sparse_dual_path_equals_dense_fit(grouped, standardize, monkeypatch):
+    monkeypatch.setattr(ridge_sparse, "SPARSE_MAX_DENSITY", 1.0)  # this small bag takes the sparse path
     X, y, groups = _bag()
     groups = groups if grouped else None
     splits = inf.repeated_grouped_splits(y, groups, folds=3, repeats=2, seed=0)
@@ -73,3 +74,14 @@ def test_a_vocabulary_wide_bag_is_never_densified():
         tracemalloc.stop()
     assert peak < 200 * 2 ** 20, f"peak {peak / 2**20:.0f} MiB"
     assert res.accuracy > 0.9
+
+
+def test_sparse_path_only_where_sparse_products_pay_or_dense_would_not_fit():
+    rng = np.random.default_rng(0)
+    few_ids = sparse.random(400, 4096, density=0.22, format="csr", random_state=rng)  # 4k ids, long sequences
+    real_vocab = sparse.random(400, 50_000, density=0.008, format="csr", random_state=rng)
+    assert not ridge_sparse.sparse_dual_wanted(few_ids, 320)  # dense BLAS is faster there
+    assert ridge_sparse.sparse_dual_wanted(real_vocab, 320)
+    assert not ridge_sparse.sparse_dual_wanted(real_vocab, 60_000)  # more rows than columns: not the dual
+    huge = sparse.random(2000, 17_000, density=0.06, format="csr", random_state=rng)  # 34M cells densified
+    assert ridge_sparse.sparse_dual_wanted(huge, 1600)
