@@ -50,13 +50,13 @@ def bag(sequences: int, seed: int = 0):
 
 def child(mode: str, sequences: int) -> None:
     from moescope import inference as inf
-    from moescope.analysis.signature_controls import tfidf_fold_features
+    from moescope.analysis.signature_controls import bag_cap, tfidf_fold_features
 
     X, y = bag(sequences)
     X = X[:, np.flatnonzero(X.getnnz(axis=0))]  # the ids present, as token_count_matrix keeps
     splits = inf.repeated_grouped_splits(y, None, folds=5, repeats=5, seed=0)
-    report: dict = {}
-    sparse_features = tfidf_fold_features(X, report)
+    sparse_features = tfidf_fold_features(X)
+    capped = bag_cap(max(len(tr) for rep in splits for tr, _ in rep), X.shape[1]) is not None
 
     def dense_features(j, tr, te):
         a, b = sparse_features(j, tr, te)
@@ -66,7 +66,7 @@ def child(mode: str, sequences: int) -> None:
     res = inf.ridge_cv(sparse_features if mode == "sparse" else dense_features, y, splits, standardize=False,
                        n_jobs=2)
     print(json.dumps({"seconds": time.perf_counter() - started, "accuracy": res.accuracy, "ids": X.shape[1],
-                      "capped": bool(report), "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}))
+                      "capped": capped, "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}))
 
 
 def run(mode: str, sequences: int) -> dict:

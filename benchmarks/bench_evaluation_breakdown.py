@@ -54,12 +54,12 @@ def breakdown(trace_dir: Path) -> dict:
     ridge_cv, fold = inf.ridge_cv, sc.TokenIdControl.fold
 
     in_layers = []  # set while the per-layer sequential tests draw their extra shuffles
-    layer_p_values = sg.layer_p_values
+    layer_p_value = sg.layer_p_value
 
-    def timed_layer_p_values(*a, **kw):
+    def timed_layer_p_value(*a, **kw):
         in_layers.append(True)
         try:
-            return layer_p_values(*a, **kw)
+            return layer_p_value(*a, **kw)
         finally:
             in_layers.pop()
 
@@ -90,7 +90,7 @@ def breakdown(trace_dir: Path) -> dict:
             return out
         return run
 
-    inf.ridge_cv, sc.TokenIdControl.fold, sg.layer_p_values = timed_ridge_cv, timed_fold, timed_layer_p_values
+    inf.ridge_cv, sc.TokenIdControl.fold, sg.layer_p_value = timed_ridge_cv, timed_fold, timed_layer_p_value
     for name in originals:
         setattr(st, name, timed(name))
     try:
@@ -101,7 +101,7 @@ def breakdown(trace_dir: Path) -> dict:
         sg.evaluate_signatures(sig_in, label=bench.LABEL, **dict(bench.EVAL, n_jobs=1))
         sig_cpu = time.process_time() - t
     finally:
-        inf.ridge_cv, sc.TokenIdControl.fold, sg.layer_p_values = ridge_cv, fold, layer_p_values
+        inf.ridge_cv, sc.TokenIdControl.fold, sg.layer_p_value = ridge_cv, fold, layer_p_value
         for name, f in originals.items():
             setattr(st, name, f)
     return {"stats": stats_cpu, "signatures": sig_cpu, "parts": dict(cpu), "calls": dict(calls), "sequences": S,

@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -22,7 +21,6 @@ from moescope.analysis.spilled_keys import SpilledKeys
 from moescope.chunked import ChunkedMatrix, lazy_wanted
 
 
-_REPORT_LOCK = threading.Lock()
 # Keys per counting step: a long piece of keys is counted a bounded slice at a time.
 _COUNT_CHUNK = 1 << 22
 
@@ -395,21 +393,22 @@ def cap_vocabulary(train: Any, test: Any, columns: int) -> tuple[Any, Any]:
     return pooled(train), pooled(test)
 
 
-def tfidf_fold_features(bag: Any, report: dict[str, Any] | None = None) -> Any:
-    """A ridge_cv features callable: tf-idf of the token counts, idf fitted on the training fold.
-    When the training fold has more than BAG_MAX_COLUMNS sequences and the bag more than
-    BAG_MAX_COLUMNS ids, the vocabulary is capped first (:func:`cap_vocabulary`); `report`
-    (if given) then gets "capped_folds" (how many folds) and "columns" (the cap)."""
+def bag_cap(n_train: int, n_ids: int) -> int | None:
+    """The columns a training fold of `n_train` sequences keeps of a bag of `n_ids` token ids:
+    BAG_MAX_COLUMNS when both exceed it (:func:`cap_vocabulary`), else None (every id kept)."""
+    return BAG_MAX_COLUMNS if n_train > BAG_MAX_COLUMNS and n_ids > BAG_MAX_COLUMNS else None
+
+
+def tfidf_fold_features(bag: Any) -> Any:
+    """A ridge_cv features callable: tf-idf of the token counts, idf fitted on the training fold,
+    the vocabulary capped first where :func:`bag_cap` says so."""
     from sklearn.feature_extraction.text import TfidfTransformer
 
     def features(_: int, train: np.ndarray, test: np.ndarray) -> tuple[Any, Any]:
         Btr, Bte = bag[train], bag[test]
-        if len(train) > BAG_MAX_COLUMNS and bag.shape[1] > BAG_MAX_COLUMNS:
-            Btr, Bte = cap_vocabulary(Btr, Bte, BAG_MAX_COLUMNS)
-            if report is not None:  # folds run on threads: one locked update
-                with _REPORT_LOCK:
-                    report["capped_folds"] = report.get("capped_folds", 0) + 1
-                    report["columns"] = BAG_MAX_COLUMNS
+        cap = bag_cap(len(train), bag.shape[1])
+        if cap is not None:
+            Btr, Bte = cap_vocabulary(Btr, Bte, cap)
         tf = TfidfTransformer().fit(Btr)
         return tf.transform(Btr), tf.transform(Bte)
 

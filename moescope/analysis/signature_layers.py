@@ -12,7 +12,7 @@ lets it reach p <= 0.01 after the Holm correction.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -37,36 +37,25 @@ def layer_permutation_budget(permutations: int, requested: int | None, n_layers:
     return inf.holm_ready_draws(n_layers, level, minimum=permutations)
 
 
-def layer_p_values(layer_features: Callable[[int], Any], y: np.ndarray, splits: list, groups: np.ndarray | None,
-                   per_layer: list[inf.CVResult], *, max_draws: int, seed: int, n_jobs: int,
-                   permuted_repeats: int = 1) -> tuple[list[float | None], list[int]]:
-    """(sequential permutation p, shuffles used) per layer. layer_features(i): layer i's (S, E)
-    features; per_layer[i] is their ridge_cv with the shared shuffles on the first
-    `permuted_repeats` CV repeats (its null accuracies are the first draws, its tested_accuracy the
-    observed value); further shuffles go through the same repeats in batches, from seeds that depend
-    only on the batch, so every layer sees the same ones."""
+def layer_p_value(Xi: Any, first: inf.CVResult, y: np.ndarray, splits: list, groups: np.ndarray | None, *,
+                  max_draws: int, seed: int, n_jobs: int, permuted_repeats: int = 1) -> tuple[float | None, int]:
+    """(sequential permutation p, shuffles drawn) of one layer. Xi: the layer's (S, E) features;
+    `first`: their ridge_cv with the shared shuffles on the first `permuted_repeats` CV repeats
+    (its null accuracies are the first draws, its tested_accuracy the observed value). Further
+    shuffles go through the same repeats in batches, from seeds that depend only on the batch:
+    every layer sees the same ones, regenerated per layer rather than held (a batch is 200 x S)."""
+    if max_draws <= 0 or not len(first.null_accuracy):
+        return None, 0
     tested = splits[:permuted_repeats]
 
-    def null_batches(i: int, first: inf.CVResult) -> Iterator[np.ndarray]:
+    def null_batches() -> Iterator[np.ndarray]:
         yield first.null_accuracy
-        Xi = layer_features(i)  # built once the shared shuffles are not enough
         batch = 0
         while True:
             batch += 1
             extra = inf.fold_permutations(y, groups, tested, BATCH, seed=seed + 7919 + _SEED_STRIDE * batch,
                                           as_codes=True)
-            yield inf.ridge_cv(Xi, y, tested, groups=groups, permuted_labels=extra,
-                               n_jobs=n_jobs).null_accuracy
+            yield inf.ridge_cv(Xi, y, tested, groups=groups, permuted_labels=extra, n_jobs=n_jobs).null_accuracy
 
-    p_values: list[float | None] = []
-    used: list[int] = []
-    for i, first in enumerate(per_layer):
-        if max_draws <= 0 or not len(first.null_accuracy):
-            p_values.append(None)
-            used.append(0)
-            continue
-        p, n = inf.sequential_permutation_p(first.tested_accuracy, null_batches(i, first), max_draws=max_draws,
-                                            exceedances=EXCEEDANCES)
-        p_values.append(p)
-        used.append(n)
-    return p_values, used
+    return inf.sequential_permutation_p(first.tested_accuracy, null_batches(), max_draws=max_draws,
+                                        exceedances=EXCEEDANCES)

@@ -31,9 +31,9 @@ import numpy as np
 from moescope import inference as inf
 from moescope.analysis.result import AnalysisResult
 from moescope.analysis.signature_cosines import cosine_stats
-from moescope.analysis.signature_layers import layer_p_values, layer_permutation_budget
+from moescope.analysis.signature_layers import layer_p_value, layer_permutation_budget
 from moescope.analysis.signature_matrix import SignatureMatrix
-from moescope.analysis.signature_controls import (SequenceTokenExperts, TokenIdControl, load_balanced_counts,
+from moescope.analysis.signature_controls import (SequenceTokenExperts, TokenIdControl, bag_cap, load_balanced_counts,
                                                    sequence_token_expert_counts, tfidf_fold_features, token_count_matrix,
                                                    whole_trace_control)
 from moescope.analysis.routing_counts import RouteCounts, SequenceCounts, count_routes, sequence_token_counts, trace_phases
@@ -410,11 +410,10 @@ def _evaluate(inputs: SignatureInputs, label: str, folds: int, repeats: int, per
     control_features: list[np.ndarray] | None = None
     if inputs.seq_tokens is not None and (inputs.seq_token_experts is not None or inputs.token_expert is not None):
         bag_counts = token_count_matrix(inputs.seq_tokens, seqc.seq_ids)
-        capped: dict[str, Any] = {}
-        bag = cv(tfidf_fold_features(bag_counts, capped), standardize=False)
-        v["bag_of_tokens_columns"] = capped.get("columns", bag_counts.shape[1])
-        if capped:
-            cap = capped["columns"]
+        bag = cv(tfidf_fold_features(bag_counts), standardize=False)
+        cap = bag_cap(max(len(tr) for rep in splits for tr, _ in rep), bag_counts.shape[1])
+        v["bag_of_tokens_columns"] = bag_counts.shape[1] if cap is None else cap
+        if cap is not None:
             notes.append(f"bag of tokens: {bag_counts.shape[1]:,} token ids in more than {cap:,} training sequences "
                          f"are too many for an exact ridge fit in bounded memory, so each training fold keeps its "
                          f"{cap - 1:,} most widespread ids and pools the rest into one column (a slightly weaker "
@@ -440,20 +439,26 @@ def _evaluate(inputs: SignatureInputs, label: str, folds: int, repeats: int, per
                  token_id_control_unseen_token_share=float(np.mean([u for _, u in fitted])),
                  token_id_control_fitted_per_fold=control.per_fold)
     # per layer: accuracy with CI, permutation p (same shuffles), Holm; the control per layer
-    per_layer = [cv(_layer(X, i, E), with_perms=True) for i in range(L)]
     budget = layer_permutation_budget(permutations, layer_permutations, L)
-    p_seq, layer_draws = layer_p_values(lambda i: _layer(X, i, E), y, splits, groups, per_layer, max_draws=budget,
-                                        seed=seed, n_jobs=n_jobs, permuted_repeats=min(PERMUTED_REPEATS, repeats))
-    p_layer = [float("nan") if p is None else p for p in p_seq]
+    per_layer, p_layer, layer_draws, gaps = [], [], [], []
+    for i in range(L):  # one layer's (S, E) features at a time, built once for all its fits
+        Xi = _layer(X, i, E)
+        first = cv(Xi, with_perms=True)
+        p, drawn = layer_p_value(Xi, first, y, splits, groups, max_draws=budget, seed=seed, n_jobs=n_jobs,
+                                 permuted_repeats=min(PERMUTED_REPEATS, repeats))
+        cos = cosine_stats(Xi, y)
+        per_layer.append(first)
+        p_layer.append(float("nan") if p is None else p)
+        layer_draws.append(drawn)
+        gaps.append(cos["within_cosine_mean"] - cos["across_cosine_mean"])
+        del Xi
     cis = [r.ci() for r in per_layer]
-    gaps = [(lambda c: c["within_cosine_mean"] - c["across_cosine_mean"])(cosine_stats(X[:, i * E:(i + 1) * E], y))
-            for i in range(L)]
     rep_acc = np.array([r.repeat_accuracy for r in per_layer])  # (L, R)
     best = int(np.argmax(rep_acc.mean(axis=1)))
     if budget and L > 1 and L * inf.permutation_floor(budget) > 0.05:
         notes.append(f"with at most {budget} label shuffles per layer and {L} layers, a Holm-corrected per-layer p "
                      f"cannot fall below {min(1.0, L * inf.permutation_floor(budget)):.3g}; --layer-permutations "
-                     f"{int(np.ceil(L / 0.01)) - 1} lets a layer reach 0.01 after the correction")
+                     f"{inf.holm_ready_draws(L)} lets a layer reach 0.01 after the correction")
     v.update(per_layer_accuracy=[r.accuracy for r in per_layer], per_layer_accuracy_ci_low=[c["ci_low"] for c in cis],
              per_layer_accuracy_ci_high=[c["ci_high"] for c in cis], per_layer_p_value=p_layer,
              per_layer_permutations=layer_draws, per_layer_permutations_max=budget,
