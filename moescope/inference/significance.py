@@ -29,7 +29,7 @@ def sequential_permutation_p(observed: float, null_batches: Iterable[np.ndarray]
         if not len(batch):  # the source has run dry
             break
         hits = np.cumsum(batch >= observed - 1e-12) + reached
-        if len(hits) and hits[-1] >= exceedances:
+        if hits[-1] >= exceedances:
             used = seen + int(np.argmax(hits >= exceedances)) + 1
             return exceedances / used, used
         seen += len(batch)
